@@ -1,0 +1,25 @@
+//! The core of waypost: the [`Registrar`] and [`Watcher`] contract, the instance model,
+//! the one [`Error`] type, configuration, the [`ServiceCache`] with its selection
+//! strategies, and the in-memory backend that is the embedded default.
+//!
+//! Most users depend on the `waypost` facade crate, which re-exports all of this and adds
+//! the registry backends behind cargo features.
+#![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod memory;
+pub mod model;
+pub mod registrar;
+pub mod watcher;
+
+pub use backoff::Backoff;
+pub use config::{Config, Connector, Discovery, RegistryUrl};
+pub use error::{BoxError, Error, Result};
+pub use event::{InstanceSet, Snapshot, WatchEvent};
+pub use model::{Endpoint, Instance, InstanceId, Revision, ServiceName};
+pub use registrar::{Registrar, Registration, RegistrationControl, RegistrationStatus};
+pub use watcher::Watcher;

@@ -1,0 +1,61 @@
+//! The `Watcher` trait: list and watch a service's live instances.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+
+use crate::error::Result;
+use crate::event::{Snapshot, WatchEvent};
+use crate::model::ServiceName;
+
+/// Lists and watches a service's live instances.
+///
+/// Object-safe: libraries take an `Arc<dyn Watcher>` and leave the choice of registry to
+/// the binary.
+///
+/// # Contract
+///
+/// - [`instances`](Watcher::instances) returns the authoritative set at one revision. A
+///   service nobody registered is an empty snapshot, not an error.
+/// - [`watch`](Watcher::watch) yields a [`WatchEvent::Snapshot`] first, always (possibly
+///   empty), then `Added` / `Updated` / `Removed` in registry order, each carrying its
+///   revision. Applying them in order (see [`InstanceSet`](crate::InstanceSet)) gives
+///   exactly the set the registry holds: no change is lost, none is reported twice.
+/// - When the connection to the registry is lost, the watch yields
+///   [`WatchEvent::Stale`] once; the consumer keeps its last known set. When the registry
+///   is reachable again the watch yields [`WatchEvent::Resynced`] with a fresh
+///   authoritative set. There is never a silent gap.
+/// - The watch retries by itself, with backoff, for as long as the stream is held. An
+///   `Err` item is only yielded for errors that retrying cannot fix (an invalid name,
+///   missing permissions); the stream ends after it.
+/// - Dropping the stream stops the watch and releases its resources.
+#[async_trait]
+pub trait Watcher: Debug + Send + Sync {
+    /// The authoritative set of live instances of `service`, read now.
+    async fn instances(&self, service: &ServiceName) -> Result<Snapshot>;
+
+    /// Watches `service`: a snapshot, then changes. See the trait's contract.
+    fn watch(&self, service: &ServiceName) -> BoxStream<'static, Result<WatchEvent>>;
+}
+
+#[async_trait]
+impl<T: Watcher + ?Sized> Watcher for Arc<T> {
+    async fn instances(&self, service: &ServiceName) -> Result<Snapshot> {
+        (**self).instances(service).await
+    }
+    fn watch(&self, service: &ServiceName) -> BoxStream<'static, Result<WatchEvent>> {
+        (**self).watch(service)
+    }
+}
+
+#[async_trait]
+impl<T: Watcher + ?Sized> Watcher for Box<T> {
+    async fn instances(&self, service: &ServiceName) -> Result<Snapshot> {
+        (**self).instances(service).await
+    }
+    fn watch(&self, service: &ServiceName) -> BoxStream<'static, Result<WatchEvent>> {
+        (**self).watch(service)
+    }
+}

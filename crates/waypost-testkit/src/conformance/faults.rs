@@ -1,0 +1,191 @@
+//! Faults: crashed registrants, expired sessions, an unreachable registry.
+
+use std::time::Instant;
+
+use waypost_core::{InstanceSet, RegistrationStatus, WatchEvent};
+
+use super::util::{describe, wait_for_set, Namespace};
+use super::{Faults, TestBackend};
+
+fn faults(b: &dyn TestBackend) -> &dyn Faults {
+    b.faults().unwrap_or_else(|| {
+        panic!(
+            "the {} test backend offers no fault injection: this suite cannot run (it is never skipped silently)",
+            b.name()
+        )
+    })
+}
+
+/// A registrant that dies without deregistering is dropped by the registry within its
+/// liveness window (session / lease / TTL plus a margin); the others stay.
+pub async fn crashed_registrant_is_dropped(b: &dyn TestBackend) {
+    let s = b.settings();
+    let ns = Namespace::new();
+    let svc = ns.service("crash");
+    let victim = b.connect().await;
+    let survivor = b.connect().await;
+    let w = b.connect().await;
+    let dead = ns.instance(&svc, "dead", 1);
+    let alive = ns.instance(&svc, "alive", 2);
+    let dead_reg = victim.registrar.register(dead.clone()).await.unwrap();
+    let _alive_reg = survivor.registrar.register(alive.clone()).await.unwrap();
+    let mut watch = w.watcher.watch(&svc);
+    let mut set = InstanceSet::new();
+    wait_for_set(&mut watch, &mut set, s.timeout, "both listed", |x| x.len() == 2).await;
+
+    let killed = match b.faults() {
+        Some(f) => f.crash(&victim).await,
+        None => false,
+    };
+    // A crashed process never runs its guards' destructors.
+    std::mem::forget(dead_reg);
+    if !killed {
+        drop(victim);
+    }
+    let started = Instant::now();
+    wait_for_set(&mut watch, &mut set, s.liveness, "the crashed instance to go", |x| {
+        !x.contains(&dead.id)
+    })
+    .await;
+    tracing::info!(backend = b.name(), after = ?started.elapsed(), "crashed instance dropped");
+    assert!(set.contains(&alive.id), "the surviving instance went too");
+}
+
+/// When the registry expires every session, registrants register their instances again
+/// by themselves; the registration ends `Registered` and watchers converge to the truth.
+pub async fn session_expiry_reregisters(b: &dyn TestBackend) {
+    let s = b.settings();
+    let f = faults(b);
+    let ns = Namespace::new();
+    let svc = ns.service("expiry");
+    let d = b.connect().await;
+    let w = b.connect().await;
+    let a = ns.instance(&svc, "a", 1).with_metadata("k", "v");
+    let reg = d.registrar.register(a.clone()).await.unwrap();
+    let mut status = reg.status();
+    let mut watch = w.watcher.watch(&svc);
+    let mut set = InstanceSet::new();
+    wait_for_set(&mut watch, &mut set, s.timeout, "a listed", |x| x.contains(&a.id)).await;
+
+    f.expire_sessions().await;
+    // The registry dropped `a`: the watcher sees it removed (or, if the watcher's own
+    // session went too, Stale and a resync), then `a` back.
+    let deadline = tokio::time::Instant::now() + s.liveness * 2;
+    let mut seen = Vec::new();
+    let mut gap = false;
+    while !(gap && set.get(&a.id) == Some(&a)) {
+        let ev = tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut watch))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no removal and return of `a` after session expiry (saw {:?})",
+                    seen.iter().map(describe).collect::<Vec<_>>()
+                )
+            })
+            .expect("watch ended")
+            .expect("watch yielded an error");
+        gap |= matches!(&ev, WatchEvent::Removed { id, .. } if *id == a.id)
+            || matches!(ev, WatchEvent::Stale { .. } | WatchEvent::Resynced(_));
+        set.apply(&ev);
+        seen.push(ev);
+    }
+    let st = tokio::time::timeout(
+        s.liveness,
+        status.wait_for(|x| *x == RegistrationStatus::Registered),
+    )
+    .await
+    .expect("status back to Registered")
+    .map(|x| *x)
+    .unwrap();
+    assert_eq!(st, RegistrationStatus::Registered);
+    let truth = w.watcher.instances(&svc).await.unwrap();
+    assert_eq!(truth.get(&a.id), Some(&a), "re-registered instance differs");
+    reg.deregister().await.expect("deregister after re-registration");
+    wait_for_set(&mut watch, &mut set, s.timeout, "a gone for good", |x| x.is_empty()).await;
+}
+
+/// While the registry is unreachable the watch says `Stale` and keeps nothing from the
+/// consumer; registrations report `Suspended`. When it is back the watch yields a fresh
+/// snapshot equal to the truth, registrations are `Registered`, and later changes flow.
+pub async fn unreachable_then_resync(b: &dyn TestBackend) {
+    let s = b.settings();
+    let f = faults(b);
+    let ns = Namespace::new();
+    let svc = ns.service("partition");
+    let d = b.connect().await;
+    let w = b.connect().await;
+    let a = ns.instance(&svc, "a", 1);
+    let reg = d.registrar.register(a.clone()).await.unwrap();
+    let mut status = reg.status();
+    let mut watch = w.watcher.watch(&svc);
+    let mut set = InstanceSet::new();
+    wait_for_set(&mut watch, &mut set, s.timeout, "a listed", |x| x.contains(&a.id)).await;
+
+    f.make_unreachable().await;
+    let seen = {
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + s.liveness;
+        loop {
+            let ev = tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut watch))
+                .await
+                .expect("no Stale while the registry was unreachable")
+                .expect("watch ended")
+                .expect("watch yielded an error");
+            set.apply(&ev);
+            let is_stale = matches!(ev, WatchEvent::Stale { .. });
+            seen.push(ev);
+            if is_stale {
+                break seen;
+            }
+        }
+    };
+    assert!(set.contains(&a.id), "a Stale watch must keep the last known set");
+    let suspended = tokio::time::timeout(s.liveness, async {
+        status
+            .wait_for(|x| *x != RegistrationStatus::Registered)
+            .await
+            .map(|x| *x)
+    })
+    .await;
+    assert!(
+        suspended.is_ok(),
+        "registration stayed Registered while the registry was unreachable"
+    );
+
+    f.make_reachable().await;
+    let deadline = tokio::time::Instant::now() + s.liveness;
+    loop {
+        let ev = tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut watch))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no Resynced after the registry came back (saw {:?})",
+                    seen.iter().map(describe).collect::<Vec<_>>()
+                )
+            })
+            .expect("watch ended")
+            .expect("watch yielded an error");
+        set.apply(&ev);
+        if matches!(ev, WatchEvent::Resynced(_)) {
+            break;
+        }
+    }
+    tokio::time::timeout(s.liveness, status.wait_for(|x| *x == RegistrationStatus::Registered))
+        .await
+        .expect("registration back to Registered")
+        .unwrap();
+    // Converge to the truth: `a` is registered again if the registry dropped it meanwhile.
+    wait_for_set(&mut watch, &mut set, s.liveness, "a listed after resync", |x| {
+        x.get(&a.id) == Some(&a)
+    })
+    .await;
+    let truth = w.watcher.instances(&svc).await.unwrap();
+    assert_eq!(
+        InstanceSet::from_snapshot(&truth).iter().collect::<Vec<_>>(),
+        set.iter().collect::<Vec<_>>(),
+        "resynced set differs from the registry"
+    );
+    let b2 = ns.instance(&svc, "b", 2);
+    let _rb = d.registrar.register(b2.clone()).await.unwrap();
+    wait_for_set(&mut watch, &mut set, s.timeout, "b after resync", |x| x.contains(&b2.id)).await;
+}

@@ -1,0 +1,124 @@
+//! The conformance suites every backend passes.
+//!
+//! Each suite is a plain `pub async fn` over a [`TestBackend`], which hands out fresh
+//! clients (each its own session) of one registry. Suites panic with a message on
+//! failure, like `assert!`. Every suite uses fresh random service names
+//! ([`Namespace`]), so suites can share a registry and run concurrently.
+//!
+//! A backend runs them all with [`conformance_tests!`](crate::conformance_tests), which
+//! generates one `#[tokio::test]` per suite.
+
+mod basic;
+mod faults;
+mod input;
+mod scale;
+mod util;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use waypost_core::Discovery;
+
+pub use basic::*;
+pub use faults::*;
+pub use input::*;
+pub use scale::*;
+pub use util::{next_event, wait_for_set, Namespace};
+
+/// How long a suite waits for things to happen on this backend.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The longest a change may take to reach a watcher, or a call to answer.
+    pub timeout: Duration,
+    /// The longest a crashed registrant's instance may stay listed (its session or TTL,
+    /// plus a margin).
+    pub liveness: Duration,
+    /// How many registrations a scale suite runs at once (real servers want fewer).
+    pub concurrency: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(10),
+            liveness: Duration::from_secs(15),
+            concurrency: 64,
+        }
+    }
+}
+
+/// A registry under test: hands out independent clients and, where it can, injects faults.
+#[async_trait]
+pub trait TestBackend: Send + Sync {
+    /// The backend's name, for messages.
+    fn name(&self) -> &'static str;
+
+    /// A new client with its own session (a separate "process").
+    async fn connect(&self) -> Discovery;
+
+    /// Timeouts for this backend.
+    fn settings(&self) -> Settings {
+        Settings::default()
+    }
+
+    /// Fault injection, if the backend supports it; suites that need it fail loudly
+    /// without it (a skip is never silent).
+    fn faults(&self) -> Option<&dyn Faults> {
+        None
+    }
+}
+
+/// Fault injection on the registry under test.
+#[async_trait]
+pub trait Faults: Send + Sync {
+    /// Every session / lease / TTL check the registry holds expires now: the registry drops
+    /// every instance, and registrants must register them again by themselves.
+    async fn expire_sessions(&self);
+
+    /// Clients can no longer reach the registry (a paused server, a partition).
+    async fn make_unreachable(&self);
+
+    /// Clients can reach the registry again.
+    async fn make_reachable(&self);
+
+    /// The client behind `discovery` dies without deregistering (its heartbeats stop).
+    /// Backends whose clients cannot be killed in-process may return `false`; the suite
+    /// then drops the client without deregistering instead.
+    async fn crash(&self, discovery: &Discovery) -> bool;
+}
+
+/// Generates one `#[tokio::test]` per conformance suite. `$backend` is an async function
+/// returning `Option<impl TestBackend>`; `None` means the registry is not installed, and
+/// the harness has already said so loudly (or panicked, under `CI`).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($backend:path) => {
+        $crate::conformance_tests!(@suites $backend;
+            register_then_listed_and_watched,
+            deregister_removes,
+            dropped_guard_removes,
+            initial_snapshot_empty_and_non_empty,
+            changes_in_order_with_revisions,
+            fields_round_trip,
+            thousand_instances,
+            concurrent_registrars,
+            services_are_isolated,
+            watch_of_unregistered_service,
+            crashed_registrant_is_dropped,
+            session_expiry_reregisters,
+            unreachable_then_resync,
+            invalid_input_writes_nothing,
+            update_and_drain,
+        );
+    };
+    (@suites $backend:path; $($suite:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $suite() {
+                if let Some(backend) = $backend().await {
+                    $crate::conformance::$suite(&backend).await;
+                }
+            }
+        )*
+    };
+}

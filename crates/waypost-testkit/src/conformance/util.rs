@@ -1,0 +1,103 @@
+//! Helpers the suites share: fresh names, and waiting on watches with deadlines.
+
+use std::time::Duration;
+
+use futures::stream::{BoxStream, StreamExt};
+use rand::Rng;
+use waypost_core::{Instance, InstanceSet, Result, ServiceName, WatchEvent};
+
+/// Fresh random names for one suite run, so runs never see each other.
+#[derive(Clone, Debug)]
+pub struct Namespace {
+    prefix: String,
+}
+
+impl Default for Namespace {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Namespace {
+    /// A new random namespace.
+    pub fn new() -> Self {
+        let n: u32 = rand::thread_rng().gen();
+        Self {
+            prefix: format!("wpt{n:08x}"),
+        }
+    }
+
+    /// A service name in this namespace.
+    pub fn service(&self, name: &str) -> ServiceName {
+        ServiceName::new(format!("{}-{name}", self.prefix)).expect("valid test service name")
+    }
+
+    /// An instance of `service` on 127.0.0.1.
+    pub fn instance(&self, service: &ServiceName, id: &str, port: u16) -> Instance {
+        Instance::new(
+            service.clone(),
+            id.parse().expect("valid test instance id"),
+            waypost_core::Endpoint::new("127.0.0.1", port),
+        )
+    }
+}
+
+/// The next event of a watch, failing the test after `timeout`, on an `Err` item or when
+/// the stream ends.
+pub async fn next_event(
+    stream: &mut BoxStream<'static, Result<WatchEvent>>,
+    timeout: Duration,
+) -> WatchEvent {
+    match tokio::time::timeout(timeout, stream.next()).await {
+        Ok(Some(Ok(ev))) => ev,
+        Ok(Some(Err(e))) => panic!("watch yielded an error: {e}"),
+        Ok(None) => panic!("watch ended"),
+        Err(_) => panic!("no watch event within {timeout:?}"),
+    }
+}
+
+/// Applies watch events to `set` until `pred(set)` holds, failing after `timeout`.
+/// Returns the events applied, in order.
+pub async fn wait_for_set(
+    stream: &mut BoxStream<'static, Result<WatchEvent>>,
+    set: &mut InstanceSet,
+    timeout: Duration,
+    what: &str,
+    mut pred: impl FnMut(&InstanceSet) -> bool,
+) -> Vec<WatchEvent> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut seen = Vec::new();
+    while !pred(set) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}; set has {} instances: {:?}",
+                set.len(),
+                set.ids().take(10).collect::<Vec<_>>()
+            );
+        }
+        let ev = match tokio::time::timeout(left, stream.next()).await {
+            Ok(Some(Ok(ev))) => ev,
+            Ok(Some(Err(e))) => panic!("watch yielded an error while waiting for {what}: {e}"),
+            Ok(None) => panic!("watch ended while waiting for {what}"),
+            Err(_) => continue,
+        };
+        set.apply(&ev);
+        seen.push(ev);
+    }
+    seen
+}
+
+/// The id of an event, for messages.
+pub(crate) fn describe(ev: &WatchEvent) -> String {
+    match ev {
+        WatchEvent::Snapshot(s) => format!("Snapshot({} @{})", s.len(), s.revision),
+        WatchEvent::Resynced(s) => format!("Resynced({} @{})", s.len(), s.revision),
+        WatchEvent::Added { instance, revision } => format!("Added({} @{revision})", instance.id),
+        WatchEvent::Updated { instance, revision } => {
+            format!("Updated({} @{revision})", instance.id)
+        }
+        WatchEvent::Removed { id, revision } => format!("Removed({id} @{revision})"),
+        WatchEvent::Stale { .. } => "Stale".into(),
+    }
+}

@@ -1,0 +1,6 @@
+//! Test support for waypost backends: a harness that runs the real registries
+//! (ZooKeeper, etcd, Consul) as child processes, and the conformance suites every
+//! backend passes.
+#![forbid(unsafe_code)]
+
+pub mod conformance;
