@@ -1,1 +1,175 @@
-//! placeholder
+//! Service discovery for Rust services: announce instances and find them, with the same
+//! code on ZooKeeper, Consul, etcd or an in-memory registry, chosen by a URL.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> waypost::Result<()> {
+//! use waypost::{Instance, WatchEvent};
+//! use futures::StreamExt;
+//!
+//! // `memory://` runs in-process; `zk://…`, `consul://…`, `etcd://…` need their feature.
+//! let d = waypost::connect("memory://readme").await?;
+//! let service = "greeter".parse()?;
+//! let mut watch = d.watcher.watch(&service);
+//! assert!(matches!(watch.next().await, Some(Ok(WatchEvent::Snapshot(s))) if s.is_empty()));
+//!
+//! let reg = d.registrar.register(Instance::parse("greeter", "g-1", "127.0.0.1", 8001)?).await?;
+//! assert!(matches!(watch.next().await, Some(Ok(WatchEvent::Added { .. }))));
+//! reg.deregister().await?;
+//! assert!(matches!(watch.next().await, Some(Ok(WatchEvent::Removed { .. }))));
+//! # Ok(()) }
+//! ```
+//!
+//! # In libraries and in executables
+//! Libraries take an `Arc<dyn Registrar>` or `Arc<dyn Watcher>` and never choose a
+//! registry. Executables call [`connect`] (or [`connect_config`] with a serde
+//! [`Config`]) once, at start-up, from their configuration.
+//!
+//! # Features
+//! - `zookeeper`, `consul`, `etcd`: the registry backends. A URL whose backend is not
+//!   compiled in is an [`Error::UnknownScheme`] naming the feature to enable.
+#![forbid(unsafe_code)]
+
+pub use waypost_core::*;
+
+use waypost_core::memory::MemoryConnector;
+
+/// Every scheme waypost knows, with the feature of this crate that provides it.
+const KNOWN_SCHEMES: &[(&str, Option<&str>)] = &[
+    ("memory", None),
+    ("zookeeper", Some("zookeeper")),
+    ("zk", Some("zookeeper")),
+    ("consul", Some("consul")),
+    ("consuls", Some("consul")),
+    ("etcd", Some("etcd")),
+];
+
+/// The backends compiled into this build.
+pub fn connectors() -> Vec<&'static dyn Connector> {
+    vec![&MemoryConnector]
+}
+
+fn feature_enabled(feature: &str) -> bool {
+    match feature {
+        "zookeeper" => cfg!(feature = "zookeeper"),
+        "consul" => cfg!(feature = "consul"),
+        "etcd" => cfg!(feature = "etcd"),
+        _ => false,
+    }
+}
+
+/// Connects to the registry a URL names: `memory://`, `zk://host:port[,…]/root`,
+/// `consul://host:port`, `etcd://host:port[,…]/prefix`, options as query parameters.
+pub async fn connect(url: &str) -> Result<Discovery> {
+    connect_config(&Config::from_url(url)).await
+}
+
+/// Connects to the registry named by `WAYPOST_URL`, or to `default` when it is unset.
+pub async fn connect_env(default: &str) -> Result<Discovery> {
+    match std::env::var("WAYPOST_URL") {
+        Ok(url) if !url.trim().is_empty() => connect(&url).await,
+        _ => connect(default).await,
+    }
+}
+
+/// Connects to the registry a serde [`Config`] names.
+pub async fn connect_config(config: &Config) -> Result<Discovery> {
+    let scheme = config.scheme()?;
+    let connectors = connectors();
+    if let Some(c) = connectors.iter().find(|c| c.schemes().contains(&scheme.as_str())) {
+        return c.connect(config).await;
+    }
+    let feature = KNOWN_SCHEMES
+        .iter()
+        .find(|(s, _)| *s == scheme)
+        .and_then(|(_, f)| *f);
+    if let Some(f) = feature.filter(|f| feature_enabled(f)) {
+        return Err(Error::unsupported(format!(
+            "the `{f}` backend is not implemented yet in this version of waypost"
+        )));
+    }
+    Err(Error::UnknownScheme {
+        scheme,
+        available: connectors.iter().flat_map(|c| c.schemes()).copied().collect(),
+        feature,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_urls_share_named_registries() {
+        let a = connect("memory://facade-test").await.unwrap();
+        let b = connect_config(&Config {
+            backend: Some("memory".into()),
+            ..Config::default()
+        }
+        .with_option("name", "facade-test"))
+        .await
+        .unwrap();
+        let reg = a
+            .registrar
+            .register(Instance::parse("svc", "i", "h", 1).unwrap())
+            .await
+            .unwrap();
+        let seen = b.watcher.instances(&"svc".parse().unwrap()).await.unwrap();
+        assert_eq!(seen.len(), 1);
+        reg.deregister().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn unknown_scheme_names_it_and_the_available_ones() {
+        let e = connect("nosuch://h:1").await.unwrap_err();
+        match &e {
+            Error::UnknownScheme {
+                scheme,
+                available,
+                feature,
+            } => {
+                assert_eq!(scheme, "nosuch");
+                assert!(available.contains(&"memory"));
+                assert!(feature.is_none());
+            }
+            other => panic!("expected UnknownScheme, got {other}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_backend_without_its_feature_names_the_feature() {
+        for (url, feature) in [
+            ("zk://127.0.0.1:2181/services", "zookeeper"),
+            ("consul://127.0.0.1:8500", "consul"),
+            ("etcd://127.0.0.1:2379/services", "etcd"),
+        ] {
+            let e = connect(url).await.unwrap_err();
+            if feature_enabled(feature) {
+                assert!(matches!(e, Error::Unsupported { .. }), "{url}: {e}");
+            } else {
+                let msg = e.to_string();
+                assert!(msg.contains(&format!("`{feature}` feature")), "{url}: {msg}");
+                assert!(msg.contains("memory"), "{msg}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_options_are_named() {
+        let e = connect("memory://x?tll=1s").await.unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { .. }), "{e}");
+        assert!(e.to_string().contains("tll"), "{e}");
+        let e = connect("memory://x?ttl=soon").await.unwrap_err();
+        assert!(e.to_string().contains("soon"), "{e}");
+        let e = connect("memory://a:1/x").await.unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn config_from_toml() {
+        let c: Config = toml::from_str("backend = \"memory\"\nname = \"toml\"\nttl = \"2s\"").unwrap();
+        connect_config(&c).await.unwrap();
+        let c: Config = toml::from_str("url = \"memory://toml\"\nbogus = 1").unwrap();
+        let e = connect_config(&c).await.unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+}

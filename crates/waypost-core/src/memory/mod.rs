@@ -154,3 +154,5 @@ impl Connector for MemoryConnector {
     }
 }
 
+#[cfg(test)]
+mod tests;

@@ -354,6 +354,12 @@ impl MemoryRegistry {
         ids.into_iter().map(|id| st.drop_session(id)).sum()
     }
 
+    /// Expires overdue sessions now (clients and watches do this by themselves).
+    #[cfg(test)]
+    pub(crate) fn reap_for_tests(&self) {
+        self.inner.reap();
+    }
+
     /// The ids of the live sessions.
     pub fn sessions(&self) -> Vec<SessionId> {
         let mut v: Vec<SessionId> = self.inner.lock().sessions.keys().copied().collect();

@@ -1,0 +1,142 @@
+//! Memory-backend behaviour beyond the conformance suite, on tokio's paused clock.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use super::*;
+use crate::{Instance, InstanceSet, Registrar, RegistrationStatus, WatchEvent, Watcher};
+
+fn inst(id: &str) -> Instance {
+    Instance::parse("svc", id, "127.0.0.1", 1).unwrap()
+}
+
+async fn next(w: &mut futures::stream::BoxStream<'static, crate::Result<WatchEvent>>) -> WatchEvent {
+    tokio::time::timeout(Duration::from_secs(60), w.next())
+        .await
+        .expect("event within deadline")
+        .expect("stream open")
+        .expect("no error")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_killed_client_is_dropped_after_its_ttl_not_before() {
+    let r = MemoryRegistry::new("t");
+    let victim = r.client(Duration::from_secs(4));
+    let watcher = r.client(Duration::from_secs(4));
+    let _reg = victim.register(inst("a")).await.unwrap();
+    let mut w = watcher.watch(&"svc".parse().unwrap());
+    assert!(matches!(next(&mut w).await, WatchEvent::Snapshot(s) if s.len() == 1));
+    let killed_at = tokio::time::Instant::now();
+    victim.kill();
+    // Only the watcher runs: its stream reaps expired sessions by itself.
+    let ev = next(&mut w).await;
+    assert!(matches!(ev, WatchEvent::Removed { .. }), "{ev:?}");
+    let after = killed_at.elapsed();
+    // The last heartbeat was at most a quarter TTL before the kill.
+    assert!(after >= Duration::from_secs(3) && after <= Duration::from_secs(4) + Duration::from_millis(50), "{after:?}");
+    assert!(matches!(victim.register(inst("b")).await, Err(crate::Error::Closed { .. })));
+}
+
+#[tokio::test(start_paused = true)]
+async fn status_goes_suspended_then_registered_across_an_outage() {
+    let r = MemoryRegistry::new("t");
+    let c = r.client(Duration::from_secs(4));
+    let reg = c.register(inst("a")).await.unwrap();
+    r.set_reachable(false);
+    reg.wait_status(Duration::from_secs(5), |s| *s == RegistrationStatus::Suspended).await.unwrap();
+    assert!(matches!(c.instances(&"svc".parse().unwrap()).await, Err(crate::Error::Unavailable { .. })));
+    // A short outage: the session survives, the instance was never dropped.
+    let rev = r.revision();
+    r.set_reachable(true);
+    reg.wait_status(Duration::from_secs(5), |s| *s == RegistrationStatus::Registered).await.unwrap();
+    assert_eq!(r.revision(), rev, "nothing was rewritten after a short outage");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_outage_expires_the_session_and_the_instance_comes_back() {
+    let r = MemoryRegistry::new("t");
+    let c = r.client(Duration::from_secs(2));
+    let reg = c.register(inst("a")).await.unwrap();
+    let first_session = c.session().unwrap();
+    r.set_reachable(false);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    r.reap_for_tests();
+    assert!(r.peek(&"svc".parse().unwrap()).is_empty(), "the registry dropped it meanwhile");
+    r.set_reachable(true);
+    reg.wait_status(Duration::from_secs(30), |s| *s == RegistrationStatus::Registered).await.unwrap();
+    assert_eq!(r.peek(&"svc".parse().unwrap()).len(), 1);
+    assert_ne!(c.session(), Some(first_session), "a new session holds it");
+}
+
+#[tokio::test(start_paused = true)]
+async fn expiry_is_seen_as_removed_then_added_with_the_same_data() {
+    let r = MemoryRegistry::new("t");
+    let c = r.client(Duration::from_secs(2));
+    let i = inst("a").with_metadata("k", "v");
+    let reg = c.register(i.clone()).await.unwrap();
+    let mut status = reg.status();
+    let w = r.client(Duration::from_secs(2));
+    let mut watch = w.watch(&"svc".parse().unwrap());
+    let mut set = InstanceSet::new();
+    set.apply(&next(&mut watch).await);
+    assert_eq!(r.expire_all_sessions(), 1);
+    assert!(matches!(next(&mut watch).await, WatchEvent::Removed { .. }));
+    let back = next(&mut watch).await;
+    assert!(matches!(&back, WatchEvent::Added { instance, .. } if *instance == i), "{back:?}");
+    status.changed().await.unwrap();
+    assert_eq!(*status.borrow(), RegistrationStatus::Registered);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deregistration_during_an_outage_completes_when_reachable() {
+    let r = MemoryRegistry::new("t");
+    let c = r.client(Duration::from_secs(60));
+    let reg = c.register(inst("a")).await.unwrap();
+    r.set_reachable(false);
+    let e = reg.deregister().await.unwrap_err();
+    assert!(e.is_temporary(), "{e}");
+    assert_eq!(r.peek(&"svc".parse().unwrap()).len(), 1);
+    r.set_reachable(true);
+    let svc = "svc".parse().unwrap();
+    let mut w = c.watch(&svc);
+    let mut set = InstanceSet::new();
+    set.apply(&next(&mut w).await);
+    while !set.is_empty() {
+        set.apply(&next(&mut w).await);
+    }
+    assert!(r.peek(&svc).is_empty(), "the deferred deregistration ran");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_watch_started_while_unreachable_waits_for_its_snapshot() {
+    let r = MemoryRegistry::new("t");
+    let c = r.client(Duration::from_secs(2));
+    r.set_reachable(false);
+    let mut w = c.watch(&"svc".parse().unwrap());
+    assert!(tokio::time::timeout(Duration::from_secs(1), w.next()).await.is_err(), "nothing before the registry is reachable");
+    r.set_reachable(true);
+    assert!(matches!(next(&mut w).await, WatchEvent::Snapshot(_)));
+}
+
+#[tokio::test]
+async fn the_same_id_twice_is_already_exists() {
+    let r = MemoryRegistry::new("t");
+    let a = r.client(Duration::from_secs(10));
+    let b = r.client(Duration::from_secs(10));
+    let _reg = a.register(inst("x")).await.unwrap();
+    assert!(matches!(a.register(inst("x")).await, Err(crate::Error::AlreadyExists { .. })));
+    assert!(matches!(b.register(inst("x")).await, Err(crate::Error::AlreadyExists { .. })));
+}
+
+#[test]
+fn config_from_urls() {
+    let c = MemoryConfig::from_url("memory://").unwrap();
+    assert_eq!(c, MemoryConfig::default());
+    let c = MemoryConfig::from_url("memory://tests?ttl=250ms").unwrap();
+    assert_eq!((c.name.as_str(), c.ttl), ("tests", Duration::from_millis(250)));
+    assert!(MemoryConfig::from_url("memory://a,b").is_err());
+    assert!(MemoryConfig::from_url("memory://a/path").is_err());
+    let e = MemoryConfig::from_url("memory://?nme=x").unwrap_err();
+    assert!(e.to_string().contains("nme"), "{e}");
+}

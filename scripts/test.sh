@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The project's test command (README): installs the real registries if missing, then
+# checks formatting and lints, runs every test against the real servers, and runs the
+# quickstart. Under CI (CI set) a missing server fails the run; it is never skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/install-servers.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+echo "== cargo test"
+cargo test --workspace --all-features
+echo "== quickstart"
+cargo run --quiet --example quickstart
