@@ -2,7 +2,8 @@
 //!
 //! Three instances of a small TCP "greeter" service (ports 8001-8003) register; a client
 //! watches the service and routes requests round-robin; a fourth instance joins and gets
-//! traffic; one instance stops and the client stops using it.
+//! traffic; one instance stops and the client stops using it; one crashes and the client
+//! ejects it before the registry notices.
 //!
 //! ```text
 //! cargo run --example quickstart                                  # in-memory registry
@@ -19,7 +20,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use waypost::cache::{CacheOptions, ServiceCache};
-use waypost::{Discovery, Instance, InstanceId, Registration, ServiceName};
+use waypost::{Config, Discovery, Instance, InstanceId, Registration, ServiceName};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -34,7 +35,11 @@ struct Greeter {
     _discovery: Discovery,
 }
 
-async fn start_greeter(url: &str, service: &ServiceName, n: u16) -> Result<Greeter, BoxError> {
+async fn start_greeter(
+    config: &Config,
+    service: &ServiceName,
+    n: u16,
+) -> Result<Greeter, BoxError> {
     let wanted = 8000 + n;
     let listener = match TcpListener::bind(("127.0.0.1", wanted)).await {
         Ok(l) => l,
@@ -50,14 +55,20 @@ async fn start_greeter(url: &str, service: &ServiceName, n: u16) -> Result<Greet
         while let Ok((mut sock, _)) = listener.accept().await {
             let reply = reply.clone();
             tokio::spawn(async move {
-                let _ = sock.write_all(format!("hello from {reply}\n").as_bytes()).await;
+                let _ = sock
+                    .write_all(format!("hello from {reply}\n").as_bytes())
+                    .await;
             });
         }
     });
-    let discovery = waypost::connect(url).await?;
-    let instance = Instance::new(service.clone(), name.parse()?, waypost::Endpoint::new("127.0.0.1", port))
-        .with_metadata("version", "1.0")
-        .with_zone("local");
+    let discovery = waypost::connect_config(config).await?;
+    let instance = Instance::new(
+        service.clone(),
+        name.parse()?,
+        waypost::Endpoint::new("127.0.0.1", port),
+    )
+    .with_metadata("version", "1.0")
+    .with_zone("local");
     let registration = discovery.registrar.register(instance).await?;
     println!("  {name} listening on 127.0.0.1:{port}, registered");
     Ok(Greeter {
@@ -72,10 +83,9 @@ async fn start_greeter(url: &str, service: &ServiceName, n: u16) -> Result<Greet
 /// cache so it stops picking them before the registry notices.
 async fn call(cache: &ServiceCache) -> Result<String, BoxError> {
     for _ in 0..8 {
-        let Some(picked) = cache.pick_round_robin() else {
+        let Some(instance) = cache.pick_round_robin() else {
             return Err("no instance available".into());
         };
-        let instance = picked.instance().clone();
         let addr = instance.endpoint.to_string();
         let attempt = async {
             let sock = TcpStream::connect(&addr).await?;
@@ -86,7 +96,10 @@ async fn call(cache: &ServiceCache) -> Result<String, BoxError> {
         match tokio::time::timeout(Duration::from_secs(2), attempt).await {
             Ok(Ok(reply)) if !reply.is_empty() => return Ok(reply),
             other => {
-                println!("    {} at {addr} failed ({other:?}); ejecting it", instance.id);
+                println!(
+                    "    {} at {addr} failed ({other:?}); ejecting it",
+                    instance.id
+                );
                 cache.report_failure(&instance.id);
             }
         }
@@ -122,25 +135,34 @@ async fn main() -> Result<(), BoxError> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .init();
-    let url = std::env::var("WAYPOST_URL").unwrap_or_else(|_| "memory://quickstart".into());
-    println!("waypost quickstart on {}", waypost::config::redact_url(&url));
+    // WAYPOST_URL (and WAYPOST_<OPTION>) pick the registry; in-memory by default.
+    let config = Config::from_env().unwrap_or_else(|| Config::from_url("memory://quickstart"));
+    println!("waypost quickstart on {config:?}");
     let service: ServiceName = "greeter".parse()?;
 
     println!("1. three greeters start and register");
     let mut greeters = Vec::new();
     for n in 1..=3 {
-        greeters.push(start_greeter(&url, &service, n).await?);
+        greeters.push(start_greeter(&config, &service, n).await?);
     }
 
     println!("2. a client watches `greeter` and routes round-robin");
-    let client = waypost::connect(&url).await?;
-    let cache = ServiceCache::watch(client.watcher.clone(), service.clone(), CacheOptions::default());
+    let client = waypost::connect_config(&config).await?;
+    let cache = ServiceCache::watch(
+        client.watcher.clone(),
+        service.clone(),
+        CacheOptions::default(),
+    );
     cache.wait_for(WAIT, |v| v.len() == 3).await?;
-    println!("  the client sees {} instances", cache.view().len());
-    expect("6 requests reach all three", &round(&cache, 6).await?, &["greeter-1", "greeter-2", "greeter-3"])?;
+    println!("  the client sees {} instances", cache.len());
+    expect(
+        "6 requests reach all three",
+        &round(&cache, 6).await?,
+        &["greeter-1", "greeter-2", "greeter-3"],
+    )?;
 
     println!("3. a fourth greeter joins");
-    greeters.push(start_greeter(&url, &service, 4).await?);
+    greeters.push(start_greeter(&config, &service, 4).await?);
     cache.wait_for(WAIT, |v| v.len() == 4).await?;
     expect(
         "8 requests reach all four",
@@ -153,14 +175,31 @@ async fn main() -> Result<(), BoxError> {
     let stopped_id = stopped.id.clone();
     stopped.registration.deregister().await?;
     stopped.server.abort();
-    cache.wait_for(WAIT, |v| !v.contains(stopped_id.as_str())).await?;
+    cache
+        .wait_for(WAIT, |v| !v.contains(stopped_id.as_str()))
+        .await?;
     expect(
         "9 requests avoid greeter-2",
         &round(&cache, 9).await?,
         &["greeter-1", "greeter-3", "greeter-4"],
     )?;
 
-    println!("5. shutting down");
+    println!("5. greeter-3 crashes: its server dies, nobody deregisters it");
+    // The registry still lists it until its session/TTL runs out; the client ejects it
+    // on the first failed call instead of routing to a dead endpoint meanwhile.
+    let crashed = greeters.iter().position(|g| g.id.as_str() == "greeter-3").ok_or("greeter-3")?;
+    greeters[crashed].server.abort();
+    let _ = (&mut greeters[crashed].server).await;
+    expect(
+        "6 requests avoid the crashed greeter-3",
+        &round(&cache, 6).await?,
+        &["greeter-1", "greeter-4"],
+    )?;
+    if !cache.is_ejected("greeter-3") {
+        return Err("greeter-3 was not ejected".into());
+    }
+
+    println!("6. shutting down");
     for g in greeters {
         g.registration.deregister().await?;
         g.server.abort();

@@ -66,7 +66,11 @@ mod tests {
         let bounds = [100, 200, 400, 800, 1000, 1000, 1000];
         for ceiling in bounds {
             let d = b.next_delay().as_millis() as u64;
-            assert!(d >= ceiling / 2 && d <= ceiling, "{d} not in [{}, {ceiling}]", ceiling / 2);
+            assert!(
+                d >= ceiling / 2 && d <= ceiling,
+                "{d} not in [{}, {ceiling}]",
+                ceiling / 2
+            );
         }
         // No cap on attempts: it keeps handing out delays.
         for _ in 0..1000 {

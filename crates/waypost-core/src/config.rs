@@ -74,7 +74,9 @@ fn percent_decode(s: &str, what: &str) -> Result<String> {
                     .get(i + 1..i + 3)
                     .and_then(|h| std::str::from_utf8(h).ok())
                     .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or_else(|| Error::invalid_config(format!("bad percent-escape in {what}")))?;
+                    .ok_or_else(|| {
+                        Error::invalid_config(format!("bad percent-escape in {what}"))
+                    })?;
                 out.push(hex);
                 i += 3;
             }
@@ -185,7 +187,12 @@ impl RegistryUrl {
 }
 
 fn parse_host(h: &str) -> Result<(String, Option<u16>)> {
-    let bad = || Error::invalid_config(format!("registry URL host `{}` is not valid", h.escape_debug()));
+    let bad = || {
+        Error::invalid_config(format!(
+            "registry URL host `{}` is not valid",
+            h.escape_debug()
+        ))
+    };
     if h.is_empty() {
         return Err(bad());
     }
@@ -207,7 +214,10 @@ fn parse_host(h: &str) -> Result<(String, Option<u16>)> {
     let port = match port {
         None => None,
         Some(p) => Some(p.parse::<u16>().map_err(|_| {
-            Error::invalid_config(format!("registry URL port `{}` is not a number from 0 to 65535", p.escape_debug()))
+            Error::invalid_config(format!(
+                "registry URL port `{}` is not a number from 0 to 65535",
+                p.escape_debug()
+            ))
         })?),
     };
     Ok((host.to_string(), port))
@@ -314,8 +324,43 @@ impl Config {
         }
     }
 
+    /// A config from environment variables: `{prefix}URL`, `{prefix}BACKEND`, and every
+    /// other `{prefix}NAME` as option `name` (lower-cased), e.g. with prefix `WAYPOST_`:
+    /// `WAYPOST_URL=zk://h:2181/services WAYPOST_SESSION_TIMEOUT=10s`. `None` when neither
+    /// a URL nor a backend is set.
+    pub fn from_env_vars(
+        prefix: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Option<Self> {
+        let mut c = Self::default();
+        for (k, v) in vars {
+            let Some(name) = k.strip_prefix(prefix) else {
+                continue;
+            };
+            match name {
+                "URL" => c.url = Some(v),
+                "BACKEND" => c.backend = Some(v),
+                "" => {}
+                other => {
+                    c.options
+                        .insert(other.to_ascii_lowercase(), serde_json::Value::String(v));
+                }
+            }
+        }
+        (c.url.is_some() || c.backend.is_some()).then_some(c)
+    }
+
+    /// [`Config::from_env_vars`] on this process's environment with prefix `WAYPOST_`.
+    pub fn from_env() -> Option<Self> {
+        Self::from_env_vars("WAYPOST_", std::env::vars())
+    }
+
     /// Sets one option (builder style).
-    pub fn with_option(mut self, key: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
+    pub fn with_option(
+        mut self,
+        key: impl Into<String>,
+        value: impl Into<serde_json::Value>,
+    ) -> Self {
         self.options.insert(key.into(), value.into());
         self
     }
@@ -442,7 +487,9 @@ pub mod de {
             BoolRepr::Text(s) => match s.as_str() {
                 "true" | "1" | "yes" => Ok(true),
                 "false" | "0" | "no" => Ok(false),
-                _ => Err(serde::de::Error::custom(format!("`{s}` is not true or false"))),
+                _ => Err(serde::de::Error::custom(format!(
+                    "`{s}` is not true or false"
+                ))),
             },
         }
     }
@@ -469,7 +516,10 @@ mod tests {
                 ("::1".into(), Some(2182))
             ]
         );
-        assert_eq!(u.endpoints(2181), ["10.0.0.1:2181", "10.0.0.2:2181", "[::1]:2182"]);
+        assert_eq!(
+            u.endpoints(2181),
+            ["10.0.0.1:2181", "10.0.0.2:2181", "[::1]:2182"]
+        );
         assert_eq!(u.path, "/services/prod");
         assert_eq!(u.query_map().unwrap()["x"], "a b");
         let dbg = format!("{u:?}");
@@ -496,7 +546,9 @@ mod tests {
             ("zk://h/%zz", "percent"),
             ("zk://h?a=1&a=2", "twice"),
         ] {
-            let e = RegistryUrl::parse(url).and_then(|u| u.query_map().map(|_| u)).unwrap_err();
+            let e = RegistryUrl::parse(url)
+                .and_then(|u| u.query_map().map(|_| u))
+                .unwrap_err();
             assert!(matches!(e, Error::InvalidConfig { .. }), "{url}");
             assert!(e.to_string().contains(part), "{url}: {e}");
         }
@@ -514,20 +566,44 @@ mod tests {
             .with_option("token", "xyz")
             .with_option("datacenter", "dc1");
         let dbg = format!("{c:?}");
-        assert!(!dbg.contains("abc") && !dbg.contains("xyz") && dbg.contains("dc1"), "{dbg}");
+        assert!(
+            !dbg.contains("abc") && !dbg.contains("xyz") && dbg.contains("dc1"),
+            "{dbg}"
+        );
     }
 
     #[test]
     fn config_from_toml_and_json() {
-        let c: Config = toml::from_str("backend = \"memory\"\nname = \"t\"\nttl = \"2s\"\n").unwrap();
+        let c: Config =
+            toml::from_str("backend = \"memory\"\nname = \"t\"\nttl = \"2s\"\n").unwrap();
         assert_eq!(c.scheme().unwrap(), "memory");
         assert_eq!(c.options["ttl"], "2s");
-        let c: Config = serde_json::from_str(r#"{"url":"zk://h:1/s","session_timeout":"3s"}"#).unwrap();
+        let c: Config =
+            serde_json::from_str(r#"{"url":"zk://h:1/s","session_timeout":"3s"}"#).unwrap();
         assert_eq!(c.scheme().unwrap(), "zk");
-        let merged = merged_options(Some(&RegistryUrl::parse("zk://h:1/s?session_timeout=1s&a=b").unwrap()), &c).unwrap();
+        let merged = merged_options(
+            Some(&RegistryUrl::parse("zk://h:1/s?session_timeout=1s&a=b").unwrap()),
+            &c,
+        )
+        .unwrap();
         assert_eq!(merged["session_timeout"], "3s");
         assert_eq!(merged["a"], "b");
         assert!(Config::default().scheme().is_err());
+    }
+
+    #[test]
+    fn config_from_env_vars() {
+        let vars = [
+            ("WAYPOST_URL", "zk://h:2181/s"),
+            ("WAYPOST_SESSION_TIMEOUT", "10s"),
+            ("OTHER", "x"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let c = Config::from_env_vars("WAYPOST_", vars).unwrap();
+        assert_eq!(c.scheme().unwrap(), "zk");
+        assert_eq!(c.options.len(), 1);
+        assert_eq!(c.options["session_timeout"], "10s");
+        assert!(Config::from_env_vars("WAYPOST_", [("OTHER".into(), "x".into())]).is_none());
     }
 
     #[test]
@@ -544,22 +620,37 @@ mod tests {
         }
         let from_url: Opts = options_into(
             "x",
-            serde_json::json!({"ttl":"250ms","n":"7","b":"true"}).as_object().unwrap().clone(),
+            serde_json::json!({"ttl":"250ms","n":"7","b":"true"})
+                .as_object()
+                .unwrap()
+                .clone(),
         )
         .unwrap();
-        assert_eq!((from_url.ttl.as_millis(), from_url.n, from_url.b), (250, 7, true));
+        assert_eq!(
+            (from_url.ttl.as_millis(), from_url.n, from_url.b),
+            (250, 7, true)
+        );
         let native: Opts = options_into(
             "x",
-            serde_json::json!({"ttl":1000,"n":7,"b":false}).as_object().unwrap().clone(),
+            serde_json::json!({"ttl":1000,"n":7,"b":false})
+                .as_object()
+                .unwrap()
+                .clone(),
         )
         .unwrap();
         assert_eq!(native.ttl.as_secs(), 1);
         let e = options_into::<Opts>(
             "x",
-            serde_json::json!({"ttl":"1s","n":1,"b":true,"bogus":1}).as_object().unwrap().clone(),
+            serde_json::json!({"ttl":"1s","n":1,"b":true,"bogus":1})
+                .as_object()
+                .unwrap()
+                .clone(),
         )
         .unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
-        assert!(parse_duration("ttl", "soon").unwrap_err().to_string().contains("`ttl`"));
+        assert!(parse_duration("ttl", "soon")
+            .unwrap_err()
+            .to_string()
+            .contains("`ttl`"));
     }
 }

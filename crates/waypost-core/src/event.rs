@@ -129,7 +129,8 @@ impl InstanceSet {
     pub fn apply(&mut self, event: &WatchEvent) {
         match event {
             WatchEvent::Snapshot(s) | WatchEvent::Resynced(s) => *self = Self::from_snapshot(s),
-            WatchEvent::Added { instance, revision } | WatchEvent::Updated { instance, revision } => {
+            WatchEvent::Added { instance, revision }
+            | WatchEvent::Updated { instance, revision } => {
                 self.instances.insert(instance.id.clone(), instance.clone());
                 self.revision = *revision;
             }
@@ -258,7 +259,13 @@ mod tests {
             replay.apply(e);
         }
         assert_eq!(replay, set);
-        assert_eq!(set.get(&InstanceId::new("b").unwrap()).unwrap().endpoint.port, 2);
+        assert_eq!(
+            set.get(&InstanceId::new("b").unwrap())
+                .unwrap()
+                .endpoint
+                .port,
+            2
+        );
     }
 
     #[test]
@@ -279,7 +286,10 @@ mod tests {
             1,
         );
         assert_eq!(s.instances[0].id.as_str(), "a");
-        assert_eq!(s.get(&InstanceId::new("m").unwrap()).unwrap().endpoint.port, 3);
+        assert_eq!(
+            s.get(&InstanceId::new("m").unwrap()).unwrap().endpoint.port,
+            3
+        );
         assert!(s.get(&InstanceId::new("q").unwrap()).is_none());
     }
 }

@@ -8,16 +8,23 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod cache;
 pub mod config;
+#[cfg(feature = "tower")]
+pub mod discover;
 pub mod error;
 pub mod event;
 pub mod memory;
 pub mod model;
 pub mod registrar;
+pub mod select;
 pub mod watcher;
 
 pub use backoff::Backoff;
+pub use cache::{CacheOptions, CacheView, Picked, ServiceCache, Strategy};
 pub use config::{Config, Connector, Discovery, RegistryUrl};
+#[cfg(feature = "tower")]
+pub use discover::discover;
 pub use error::{BoxError, Error, Result};
 pub use event::{InstanceSet, Snapshot, WatchEvent};
 pub use model::{Endpoint, Instance, InstanceId, Revision, ServiceName};

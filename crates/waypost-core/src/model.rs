@@ -294,7 +294,10 @@ impl Instance {
                     k.escape_debug()
                 )));
             }
-            if let Some(p) = RESERVED_METADATA_PREFIXES.iter().find(|p| k.starts_with(*p)) {
+            if let Some(p) = RESERVED_METADATA_PREFIXES
+                .iter()
+                .find(|p| k.starts_with(*p))
+            {
                 return Err(Error::invalid_input(format!(
                     "metadata key `{k}`: the prefix `{p}` is reserved"
                 )));
@@ -382,10 +385,9 @@ mod tests {
 
     #[test]
     fn defaults_when_fields_are_missing() {
-        let i: Instance = serde_json::from_str(
-            r#"{"service":"s","id":"i","endpoint":{"host":"h","port":1}}"#,
-        )
-        .unwrap();
+        let i: Instance =
+            serde_json::from_str(r#"{"service":"s","id":"i","endpoint":{"host":"h","port":1}}"#)
+                .unwrap();
         assert_eq!(i.weight, DEFAULT_WEIGHT);
         assert!(i.metadata.is_empty() && i.tags.is_empty() && i.zone.is_none());
     }
@@ -397,13 +399,21 @@ mod tests {
         for n in 0..=MAX_METADATA_ENTRIES {
             many = many.with_metadata(format!("k{n}"), "v");
         }
-        assert!(many.validate().unwrap_err().to_string().contains("metadata entries"));
+        assert!(many
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("metadata entries"));
         let big = base.clone().with_metadata("k", "x".repeat(513));
         assert!(big.validate().unwrap_err().to_string().contains("512"));
         let badkey = base.clone().with_metadata("a.b", "v");
         assert!(badkey.validate().is_err());
         let reserved = base.clone().with_metadata("waypost-weight", "v");
-        assert!(reserved.validate().unwrap_err().to_string().contains("reserved"));
+        assert!(reserved
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("reserved"));
         let host = Instance::parse("s", "i", "a b", 1).unwrap();
         assert!(host.validate().is_err());
         let zone = base.clone().with_zone("");

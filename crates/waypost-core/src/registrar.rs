@@ -139,7 +139,8 @@ impl Registration {
         pred: impl FnMut(&RegistrationStatus) -> bool,
     ) -> Result<RegistrationStatus> {
         let mut rx = self.status.clone();
-        let waited = tokio::time::timeout(timeout, async { rx.wait_for(pred).await.map(|s| *s) }).await;
+        let waited =
+            tokio::time::timeout(timeout, async { rx.wait_for(pred).await.map(|s| *s) }).await;
         match waited {
             Ok(Ok(s)) => Ok(s),
             Ok(Err(_)) => Err(Error::Closed {

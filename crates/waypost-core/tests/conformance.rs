@@ -69,7 +69,10 @@ impl Faults for MemoryBackend {
     async fn crash(&self, discovery: &Discovery) -> bool {
         let target = Arc::as_ptr(&discovery.registrar) as *const ();
         let clients = self.clients.lock().unwrap();
-        match clients.iter().find(|c| Arc::as_ptr(c) as *const () == target) {
+        match clients
+            .iter()
+            .find(|c| Arc::as_ptr(c) as *const () == target)
+        {
             Some(c) => {
                 c.kill();
                 true

@@ -63,11 +63,12 @@ pub async fn connect(url: &str) -> Result<Discovery> {
     connect_config(&Config::from_url(url)).await
 }
 
-/// Connects to the registry named by `WAYPOST_URL`, or to `default` when it is unset.
+/// Connects to the registry the environment names (`WAYPOST_URL`, `WAYPOST_BACKEND`,
+/// `WAYPOST_<OPTION>`; see [`Config::from_env`]), or to `default` when none is set.
 pub async fn connect_env(default: &str) -> Result<Discovery> {
-    match std::env::var("WAYPOST_URL") {
-        Ok(url) if !url.trim().is_empty() => connect(&url).await,
-        _ => connect(default).await,
+    match Config::from_env() {
+        Some(c) => connect_config(&c).await,
+        None => connect(default).await,
     }
 }
 
@@ -75,7 +76,10 @@ pub async fn connect_env(default: &str) -> Result<Discovery> {
 pub async fn connect_config(config: &Config) -> Result<Discovery> {
     let scheme = config.scheme()?;
     let connectors = connectors();
-    if let Some(c) = connectors.iter().find(|c| c.schemes().contains(&scheme.as_str())) {
+    if let Some(c) = connectors
+        .iter()
+        .find(|c| c.schemes().contains(&scheme.as_str()))
+    {
         return c.connect(config).await;
     }
     let feature = KNOWN_SCHEMES
@@ -89,7 +93,11 @@ pub async fn connect_config(config: &Config) -> Result<Discovery> {
     }
     Err(Error::UnknownScheme {
         scheme,
-        available: connectors.iter().flat_map(|c| c.schemes()).copied().collect(),
+        available: connectors
+            .iter()
+            .flat_map(|c| c.schemes())
+            .copied()
+            .collect(),
         feature,
     })
 }
@@ -101,11 +109,13 @@ mod tests {
     #[tokio::test]
     async fn memory_urls_share_named_registries() {
         let a = connect("memory://facade-test").await.unwrap();
-        let b = connect_config(&Config {
-            backend: Some("memory".into()),
-            ..Config::default()
-        }
-        .with_option("name", "facade-test"))
+        let b = connect_config(
+            &Config {
+                backend: Some("memory".into()),
+                ..Config::default()
+            }
+            .with_option("name", "facade-test"),
+        )
         .await
         .unwrap();
         let reg = a
@@ -147,7 +157,10 @@ mod tests {
                 assert!(matches!(e, Error::Unsupported { .. }), "{url}: {e}");
             } else {
                 let msg = e.to_string();
-                assert!(msg.contains(&format!("`{feature}` feature")), "{url}: {msg}");
+                assert!(
+                    msg.contains(&format!("`{feature}` feature")),
+                    "{url}: {msg}"
+                );
                 assert!(msg.contains("memory"), "{msg}");
             }
         }
@@ -166,7 +179,8 @@ mod tests {
 
     #[tokio::test]
     async fn config_from_toml() {
-        let c: Config = toml::from_str("backend = \"memory\"\nname = \"toml\"\nttl = \"2s\"").unwrap();
+        let c: Config =
+            toml::from_str("backend = \"memory\"\nname = \"toml\"\nttl = \"2s\"").unwrap();
         connect_config(&c).await.unwrap();
         let c: Config = toml::from_str("url = \"memory://toml\"\nbogus = 1").unwrap();
         let e = connect_config(&c).await.unwrap_err();

@@ -96,7 +96,9 @@ impl MemoryConfig {
         }
         let c: Self = config::options_into(SCHEME, options)?;
         if c.name.is_empty() {
-            return Err(Error::invalid_config("memory option `name` may not be empty"));
+            return Err(Error::invalid_config(
+                "memory option `name` may not be empty",
+            ));
         }
         Ok(c)
     }

@@ -88,7 +88,11 @@ impl State {
             .collect();
         for id in expired {
             let n = self.drop_session(id);
-            tracing::debug!(session = id, instances = n, "memory registry: session expired");
+            tracing::debug!(
+                session = id,
+                instances = n,
+                "memory registry: session expired"
+            );
         }
     }
 }
@@ -202,7 +206,12 @@ impl Inner {
 
     /// Creates an entry bound to `session`. `replace_own`: an existing entry of the same
     /// session is replaced (re-registration) instead of being a conflict.
-    pub(crate) fn put(&self, session: SessionId, instance: &Instance, replace_own: bool) -> Result<()> {
+    pub(crate) fn put(
+        &self,
+        session: SessionId,
+        instance: &Instance,
+        replace_own: bool,
+    ) -> Result<()> {
         let mut st = self.op()?;
         if !st.sessions.contains_key(&session) {
             return Err(Error::SessionExpired);
@@ -253,7 +262,12 @@ impl Inner {
     }
 
     /// Whether `session` holds the entry of this instance.
-    pub(crate) fn holds(&self, session: SessionId, service: &ServiceName, id: &InstanceId) -> Result<bool> {
+    pub(crate) fn holds(
+        &self,
+        session: SessionId,
+        service: &ServiceName,
+        id: &InstanceId,
+    ) -> Result<bool> {
         let st = self.op()?;
         Ok(st
             .services
@@ -263,7 +277,12 @@ impl Inner {
     }
 
     /// Removes the entry if `session` holds it.
-    pub(crate) fn delete(&self, session: SessionId, service: &ServiceName, id: &InstanceId) -> Result<()> {
+    pub(crate) fn delete(
+        &self,
+        session: SessionId,
+        service: &ServiceName,
+        id: &InstanceId,
+    ) -> Result<()> {
         let mut st = self.op()?;
         let owned = st
             .services

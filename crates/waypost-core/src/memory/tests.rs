@@ -11,7 +11,9 @@ fn inst(id: &str) -> Instance {
     Instance::parse("svc", id, "127.0.0.1", 1).unwrap()
 }
 
-async fn next(w: &mut futures::stream::BoxStream<'static, crate::Result<WatchEvent>>) -> WatchEvent {
+async fn next(
+    w: &mut futures::stream::BoxStream<'static, crate::Result<WatchEvent>>,
+) -> WatchEvent {
     tokio::time::timeout(Duration::from_secs(60), w.next())
         .await
         .expect("event within deadline")
@@ -34,8 +36,15 @@ async fn a_killed_client_is_dropped_after_its_ttl_not_before() {
     assert!(matches!(ev, WatchEvent::Removed { .. }), "{ev:?}");
     let after = killed_at.elapsed();
     // The last heartbeat was at most a quarter TTL before the kill.
-    assert!(after >= Duration::from_secs(3) && after <= Duration::from_secs(4) + Duration::from_millis(50), "{after:?}");
-    assert!(matches!(victim.register(inst("b")).await, Err(crate::Error::Closed { .. })));
+    assert!(
+        after >= Duration::from_secs(3)
+            && after <= Duration::from_secs(4) + Duration::from_millis(50),
+        "{after:?}"
+    );
+    assert!(matches!(
+        victim.register(inst("b")).await,
+        Err(crate::Error::Closed { .. })
+    ));
 }
 
 #[tokio::test(start_paused = true)]
@@ -44,13 +53,28 @@ async fn status_goes_suspended_then_registered_across_an_outage() {
     let c = r.client(Duration::from_secs(4));
     let reg = c.register(inst("a")).await.unwrap();
     r.set_reachable(false);
-    reg.wait_status(Duration::from_secs(5), |s| *s == RegistrationStatus::Suspended).await.unwrap();
-    assert!(matches!(c.instances(&"svc".parse().unwrap()).await, Err(crate::Error::Unavailable { .. })));
+    reg.wait_status(Duration::from_secs(5), |s| {
+        *s == RegistrationStatus::Suspended
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        c.instances(&"svc".parse().unwrap()).await,
+        Err(crate::Error::Unavailable { .. })
+    ));
     // A short outage: the session survives, the instance was never dropped.
     let rev = r.revision();
     r.set_reachable(true);
-    reg.wait_status(Duration::from_secs(5), |s| *s == RegistrationStatus::Registered).await.unwrap();
-    assert_eq!(r.revision(), rev, "nothing was rewritten after a short outage");
+    reg.wait_status(Duration::from_secs(5), |s| {
+        *s == RegistrationStatus::Registered
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        r.revision(),
+        rev,
+        "nothing was rewritten after a short outage"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -62,9 +86,16 @@ async fn a_long_outage_expires_the_session_and_the_instance_comes_back() {
     r.set_reachable(false);
     tokio::time::sleep(Duration::from_secs(5)).await;
     r.reap_for_tests();
-    assert!(r.peek(&"svc".parse().unwrap()).is_empty(), "the registry dropped it meanwhile");
+    assert!(
+        r.peek(&"svc".parse().unwrap()).is_empty(),
+        "the registry dropped it meanwhile"
+    );
     r.set_reachable(true);
-    reg.wait_status(Duration::from_secs(30), |s| *s == RegistrationStatus::Registered).await.unwrap();
+    reg.wait_status(Duration::from_secs(30), |s| {
+        *s == RegistrationStatus::Registered
+    })
+    .await
+    .unwrap();
     assert_eq!(r.peek(&"svc".parse().unwrap()).len(), 1);
     assert_ne!(c.session(), Some(first_session), "a new session holds it");
 }
@@ -83,7 +114,10 @@ async fn expiry_is_seen_as_removed_then_added_with_the_same_data() {
     assert_eq!(r.expire_all_sessions(), 1);
     assert!(matches!(next(&mut watch).await, WatchEvent::Removed { .. }));
     let back = next(&mut watch).await;
-    assert!(matches!(&back, WatchEvent::Added { instance, .. } if *instance == i), "{back:?}");
+    assert!(
+        matches!(&back, WatchEvent::Added { instance, .. } if *instance == i),
+        "{back:?}"
+    );
     status.changed().await.unwrap();
     assert_eq!(*status.borrow(), RegistrationStatus::Registered);
 }
@@ -114,7 +148,12 @@ async fn a_watch_started_while_unreachable_waits_for_its_snapshot() {
     let c = r.client(Duration::from_secs(2));
     r.set_reachable(false);
     let mut w = c.watch(&"svc".parse().unwrap());
-    assert!(tokio::time::timeout(Duration::from_secs(1), w.next()).await.is_err(), "nothing before the registry is reachable");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), w.next())
+            .await
+            .is_err(),
+        "nothing before the registry is reachable"
+    );
     r.set_reachable(true);
     assert!(matches!(next(&mut w).await, WatchEvent::Snapshot(_)));
 }
@@ -125,8 +164,14 @@ async fn the_same_id_twice_is_already_exists() {
     let a = r.client(Duration::from_secs(10));
     let b = r.client(Duration::from_secs(10));
     let _reg = a.register(inst("x")).await.unwrap();
-    assert!(matches!(a.register(inst("x")).await, Err(crate::Error::AlreadyExists { .. })));
-    assert!(matches!(b.register(inst("x")).await, Err(crate::Error::AlreadyExists { .. })));
+    assert!(matches!(
+        a.register(inst("x")).await,
+        Err(crate::Error::AlreadyExists { .. })
+    ));
+    assert!(matches!(
+        b.register(inst("x")).await,
+        Err(crate::Error::AlreadyExists { .. })
+    ));
 }
 
 #[test]
@@ -134,7 +179,10 @@ fn config_from_urls() {
     let c = MemoryConfig::from_url("memory://").unwrap();
     assert_eq!(c, MemoryConfig::default());
     let c = MemoryConfig::from_url("memory://tests?ttl=250ms").unwrap();
-    assert_eq!((c.name.as_str(), c.ttl), ("tests", Duration::from_millis(250)));
+    assert_eq!(
+        (c.name.as_str(), c.ttl),
+        ("tests", Duration::from_millis(250))
+    );
     assert!(MemoryConfig::from_url("memory://a,b").is_err());
     assert!(MemoryConfig::from_url("memory://a/path").is_err());
     let e = MemoryConfig::from_url("memory://?nme=x").unwrap_err();

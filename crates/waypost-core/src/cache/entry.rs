@@ -1,0 +1,187 @@
+//! Per-instance client-side state (ejection, requests in flight) and the picked handle.
+
+use std::cell::Cell;
+use std::fmt;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::model::{Instance, InstanceId};
+
+/// Milliseconds since the cache was made, read from Tokio's clock (so paused time in
+/// tests moves it).
+#[derive(Debug)]
+pub(crate) struct Clock {
+    base: Instant,
+}
+
+impl Clock {
+    pub(crate) fn new() -> Self {
+        Self {
+            base: Instant::now(),
+        }
+    }
+
+    pub(crate) fn now_ms(&self) -> u64 {
+        Instant::now()
+            .saturating_duration_since(self.base)
+            .as_millis()
+            .try_into()
+            .unwrap_or(u64::MAX)
+    }
+}
+
+/// The clock, read at most once per pick and only if some candidate carries an ejection
+/// mark: the common path never reads the time.
+pub(crate) struct LazyNow<'a> {
+    clock: &'a Clock,
+    now: Cell<Option<u64>>,
+}
+
+impl<'a> LazyNow<'a> {
+    pub(crate) fn new(clock: &'a Clock) -> Self {
+        Self {
+            clock,
+            now: Cell::new(None),
+        }
+    }
+
+    fn get(&self) -> u64 {
+        match self.now.get() {
+            Some(n) => n,
+            None => {
+                let n = self.clock.now_ms();
+                self.now.set(Some(n));
+                n
+            }
+        }
+    }
+}
+
+/// The state of one instance that the cache keeps across updates of the set, by id.
+#[derive(Debug, Default)]
+pub(crate) struct Entry {
+    /// Ejected until this many [`Clock`] milliseconds; 0 = not ejected.
+    ejected_until: AtomicU64,
+    /// Requests in flight through a tracked [`Picked`].
+    in_flight: AtomicUsize,
+}
+
+impl Entry {
+    pub(crate) fn eject(&self, clock: &Clock, for_: Duration) {
+        let ms = u64::try_from(for_.as_millis()).unwrap_or(u64::MAX);
+        let until = clock.now_ms().saturating_add(ms).max(1);
+        self.ejected_until.fetch_max(until, Relaxed);
+    }
+
+    pub(crate) fn readmit(&self) {
+        self.ejected_until.store(0, Relaxed);
+    }
+
+    /// Whether the ejection mark is still running. An expired mark is cleared, so later
+    /// picks skip the clock again.
+    #[inline]
+    pub(crate) fn is_ejected(&self, now: &LazyNow<'_>) -> bool {
+        let until = self.ejected_until.load(Relaxed);
+        if until == 0 {
+            return false;
+        }
+        if now.get() < until {
+            return true;
+        }
+        let _ = self
+            .ejected_until
+            .compare_exchange(until, 0, Relaxed, Relaxed);
+        false
+    }
+
+    pub(crate) fn is_ejected_at(&self, now_ms: u64) -> bool {
+        now_ms < self.ejected_until.load(Relaxed)
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Relaxed)
+    }
+
+    pub(crate) fn track(self: &Arc<Self>) -> Arc<Self> {
+        self.in_flight.fetch_add(1, Relaxed);
+        Arc::clone(self)
+    }
+}
+
+/// An instance returned by [`ServiceCache::pick`](super::ServiceCache::pick) and
+/// [`ServiceCache::pick_p2c`](super::ServiceCache::pick_p2c).
+///
+/// Dereferences to the [`Instance`]. When it comes from the power-of-two-choices strategy
+/// it is *tracked*: it counts as one request in flight on its instance until it is
+/// dropped, and that count is what the strategy balances on. Hold it for as long as the
+/// request runs, and drop it when the response is in.
+pub struct Picked {
+    instance: Arc<Instance>,
+    tracked: Option<Arc<Entry>>,
+}
+
+impl Picked {
+    pub(crate) fn untracked(instance: Arc<Instance>) -> Self {
+        Self {
+            instance,
+            tracked: None,
+        }
+    }
+
+    pub(crate) fn tracked(instance: Arc<Instance>, entry: &Arc<Entry>) -> Self {
+        Self {
+            instance,
+            tracked: Some(entry.track()),
+        }
+    }
+
+    /// The instance.
+    pub fn instance(&self) -> &Arc<Instance> {
+        &self.instance
+    }
+
+    /// The instance's id.
+    pub fn id(&self) -> &InstanceId {
+        &self.instance.id
+    }
+
+    /// Whether this pick counts as a request in flight until dropped.
+    pub fn is_tracked(&self) -> bool {
+        self.tracked.is_some()
+    }
+
+    /// Ends the request (if tracked) and keeps the instance.
+    pub fn into_instance(self) -> Arc<Instance> {
+        Arc::clone(&self.instance)
+    }
+}
+
+impl Deref for Picked {
+    type Target = Instance;
+
+    fn deref(&self) -> &Instance {
+        &self.instance
+    }
+}
+
+impl Drop for Picked {
+    fn drop(&mut self) {
+        if let Some(e) = &self.tracked {
+            e.in_flight.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+impl fmt::Debug for Picked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Picked")
+            .field("id", &self.instance.id)
+            .field("endpoint", &self.instance.endpoint)
+            .field("tracked", &self.tracked.is_some())
+            .finish()
+    }
+}
