@@ -4,3 +4,9 @@
 #![forbid(unsafe_code)]
 
 pub mod conformance;
+pub mod server;
+
+pub use server::{
+    ConsulOptions, ConsulServer, EtcdCluster, EtcdOptions, EtcdServer, HarnessError, ServerKind,
+    ZooKeeperOptions, ZooKeeperServer,
+};

@@ -49,12 +49,9 @@ pub fn connectors() -> Vec<&'static dyn Connector> {
 }
 
 fn feature_enabled(feature: &str) -> bool {
-    match feature {
-        "zookeeper" => cfg!(feature = "zookeeper"),
-        "consul" => cfg!(feature = "consul"),
-        "etcd" => cfg!(feature = "etcd"),
-        _ => false,
-    }
+    (feature == "zookeeper" && cfg!(feature = "zookeeper"))
+        || (feature == "consul" && cfg!(feature = "consul"))
+        || (feature == "etcd" && cfg!(feature = "etcd"))
 }
 
 /// Connects to the registry a URL names: `memory://`, `zk://host:port[,…]/root`,

@@ -24,12 +24,19 @@ pub async fn register_then_listed_and_watched(b: &dyn TestBackend) {
     assert!(s.is_empty(), "fresh service must be empty, got {}", s.len());
 
     let inst = ns.instance(&svc, "g-1", 8001);
-    let reg = reg_side.registrar.register(inst.clone()).await.expect("register");
+    let reg = reg_side
+        .registrar
+        .register(inst.clone())
+        .await
+        .expect("register");
     assert_eq!(reg.current_status(), RegistrationStatus::Registered);
     assert_eq!(reg.instance(), &inst);
 
     let mut set = InstanceSet::from_snapshot(s);
-    wait_for_set(&mut early, &mut set, t, "g-1 to be watched", |s| s.contains(&inst.id)).await;
+    wait_for_set(&mut early, &mut set, t, "g-1 to be watched", |s| {
+        s.contains(&inst.id)
+    })
+    .await;
     assert_eq!(set.get(&inst.id), Some(&inst), "watched instance differs");
 
     // `register` returned, so a listing now includes it (read-your-writes on one client).
@@ -65,12 +72,20 @@ pub async fn deregister_removes(b: &dyn TestBackend) {
     reg_a.deregister().await.expect("deregister");
     assert_eq!(*status.borrow(), RegistrationStatus::Deregistered);
     let listed = d.watcher.instances(&svc).await.unwrap();
-    assert!(listed.get(&a.id).is_none(), "deregistered instance still listed");
-    assert!(listed.get(&keep.id).is_some(), "the other instance went too");
+    assert!(
+        listed.get(&a.id).is_none(),
+        "deregistered instance still listed"
+    );
+    assert!(
+        listed.get(&keep.id).is_some(),
+        "the other instance went too"
+    );
 
     let events = wait_for_set(&mut watch, &mut set, t, "a removed", |s| !s.contains(&a.id)).await;
     assert!(
-        events.iter().any(|e| matches!(e, WatchEvent::Removed { id, .. } if *id == a.id)),
+        events
+            .iter()
+            .any(|e| matches!(e, WatchEvent::Removed { id, .. } if *id == a.id)),
         "expected Removed(a), got {:?}",
         events.iter().map(describe).collect::<Vec<_>>()
     );
@@ -88,11 +103,21 @@ pub async fn dropped_guard_removes(b: &dyn TestBackend) {
     let reg = d.registrar.register(inst.clone()).await.unwrap();
     let mut watch = d.watcher.watch(&svc);
     let mut set = InstanceSet::new();
-    wait_for_set(&mut watch, &mut set, t, "x listed", |s| s.contains(&inst.id)).await;
+    wait_for_set(&mut watch, &mut set, t, "x listed", |s| {
+        s.contains(&inst.id)
+    })
+    .await;
     drop(reg);
-    wait_for_set(&mut watch, &mut set, t, "x gone after drop", |s| s.is_empty()).await;
+    wait_for_set(&mut watch, &mut set, t, "x gone after drop", |s| {
+        s.is_empty()
+    })
+    .await;
     // The client is still alive: the removal came from the guard, not from the session.
-    let again = d.registrar.register(inst.clone()).await.expect("register again");
+    let again = d
+        .registrar
+        .register(inst.clone())
+        .await
+        .expect("register again");
     wait_for_set(&mut watch, &mut set, t, "x back", |s| s.contains(&inst.id)).await;
     again.deregister().await.unwrap();
 }
@@ -166,25 +191,33 @@ pub async fn changes_in_order_with_revisions(b: &dyn TestBackend) {
     let mut last = snap.revision;
     for e in &log {
         if let Some(r) = e.revision() {
-            assert!(r >= last, "revisions went backwards: {:?}", log.iter().map(describe).collect::<Vec<_>>());
+            assert!(
+                r >= last,
+                "revisions went backwards: {:?}",
+                log.iter().map(describe).collect::<Vec<_>>()
+            );
             last = r;
         }
     }
     let pos = |pred: &dyn Fn(&WatchEvent) -> bool| log.iter().position(pred);
-    let added_b = pos(&|e| matches!(e, WatchEvent::Added { instance, .. } if instance.id == b_inst.id));
+    let added_b =
+        pos(&|e| matches!(e, WatchEvent::Added { instance, .. } if instance.id == b_inst.id));
     let removed_b = pos(&|e| matches!(e, WatchEvent::Removed { id, .. } if *id == b_inst.id));
     if let (Some(x), Some(y)) = (added_b, removed_b) {
         assert!(x < y, "Added(b) must come before Removed(b)");
     }
     assert!(
-        pos(&|e| matches!(e, WatchEvent::Updated { instance, .. } if instance.id == a.id)).is_some()
+        pos(&|e| matches!(e, WatchEvent::Updated { instance, .. } if instance.id == a.id))
+            .is_some()
             || pos(&|e| matches!(e, WatchEvent::Resynced(_))).is_some(),
         "the update of a must arrive as Updated: {:?}",
         log.iter().map(describe).collect::<Vec<_>>()
     );
     let truth = d.watcher.instances(&svc).await.unwrap();
     assert_eq!(
-        InstanceSet::from_snapshot(&truth).iter().collect::<Vec<_>>(),
+        InstanceSet::from_snapshot(&truth)
+            .iter()
+            .collect::<Vec<_>>(),
         set.iter().collect::<Vec<_>>(),
         "applied events differ from the registry"
     );
@@ -205,19 +238,33 @@ pub async fn fields_round_trip(b: &dyn TestBackend) {
     for k in 0..waypost_core::model::MAX_METADATA_ENTRIES {
         inst = inst.with_metadata(format!("key_{k:02}"), format!("välue {k} — 日本語 ✓"));
     }
-    let _reg = d.registrar.register(inst.clone()).await.expect("register 64 metadata keys");
+    let _reg = d
+        .registrar
+        .register(inst.clone())
+        .await
+        .expect("register 64 metadata keys");
     let w = b.connect().await;
     let mut watch = w.watcher.watch(&svc);
     let mut set = InstanceSet::new();
-    wait_for_set(&mut watch, &mut set, t, "rich listed", |s| s.contains(&inst.id)).await;
+    wait_for_set(&mut watch, &mut set, t, "rich listed", |s| {
+        s.contains(&inst.id)
+    })
+    .await;
     assert_eq!(set.get(&inst.id), Some(&inst), "watched instance differs");
     let listed = w.watcher.instances(&svc).await.unwrap();
     assert_eq!(listed.get(&inst.id), Some(&inst), "listed instance differs");
 
     let drained = ns.instance(&svc, "drained", 4243).with_weight(0);
     let _r2 = d.registrar.register(drained.clone()).await.unwrap();
-    wait_for_set(&mut watch, &mut set, t, "drained listed", |s| s.contains(&drained.id)).await;
-    assert_eq!(set.get(&drained.id).map(|i| i.weight), Some(0), "weight 0 must survive");
+    wait_for_set(&mut watch, &mut set, t, "drained listed", |s| {
+        s.contains(&drained.id)
+    })
+    .await;
+    assert_eq!(
+        set.get(&drained.id).map(|i| i.weight),
+        Some(0),
+        "weight 0 must survive"
+    );
 }
 
 /// Two services never see each other's instances, even with the same instance ids.
@@ -227,9 +274,21 @@ pub async fn services_are_isolated(b: &dyn TestBackend) {
     let one = ns.service("one");
     let two = ns.service("two");
     let d = b.connect().await;
-    let _r1 = d.registrar.register(ns.instance(&one, "same", 1)).await.unwrap();
-    let _r2 = d.registrar.register(ns.instance(&two, "same", 2)).await.unwrap();
-    let _r3 = d.registrar.register(ns.instance(&two, "other", 3)).await.unwrap();
+    let _r1 = d
+        .registrar
+        .register(ns.instance(&one, "same", 1))
+        .await
+        .unwrap();
+    let _r2 = d
+        .registrar
+        .register(ns.instance(&two, "same", 2))
+        .await
+        .unwrap();
+    let _r3 = d
+        .registrar
+        .register(ns.instance(&two, "other", 3))
+        .await
+        .unwrap();
     let mut w1 = d.watcher.watch(&one);
     let mut s1 = InstanceSet::new();
     wait_for_set(&mut w1, &mut s1, t, "service one", |s| s.len() == 1).await;
@@ -242,9 +301,18 @@ pub async fn services_are_isolated(b: &dyn TestBackend) {
     let prefix = waypost_core::ServiceName::new(format!("{one}x")).unwrap();
     assert!(d.watcher.instances(&prefix).await.unwrap().is_empty());
     // A change in two does not reach one's watch.
-    let _r4 = d.registrar.register(ns.instance(&two, "third", 4)).await.unwrap();
+    let _r4 = d
+        .registrar
+        .register(ns.instance(&two, "third", 4))
+        .await
+        .unwrap();
     wait_for_set(&mut w2, &mut s2, t, "third in two", |s| s.len() == 3).await;
-    if let Ok(Some(Ok(ev))) = tokio::time::timeout(Duration::from_millis(200), futures::StreamExt::next(&mut w1)).await {
+    if let Ok(Some(Ok(ev))) = tokio::time::timeout(
+        Duration::from_millis(200),
+        futures::StreamExt::next(&mut w1),
+    )
+    .await
+    {
         s1.apply(&ev);
     }
     assert_eq!(s1.len(), 1, "service one changed when two did");
@@ -257,7 +325,12 @@ pub async fn watch_of_unregistered_service(b: &dyn TestBackend) {
     let ns = Namespace::new();
     let svc = ns.service("nobody");
     let d = b.connect().await;
-    assert!(d.watcher.instances(&svc).await.expect("listing an unknown service").is_empty());
+    assert!(d
+        .watcher
+        .instances(&svc)
+        .await
+        .expect("listing an unknown service")
+        .is_empty());
     let mut w = d.watcher.watch(&svc);
     let WatchEvent::Snapshot(s) = next_event(&mut w, t).await else {
         panic!("first event must be Snapshot");
@@ -267,7 +340,10 @@ pub async fn watch_of_unregistered_service(b: &dyn TestBackend) {
     let inst = ns.instance(&svc, "first", 1);
     let _r = other.registrar.register(inst.clone()).await.unwrap();
     let mut set = InstanceSet::from_snapshot(&s);
-    wait_for_set(&mut w, &mut set, t, "first instance", |s| s.contains(&inst.id)).await;
+    wait_for_set(&mut w, &mut set, t, "first instance", |s| {
+        s.contains(&inst.id)
+    })
+    .await;
 }
 
 /// `update()` replaces the instance for watchers; `drain()` sets weight 0, waits, then
@@ -285,13 +361,19 @@ pub async fn update_and_drain(b: &dyn TestBackend) {
 
     let moved = inst.clone().with_metadata("moved", "yes");
     reg.update(moved.clone()).await.expect("update");
-    wait_for_set(&mut w, &mut set, t, "updated", |s| s.get(&inst.id) == Some(&moved)).await;
+    wait_for_set(&mut w, &mut set, t, "updated", |s| {
+        s.get(&inst.id) == Some(&moved)
+    })
+    .await;
     assert_eq!(reg.instance(), &moved);
 
     let mut other_id = moved.clone();
     other_id.id = "other".parse().unwrap();
     assert!(
-        matches!(reg.update(other_id).await, Err(waypost_core::Error::InvalidInput { .. })),
+        matches!(
+            reg.update(other_id).await,
+            Err(waypost_core::Error::InvalidInput { .. })
+        ),
         "update may not change the id"
     );
 
@@ -300,6 +382,9 @@ pub async fn update_and_drain(b: &dyn TestBackend) {
         s.get(&inst.id).is_some_and(|i| i.weight == 0)
     })
     .await;
-    wait_for_set(&mut w, &mut set, t, "drained instance removed", |s| s.is_empty()).await;
+    wait_for_set(&mut w, &mut set, t, "drained instance removed", |s| {
+        s.is_empty()
+    })
+    .await;
     drain.await.unwrap().expect("drain");
 }

@@ -31,7 +31,10 @@ pub async fn crashed_registrant_is_dropped(b: &dyn TestBackend) {
     let _alive_reg = survivor.registrar.register(alive.clone()).await.unwrap();
     let mut watch = w.watcher.watch(&svc);
     let mut set = InstanceSet::new();
-    wait_for_set(&mut watch, &mut set, s.timeout, "both listed", |x| x.len() == 2).await;
+    wait_for_set(&mut watch, &mut set, s.timeout, "both listed", |x| {
+        x.len() == 2
+    })
+    .await;
 
     let killed = match b.faults() {
         Some(f) => f.crash(&victim).await,
@@ -43,9 +46,13 @@ pub async fn crashed_registrant_is_dropped(b: &dyn TestBackend) {
         drop(victim);
     }
     let started = Instant::now();
-    wait_for_set(&mut watch, &mut set, s.liveness, "the crashed instance to go", |x| {
-        !x.contains(&dead.id)
-    })
+    wait_for_set(
+        &mut watch,
+        &mut set,
+        s.liveness,
+        "the crashed instance to go",
+        |x| !x.contains(&dead.id),
+    )
     .await;
     tracing::info!(backend = b.name(), after = ?started.elapsed(), "crashed instance dropped");
     assert!(set.contains(&alive.id), "the surviving instance went too");
@@ -65,7 +72,10 @@ pub async fn session_expiry_reregisters(b: &dyn TestBackend) {
     let mut status = reg.status();
     let mut watch = w.watcher.watch(&svc);
     let mut set = InstanceSet::new();
-    wait_for_set(&mut watch, &mut set, s.timeout, "a listed", |x| x.contains(&a.id)).await;
+    wait_for_set(&mut watch, &mut set, s.timeout, "a listed", |x| {
+        x.contains(&a.id)
+    })
+    .await;
 
     f.expire_sessions().await;
     // The registry dropped `a`: the watcher sees it removed (or, if the watcher's own
@@ -100,8 +110,13 @@ pub async fn session_expiry_reregisters(b: &dyn TestBackend) {
     assert_eq!(st, RegistrationStatus::Registered);
     let truth = w.watcher.instances(&svc).await.unwrap();
     assert_eq!(truth.get(&a.id), Some(&a), "re-registered instance differs");
-    reg.deregister().await.expect("deregister after re-registration");
-    wait_for_set(&mut watch, &mut set, s.timeout, "a gone for good", |x| x.is_empty()).await;
+    reg.deregister()
+        .await
+        .expect("deregister after re-registration");
+    wait_for_set(&mut watch, &mut set, s.timeout, "a gone for good", |x| {
+        x.is_empty()
+    })
+    .await;
 }
 
 /// While the registry is unreachable the watch says `Stale` and keeps nothing from the
@@ -119,7 +134,10 @@ pub async fn unreachable_then_resync(b: &dyn TestBackend) {
     let mut status = reg.status();
     let mut watch = w.watcher.watch(&svc);
     let mut set = InstanceSet::new();
-    wait_for_set(&mut watch, &mut set, s.timeout, "a listed", |x| x.contains(&a.id)).await;
+    wait_for_set(&mut watch, &mut set, s.timeout, "a listed", |x| {
+        x.contains(&a.id)
+    })
+    .await;
 
     f.make_unreachable().await;
     let seen = {
@@ -139,7 +157,10 @@ pub async fn unreachable_then_resync(b: &dyn TestBackend) {
             }
         }
     };
-    assert!(set.contains(&a.id), "a Stale watch must keep the last known set");
+    assert!(
+        set.contains(&a.id),
+        "a Stale watch must keep the last known set"
+    );
     let suspended = tokio::time::timeout(s.liveness, async {
         status
             .wait_for(|x| *x != RegistrationStatus::Registered)
@@ -170,22 +191,34 @@ pub async fn unreachable_then_resync(b: &dyn TestBackend) {
             break;
         }
     }
-    tokio::time::timeout(s.liveness, status.wait_for(|x| *x == RegistrationStatus::Registered))
-        .await
-        .expect("registration back to Registered")
-        .unwrap();
+    tokio::time::timeout(
+        s.liveness,
+        status.wait_for(|x| *x == RegistrationStatus::Registered),
+    )
+    .await
+    .expect("registration back to Registered")
+    .unwrap();
     // Converge to the truth: `a` is registered again if the registry dropped it meanwhile.
-    wait_for_set(&mut watch, &mut set, s.liveness, "a listed after resync", |x| {
-        x.get(&a.id) == Some(&a)
-    })
+    wait_for_set(
+        &mut watch,
+        &mut set,
+        s.liveness,
+        "a listed after resync",
+        |x| x.get(&a.id) == Some(&a),
+    )
     .await;
     let truth = w.watcher.instances(&svc).await.unwrap();
     assert_eq!(
-        InstanceSet::from_snapshot(&truth).iter().collect::<Vec<_>>(),
+        InstanceSet::from_snapshot(&truth)
+            .iter()
+            .collect::<Vec<_>>(),
         set.iter().collect::<Vec<_>>(),
         "resynced set differs from the registry"
     );
     let b2 = ns.instance(&svc, "b", 2);
     let _rb = d.registrar.register(b2.clone()).await.unwrap();
-    wait_for_set(&mut watch, &mut set, s.timeout, "b after resync", |x| x.contains(&b2.id)).await;
+    wait_for_set(&mut watch, &mut set, s.timeout, "b after resync", |x| {
+        x.contains(&b2.id)
+    })
+    .await;
 }

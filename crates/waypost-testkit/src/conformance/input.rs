@@ -19,9 +19,18 @@ pub async fn invalid_input_writes_nothing(b: &dyn TestBackend) {
     }
     let cases: Vec<(&str, Instance)> = vec![
         ("65 metadata entries", too_many),
-        ("oversized metadata value", base.clone().with_metadata("big", "x".repeat(64 * 1024))),
-        ("metadata key with a dot", base.clone().with_metadata("a.b", "v")),
-        ("reserved metadata key", base.clone().with_metadata("waypost-zone", "v")),
+        (
+            "oversized metadata value",
+            base.clone().with_metadata("big", "x".repeat(64 * 1024)),
+        ),
+        (
+            "metadata key with a dot",
+            base.clone().with_metadata("a.b", "v"),
+        ),
+        (
+            "reserved metadata key",
+            base.clone().with_metadata("waypost-zone", "v"),
+        ),
         ("empty tag", base.clone().with_tag("")),
         ("oversized tag", base.clone().with_tag("t".repeat(1024))),
         ("host with a space", {
@@ -49,11 +58,17 @@ pub async fn invalid_input_writes_nothing(b: &dyn TestBackend) {
 
     for bad in ["", "a/b", "a b", "ünï", "..", &"x".repeat(129)] {
         assert!(
-            matches!(waypost_core::ServiceName::new(bad), Err(Error::InvalidInput { .. })),
+            matches!(
+                waypost_core::ServiceName::new(bad),
+                Err(Error::InvalidInput { .. })
+            ),
             "service name {bad:?} accepted"
         );
         assert!(
-            matches!(waypost_core::InstanceId::new(bad), Err(Error::InvalidInput { .. })),
+            matches!(
+                waypost_core::InstanceId::new(bad),
+                Err(Error::InvalidInput { .. })
+            ),
             "instance id {bad:?} accepted"
         );
     }
@@ -63,7 +78,11 @@ pub async fn invalid_input_writes_nothing(b: &dyn TestBackend) {
     assert!(from_json.is_err(), "an invalid name came in through serde");
 
     // After all that, a valid registration still works.
-    let reg = d.registrar.register(base.clone()).await.expect("valid registration");
+    let reg = d
+        .registrar
+        .register(base.clone())
+        .await
+        .expect("valid registration");
     assert_eq!(d.watcher.instances(&svc).await.unwrap().len(), 1);
     reg.deregister().await.unwrap();
 }

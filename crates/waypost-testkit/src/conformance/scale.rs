@@ -36,7 +36,10 @@ pub async fn thousand_instances(b: &dyn TestBackend) {
     wait_for_set(&mut watch, &mut set, t, "1000 watched", |s| s.len() == 1000).await;
     let listed = w.watcher.instances(&svc).await.unwrap();
     assert_eq!(listed.len(), 1000, "listing");
-    assert!(listed.instances.windows(2).all(|p| p[0].id < p[1].id), "snapshot not sorted by id");
+    assert!(
+        listed.instances.windows(2).all(|p| p[0].id < p[1].id),
+        "snapshot not sorted by id"
+    );
 
     stream::iter(regs)
         .map(|r| r.deregister())
