@@ -187,7 +187,10 @@ async fn main() -> Result<(), BoxError> {
     println!("5. greeter-3 crashes: its server dies, nobody deregisters it");
     // The registry still lists it until its session/TTL runs out; the client ejects it
     // on the first failed call instead of routing to a dead endpoint meanwhile.
-    let crashed = greeters.iter().position(|g| g.id.as_str() == "greeter-3").ok_or("greeter-3")?;
+    let crashed = greeters
+        .iter()
+        .position(|g| g.id.as_str() == "greeter-3")
+        .ok_or("greeter-3")?;
     greeters[crashed].server.abort();
     let _ = (&mut greeters[crashed].server).await;
     expect(

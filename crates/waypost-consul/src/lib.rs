@@ -1,0 +1,1 @@
+//! The consul backend of waypost (in progress).
