@@ -2,9 +2,9 @@
 
 use std::time::Instant;
 
-use waypost_core::{InstanceSet, RegistrationStatus, WatchEvent};
+use waypost_core::{Instance, InstanceSet, RegistrationStatus, WatchEvent};
 
-use super::util::{describe, wait_for_set, Namespace};
+use super::util::{wait_for_event, wait_for_set, Namespace};
 use super::{Faults, TestBackend};
 
 fn faults(b: &dyn TestBackend) -> &dyn Faults {
@@ -14,6 +14,49 @@ fn faults(b: &dyn TestBackend) -> &dyn Faults {
             b.name()
         )
     })
+}
+
+/// One registrant with instance `a` of a fresh service, and a watcher (another client)
+/// that already lists it.
+struct Listed {
+    svc: waypost_core::ServiceName,
+    d: waypost_core::Discovery,
+    w: waypost_core::Discovery,
+    a: waypost_core::Instance,
+    reg: waypost_core::Registration,
+    watch: futures::stream::BoxStream<'static, waypost_core::Result<WatchEvent>>,
+    set: InstanceSet,
+}
+
+async fn listed(b: &dyn TestBackend, name: &str, a_meta: bool) -> Listed {
+    let ns = Namespace::new();
+    let svc = ns.service(name);
+    let d = b.connect().await;
+    let w = b.connect().await;
+    let mut a = ns.instance(&svc, "a", 1);
+    if a_meta {
+        a = a.with_metadata("k", "v");
+    }
+    let reg = d.registrar.register(a.clone()).await.unwrap();
+    let mut watch = w.watcher.watch(&svc);
+    let mut set = InstanceSet::new();
+    wait_for_set(
+        &mut watch,
+        &mut set,
+        b.settings().timeout,
+        "a listed",
+        |x| x.contains(&a.id),
+    )
+    .await;
+    Listed {
+        svc,
+        d,
+        w,
+        a,
+        reg,
+        watch,
+        set,
+    }
 }
 
 /// A registrant that dies without deregistering is dropped by the registry within its
@@ -63,51 +106,40 @@ pub async fn crashed_registrant_is_dropped(b: &dyn TestBackend) {
 pub async fn session_expiry_reregisters(b: &dyn TestBackend) {
     let s = b.settings();
     let f = faults(b);
-    let ns = Namespace::new();
-    let svc = ns.service("expiry");
-    let d = b.connect().await;
-    let w = b.connect().await;
-    let a = ns.instance(&svc, "a", 1).with_metadata("k", "v");
-    let reg = d.registrar.register(a.clone()).await.unwrap();
+    let Listed {
+        svc,
+        w,
+        a,
+        reg,
+        mut watch,
+        mut set,
+        ..
+    } = listed(b, "expiry", true).await;
     let mut status = reg.status();
-    let mut watch = w.watcher.watch(&svc);
-    let mut set = InstanceSet::new();
-    wait_for_set(&mut watch, &mut set, s.timeout, "a listed", |x| {
-        x.contains(&a.id)
-    })
-    .await;
 
     f.expire_sessions().await;
     // The registry dropped `a`: the watcher sees it removed (or, if the watcher's own
     // session went too, Stale and a resync), then `a` back.
-    let deadline = tokio::time::Instant::now() + s.liveness * 2;
-    let mut seen = Vec::new();
     let mut gap = false;
-    while !(gap && set.get(&a.id) == Some(&a)) {
-        let ev = tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut watch))
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "no removal and return of `a` after session expiry (saw {:?})",
-                    seen.iter().map(describe).collect::<Vec<_>>()
-                )
-            })
-            .expect("watch ended")
-            .expect("watch yielded an error");
-        gap |= matches!(&ev, WatchEvent::Removed { id, .. } if *id == a.id)
-            || matches!(ev, WatchEvent::Stale { .. } | WatchEvent::Resynced(_));
-        set.apply(&ev);
-        seen.push(ev);
-    }
-    let st = tokio::time::timeout(
+    wait_for_event(
+        &mut watch,
+        &mut set,
+        s.liveness * 2,
+        "removal and return of `a`",
+        |ev, x| {
+            gap |= matches!(ev, WatchEvent::Removed { id, .. } if *id == a.id)
+                || matches!(ev, WatchEvent::Stale { .. } | WatchEvent::Resynced(_));
+            gap && x.get(&a.id) == Some(&a)
+        },
+    )
+    .await;
+    tokio::time::timeout(
         s.liveness,
         status.wait_for(|x| *x == RegistrationStatus::Registered),
     )
     .await
     .expect("status back to Registered")
-    .map(|x| *x)
-    .unwrap();
-    assert_eq!(st, RegistrationStatus::Registered);
+    .expect("status channel open");
     let truth = w.watcher.instances(&svc).await.unwrap();
     assert_eq!(truth.get(&a.id), Some(&a), "re-registered instance differs");
     reg.deregister()
@@ -125,79 +157,54 @@ pub async fn session_expiry_reregisters(b: &dyn TestBackend) {
 pub async fn unreachable_then_resync(b: &dyn TestBackend) {
     let s = b.settings();
     let f = faults(b);
-    let ns = Namespace::new();
-    let svc = ns.service("partition");
-    let d = b.connect().await;
-    let w = b.connect().await;
-    let a = ns.instance(&svc, "a", 1);
-    let reg = d.registrar.register(a.clone()).await.unwrap();
+    let Listed {
+        svc,
+        d,
+        w,
+        a,
+        reg,
+        mut watch,
+        mut set,
+    } = listed(b, "partition", false).await;
     let mut status = reg.status();
-    let mut watch = w.watcher.watch(&svc);
-    let mut set = InstanceSet::new();
-    wait_for_set(&mut watch, &mut set, s.timeout, "a listed", |x| {
-        x.contains(&a.id)
-    })
-    .await;
 
     f.make_unreachable().await;
-    let seen = {
-        let mut seen = Vec::new();
-        let deadline = tokio::time::Instant::now() + s.liveness;
-        loop {
-            let ev = tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut watch))
-                .await
-                .expect("no Stale while the registry was unreachable")
-                .expect("watch ended")
-                .expect("watch yielded an error");
-            set.apply(&ev);
-            let is_stale = matches!(ev, WatchEvent::Stale { .. });
-            seen.push(ev);
-            if is_stale {
-                break seen;
-            }
-        }
-    };
+    wait_for_event(
+        &mut watch,
+        &mut set,
+        s.liveness,
+        "Stale while unreachable",
+        |ev, _| matches!(ev, WatchEvent::Stale { .. }),
+    )
+    .await;
     assert!(
         set.contains(&a.id),
         "a Stale watch must keep the last known set"
     );
-    let suspended = tokio::time::timeout(s.liveness, async {
-        status
-            .wait_for(|x| *x != RegistrationStatus::Registered)
-            .await
-            .map(|x| *x)
-    })
-    .await;
-    assert!(
-        suspended.is_ok(),
-        "registration stayed Registered while the registry was unreachable"
-    );
+    tokio::time::timeout(
+        s.liveness,
+        status.wait_for(|x| *x != RegistrationStatus::Registered),
+    )
+    .await
+    .expect("registration stayed Registered while the registry was unreachable")
+    .expect("status channel open");
 
     f.make_reachable().await;
-    let deadline = tokio::time::Instant::now() + s.liveness;
-    loop {
-        let ev = tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut watch))
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "no Resynced after the registry came back (saw {:?})",
-                    seen.iter().map(describe).collect::<Vec<_>>()
-                )
-            })
-            .expect("watch ended")
-            .expect("watch yielded an error");
-        set.apply(&ev);
-        if matches!(ev, WatchEvent::Resynced(_)) {
-            break;
-        }
-    }
+    wait_for_event(
+        &mut watch,
+        &mut set,
+        s.liveness,
+        "Resynced after the registry came back",
+        |ev, _| matches!(ev, WatchEvent::Resynced(_)),
+    )
+    .await;
     tokio::time::timeout(
         s.liveness,
         status.wait_for(|x| *x == RegistrationStatus::Registered),
     )
     .await
     .expect("registration back to Registered")
-    .unwrap();
+    .expect("status channel open");
     // Converge to the truth: `a` is registered again if the registry dropped it meanwhile.
     wait_for_set(
         &mut watch,
@@ -215,7 +222,7 @@ pub async fn unreachable_then_resync(b: &dyn TestBackend) {
         set.iter().collect::<Vec<_>>(),
         "resynced set differs from the registry"
     );
-    let b2 = ns.instance(&svc, "b", 2);
+    let b2 = Instance::new(svc.clone(), "b".parse().unwrap(), a.endpoint.clone());
     let _rb = d.registrar.register(b2.clone()).await.unwrap();
     wait_for_set(&mut watch, &mut set, s.timeout, "b after resync", |x| {
         x.contains(&b2.id)

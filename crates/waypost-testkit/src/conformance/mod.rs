@@ -23,7 +23,7 @@ pub use basic::*;
 pub use faults::*;
 pub use input::*;
 pub use scale::*;
-pub use util::{next_event, wait_for_set, Namespace};
+pub use util::{next_event, wait_for_event, wait_for_set, Namespace};
 
 /// How long a suite waits for things to happen on this backend.
 #[derive(Clone, Debug)]

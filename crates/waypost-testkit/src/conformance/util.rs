@@ -56,8 +56,8 @@ pub async fn next_event(
     }
 }
 
-/// Applies watch events to `set` until `pred(set)` holds, failing after `timeout`.
-/// Returns the events applied, in order.
+/// Applies watch events to `set` until `pred(set)` holds (checked before the first event
+/// too), failing after `timeout`. Returns the events applied, in order.
 pub async fn wait_for_set(
     stream: &mut BoxStream<'static, Result<WatchEvent>>,
     set: &mut InstanceSet,
@@ -65,22 +65,44 @@ pub async fn wait_for_set(
     what: &str,
     mut pred: impl FnMut(&InstanceSet) -> bool,
 ) -> Vec<WatchEvent> {
+    apply_until(stream, set, timeout, what, |_, s| pred(s)).await
+}
+
+/// Applies watch events to `set` until `stop(event, set)` holds for an event just
+/// applied, failing after `timeout`. Returns the events applied, in order.
+pub async fn wait_for_event(
+    stream: &mut BoxStream<'static, Result<WatchEvent>>,
+    set: &mut InstanceSet,
+    timeout: Duration,
+    what: &str,
+    mut stop: impl FnMut(&WatchEvent, &InstanceSet) -> bool,
+) -> Vec<WatchEvent> {
+    apply_until(stream, set, timeout, what, |ev, s| {
+        ev.is_some_and(|e| stop(e, s))
+    })
+    .await
+}
+
+async fn apply_until(
+    stream: &mut BoxStream<'static, Result<WatchEvent>>,
+    set: &mut InstanceSet,
+    timeout: Duration,
+    what: &str,
+    mut done: impl FnMut(Option<&WatchEvent>, &InstanceSet) -> bool,
+) -> Vec<WatchEvent> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut seen = Vec::new();
-    while !pred(set) {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if left.is_zero() {
-            panic!(
-                "timed out after {timeout:?} waiting for {what}; set has {} instances: {:?}",
-                set.len(),
-                set.ids().take(10).collect::<Vec<_>>()
-            );
-        }
-        let ev = match tokio::time::timeout(left, stream.next()).await {
+    let mut seen: Vec<WatchEvent> = Vec::new();
+    while !done(seen.last(), set) {
+        let ev = match tokio::time::timeout_at(deadline, stream.next()).await {
             Ok(Some(Ok(ev))) => ev,
             Ok(Some(Err(e))) => panic!("watch yielded an error while waiting for {what}: {e}"),
             Ok(None) => panic!("watch ended while waiting for {what}"),
-            Err(_) => continue,
+            Err(_) => panic!(
+                "timed out after {timeout:?} waiting for {what}; set has {} instances {:?}; saw {:?}",
+                set.len(),
+                set.ids().take(10).collect::<Vec<_>>(),
+                seen.iter().map(describe).collect::<Vec<_>>()
+            ),
         };
         set.apply(&ev);
         seen.push(ev);
