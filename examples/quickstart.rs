@@ -137,17 +137,23 @@ async fn main() -> Result<(), BoxError> {
         .init();
     // WAYPOST_URL (and WAYPOST_<OPTION>) pick the registry; in-memory by default.
     let config = Config::from_env().unwrap_or_else(|| Config::from_url("memory://quickstart"));
+    run(&config).await
+}
+
+/// The whole scenario on the registry `config` names. Also run by the facade's tests on
+/// every real registry.
+pub(crate) async fn run(config: &Config) -> Result<(), BoxError> {
     println!("waypost quickstart on {config:?}");
     let service: ServiceName = "greeter".parse()?;
 
     println!("1. three greeters start and register");
     let mut greeters = Vec::new();
     for n in 1..=3 {
-        greeters.push(start_greeter(&config, &service, n).await?);
+        greeters.push(start_greeter(config, &service, n).await?);
     }
 
     println!("2. a client watches `greeter` and routes round-robin");
-    let client = waypost::connect_config(&config).await?;
+    let client = waypost::connect_config(config).await?;
     let cache = ServiceCache::watch(
         client.watcher.clone(),
         service.clone(),
@@ -162,7 +168,7 @@ async fn main() -> Result<(), BoxError> {
     )?;
 
     println!("3. a fourth greeter joins");
-    greeters.push(start_greeter(&config, &service, 4).await?);
+    greeters.push(start_greeter(config, &service, 4).await?);
     cache.wait_for(WAIT, |v| v.len() == 4).await?;
     expect(
         "8 requests reach all four",

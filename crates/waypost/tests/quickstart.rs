@@ -1,0 +1,15 @@
+//! The quickstart example, run as a test on every registry this build has: the same code,
+//! only the URL changes.
+
+#[allow(dead_code)]
+#[path = "../../../examples/quickstart.rs"]
+mod quickstart;
+
+use waypost::Config;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_on_memory() {
+    quickstart::run(&Config::from_url("memory://quickstart-test"))
+        .await
+        .expect("quickstart on memory://");
+}
