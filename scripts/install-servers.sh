@@ -5,7 +5,8 @@
 #   ZooKeeper 3.8  (bookworm `zookeeper`, run with the system Java)
 #   etcd 3.4       (bookworm `etcd-server`, `etcd-client`)
 #   Consul 1.8.7   (bullseye `consul`, from a bullseye suite pinned low)
-#   protoc         (bookworm `protobuf-compiler`, for etcd's gRPC code) and pkg-config
+#   protoc         (bookworm `protobuf-compiler` + `libprotobuf-dev` for the well-known
+#                   .proto files etcd-client imports) and pkg-config
 #
 # The bullseye suite reuses the archive URI already configured on this machine
 # (/etc/apt/sources.list.d/debian.sources or /etc/apt/sources.list): no mirror host is
@@ -22,6 +23,7 @@ have_all() {
   command -v etcdctl >/dev/null || return 1
   command -v consul >/dev/null || return 1
   command -v protoc >/dev/null || return 1
+  [ -f /usr/include/google/protobuf/descriptor.proto ] || return 1
   command -v pkg-config >/dev/null || return 1
 }
 
@@ -76,7 +78,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -q
 $SUDO apt-get install -y -q --no-install-recommends \
-  zookeeper etcd-server etcd-client protobuf-compiler pkg-config
+  zookeeper etcd-server etcd-client protobuf-compiler libprotobuf-dev pkg-config
 if [ "$need_bullseye" = 1 ]; then
   $SUDO apt-get install -y -q --no-install-recommends consul
 fi

@@ -13,3 +13,14 @@ async fn quickstart_on_memory() {
         .await
         .expect("quickstart on memory://");
 }
+
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_on_etcd() {
+    let Some(etcd) = waypost_testkit::server::etcd().await else {
+        return;
+    };
+    quickstart::run(&Config::from_url(etcd.url()))
+        .await
+        .expect("quickstart on etcd");
+}

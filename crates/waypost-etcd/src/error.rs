@@ -1,0 +1,199 @@
+//! The backend's private errors and their mapping into [`waypost_core::Error`].
+
+use std::time::Duration;
+
+use waypost_core::Error;
+
+/// What can go wrong inside the etcd backend, before it is mapped into the public error.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EtcdError {
+    /// An error of the etcd client (transport, gRPC status, lease keep-alive).
+    #[error("etcd {operation} failed")]
+    Client {
+        operation: &'static str,
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// etcd answered, but with something this backend cannot use.
+    #[error("etcd {operation}: {message}")]
+    Protocol {
+        operation: &'static str,
+        message: String,
+    },
+}
+
+impl EtcdError {
+    pub(crate) fn client(operation: &'static str, source: etcd_client::Error) -> Self {
+        EtcdError::Client { operation, source }
+    }
+}
+
+/// Whether an etcd client error means the lease is gone.
+fn is_lease_not_found(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("lease not found"),
+        etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
+        _ => false,
+    }
+}
+
+/// Whether an etcd client error is about credentials or permissions.
+fn is_auth(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            matches!(
+                s.code(),
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+            ) || s.message().contains("authentication failed")
+                || s.message().contains("permission denied")
+                || s.message().contains("user name is empty")
+                || s.message().contains("invalid auth token")
+        }
+        _ => false,
+    }
+}
+
+fn is_temporary(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_)
+        | etcd_client::Error::IoError(_)
+        | etcd_client::Error::WatchError(_)
+        | etcd_client::Error::LeaseKeepAliveError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => {
+            matches!(
+                s.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Aborted
+                    | tonic::Code::Cancelled
+                    | tonic::Code::Unknown
+                    | tonic::Code::ResourceExhausted
+                    | tonic::Code::Internal
+            ) || s.message().contains("no leader")
+                || s.message().contains("leader changed")
+                || s.message().contains("timed out")
+        }
+        _ => false,
+    }
+}
+
+impl From<EtcdError> for Error {
+    fn from(e: EtcdError) -> Self {
+        match e {
+            EtcdError::Client { operation, source } => {
+                if is_lease_not_found(&source) {
+                    Error::SessionExpired
+                } else if is_auth(&source) {
+                    Error::Unauthorized {
+                        message: format!("etcd refused {operation}"),
+                        source: Some(Box::new(source)),
+                    }
+                } else if is_temporary(&source) {
+                    Error::Unavailable {
+                        message: format!("etcd {operation} failed"),
+                        source: Some(Box::new(source)),
+                    }
+                } else {
+                    let temporary = is_temporary(&source);
+                    Error::Backend {
+                        backend: "etcd",
+                        temporary,
+                        source: Box::new(EtcdError::Client { operation, source }),
+                    }
+                }
+            }
+            e @ EtcdError::Protocol { .. } => Error::Backend {
+                backend: "etcd",
+                temporary: true,
+                source: Box::new(e),
+            },
+        }
+    }
+}
+
+/// Runs an etcd call with a deadline, mapping its error.
+pub(crate) async fn timed<T, F>(
+    after: Duration,
+    operation: &'static str,
+    fut: F,
+) -> Result<T, Error>
+where
+    F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    match tokio::time::timeout(after, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(EtcdError::client(operation, e).into()),
+        Err(_) => Err(Error::Timeout { operation, after }),
+    }
+}
+
+/// Whether the call never reached a server (a dead member among several endpoints):
+/// safe to send again, and another endpoint may answer.
+fn is_connect_error(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::Unavailable
+                && (s.message().contains("connect") || s.message().contains("transport"))
+        }
+        _ => false,
+    }
+}
+
+/// [`timed`], sending the call again (at most `attempts` times in all) while it fails
+/// without reaching a server: the balanced channel may pick a dead member first.
+pub(crate) async fn retried<T, F, Fut>(
+    after: Duration,
+    attempts: usize,
+    operation: &'static str,
+    mut call: F,
+) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut n = 1;
+    loop {
+        match tokio::time::timeout(after, call()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if n < attempts && is_connect_error(&e) => {
+                tracing::debug!("etcd {operation}: {e}; trying another endpoint");
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(Err(e)) => return Err(EtcdError::client(operation, e).into()),
+            Err(_) => return Err(Error::Timeout { operation, after }),
+        }
+    }
+}
+
+/// Whether a watch or registration should give up on this error rather than retry.
+pub(crate) fn is_fatal(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Unauthorized { .. } | Error::InvalidConfig { .. } | Error::Closed { .. }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_statuses_into_actionable_variants() {
+        let auth = etcd_client::Error::GRpcStatus(tonic::Status::invalid_argument(
+            "etcdserver: authentication failed, invalid user ID or password",
+        ));
+        let e: Error = EtcdError::client("authenticate", auth).into();
+        assert!(matches!(e, Error::Unauthorized { .. }), "{e:?}");
+        let lease = etcd_client::Error::GRpcStatus(tonic::Status::not_found(
+            "etcdserver: requested lease not found",
+        ));
+        let e: Error = EtcdError::client("put", lease).into();
+        assert!(matches!(e, Error::SessionExpired));
+        let down = etcd_client::Error::GRpcStatus(tonic::Status::unavailable("down"));
+        let e: Error = EtcdError::client("get", down).into();
+        assert!(e.is_temporary());
+        assert!(std::error::Error::source(&e).is_some(), "source chained");
+    }
+}
