@@ -420,14 +420,23 @@ pub fn merged_options(
     Ok(m)
 }
 
-/// Deserializes a backend's typed options from a merged option map, turning serde's
-/// message (which names an unknown or mistyped key) into [`Error::InvalidConfig`].
+/// Deserializes a backend's typed options from a merged option map into
+/// [`Error::InvalidConfig`] naming the key: an unknown key (with
+/// `#[serde(deny_unknown_fields)]`), or the key whose value did not parse
+/// (`serde_path_to_error` keeps the path that `serde_json` alone drops).
 pub fn options_into<T: serde::de::DeserializeOwned>(
     backend: &str,
     options: serde_json::Map<String, serde_json::Value>,
 ) -> Result<T> {
-    serde_json::from_value(serde_json::Value::Object(options))
-        .map_err(|e| Error::invalid_config(format!("{backend} options: {e}")))
+    serde_path_to_error::deserialize(serde_json::Value::Object(options)).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || path.is_empty() {
+            Error::invalid_config(format!("{backend} options: {inner}"))
+        } else {
+            Error::invalid_config(format!("{backend} option `{path}`: {inner}"))
+        }
+    })
 }
 
 /// Serde helpers for options that arrive as strings from URLs but as native values from
@@ -648,6 +657,15 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
+        let e = options_into::<Opts>(
+            "x",
+            serde_json::json!({"ttl":"soon","n":1,"b":true})
+                .as_object()
+                .unwrap()
+                .clone(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("option `ttl`"), "{e}");
         assert!(parse_duration("ttl", "soon")
             .unwrap_err()
             .to_string()
