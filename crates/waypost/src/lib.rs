@@ -31,6 +31,10 @@
 
 pub use waypost_core::*;
 
+/// The ZooKeeper backend (feature `zookeeper`).
+#[cfg(feature = "zookeeper")]
+pub use waypost_zookeeper as zookeeper;
+
 /// The etcd backend (feature `etcd`).
 #[cfg(feature = "etcd")]
 pub use waypost_etcd as etcd;
@@ -51,6 +55,8 @@ const KNOWN_SCHEMES: &[(&str, Option<&str>)] = &[
 pub fn connectors() -> Vec<&'static dyn Connector> {
     #[allow(unused_mut)]
     let mut all: Vec<&'static dyn Connector> = vec![&MemoryConnector];
+    #[cfg(feature = "zookeeper")]
+    all.push(&waypost_zookeeper::ZkConnector);
     #[cfg(feature = "etcd")]
     all.push(&waypost_etcd::EtcdConnector);
     all

@@ -24,3 +24,14 @@ async fn quickstart_on_etcd() {
         .await
         .expect("quickstart on etcd");
 }
+
+#[cfg(feature = "zookeeper")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_on_zookeeper() {
+    let Some(zk) = waypost_testkit::server::zookeeper().await else {
+        return;
+    };
+    quickstart::run(&Config::from_url(zk.url()))
+        .await
+        .expect("quickstart on zookeeper");
+}

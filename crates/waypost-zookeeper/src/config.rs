@@ -1,0 +1,390 @@
+//! Configuration: `zk://[user:password@]host:port[,host:port...]/root[?options]` or the
+//! same as a serde [`ZkConfig`].
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use waypost_core::config::{self, Config, RegistryUrl};
+use waypost_core::{Error, Result};
+
+use crate::SCHEMES;
+
+/// The default client port of ZooKeeper.
+pub const DEFAULT_PORT: u16 = 2181;
+/// The default root node under which services live.
+pub const DEFAULT_ROOT: &str = "/services";
+
+/// How the instance data is written: which `payload` the Curator JSON carries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum PayloadFormat {
+    /// Apache Curator x-discovery with a `java.util.HashMap` payload (the default).
+    #[default]
+    Curator,
+    /// Spring Cloud Zookeeper: payload class
+    /// `org.springframework.cloud.zookeeper.discovery.ZookeeperInstance` with `id`, `name`
+    /// and `metadata`.
+    SpringCloud,
+}
+
+/// Where an instance's node lives under `{root}/{service}`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum NodeLayout {
+    /// `{root}/{service}/{id}`, as Curator x-discovery writes it (the default).
+    #[default]
+    Plain,
+    /// Protected ephemeral sequential nodes `{root}/{service}/_c_{guid}-{id}NNNNNNNNNN`, as
+    /// most ZooKeeper tutorials do; after a connection loss during `create` the node is
+    /// found again by its guid.
+    ProtectedSequential,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum HostsRepr {
+    One(String),
+    Many(Vec<String>),
+}
+
+fn de_hosts<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(match HostsRepr::deserialize(d)? {
+        HostsRepr::One(s) => s
+            .split(',')
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .collect(),
+        HostsRepr::Many(v) => v,
+    })
+}
+
+/// Configuration of the ZooKeeper backend.
+///
+/// As a URL: `zk://[user:password@]h1:2181[,h2:2181...][/root][?session_timeout=10s&...]`
+/// (scheme `zk` or `zookeeper`; the root defaults to `/services`; user and password are
+/// digest credentials). As a serde config: `backend = "zookeeper"`, `hosts = "h1:2181,h2"`
+/// (or a list), and the options below by name. Unknown options are an error naming them.
+/// `Debug` never shows the password.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ZkConfig {
+    /// The servers, `host:port` (port 2181 when omitted).
+    #[serde(deserialize_with = "de_hosts")]
+    pub hosts: Vec<String>,
+    /// The node under which services live, e.g. `/services` (also a way to chroot).
+    pub root: String,
+    /// The session timeout asked of the server (it clamps it to its
+    /// `minSessionTimeout..maxSessionTimeout`). A crashed process's instances vanish this
+    /// long after it died. Default 10 s.
+    #[serde(
+        serialize_with = "humantime_serde::serialize",
+        deserialize_with = "config::de::duration"
+    )]
+    pub session_timeout: Duration,
+    /// How long connecting may take before it fails with `Timeout`. Default 5 s.
+    #[serde(
+        serialize_with = "humantime_serde::serialize",
+        deserialize_with = "config::de::duration"
+    )]
+    pub connect_timeout: Duration,
+    /// Digest user name; with [`password`](Self::password), the session authenticates
+    /// with scheme `digest` and our nodes get the ACL "everyone reads, only this user
+    /// writes and deletes".
+    pub username: Option<String>,
+    /// Digest password. Never shown by `Debug`.
+    pub password: Option<String>,
+    /// The payload format of the node data.
+    pub payload: PayloadFormat,
+    /// The node layout.
+    pub layout: NodeLayout,
+    /// Allow read-only sessions (to a server partitioned from its quorum).
+    #[serde(deserialize_with = "config::de::boolean")]
+    pub readonly: bool,
+}
+
+impl Default for ZkConfig {
+    fn default() -> Self {
+        Self {
+            hosts: vec![format!("127.0.0.1:{DEFAULT_PORT}")],
+            root: DEFAULT_ROOT.into(),
+            session_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            username: None,
+            password: None,
+            payload: PayloadFormat::Curator,
+            layout: NodeLayout::Plain,
+            readonly: false,
+        }
+    }
+}
+
+impl fmt::Debug for ZkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ZkConfig")
+            .field("hosts", &self.hosts)
+            .field("root", &self.root)
+            .field("session_timeout", &self.session_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("payload", &self.payload)
+            .field("layout", &self.layout)
+            .field("readonly", &self.readonly)
+            .finish()
+    }
+}
+
+impl ZkConfig {
+    /// Parses a `zk://` or `zookeeper://` URL.
+    pub fn from_url(url: &str) -> Result<Self> {
+        Self::from_config(&Config::from_url(url))
+    }
+
+    /// Builds from a [`Config`]: its URL (if any) and its options, which win over the
+    /// URL's query options.
+    pub fn from_config(config: &Config) -> Result<Self> {
+        let url = config.url.as_deref().map(RegistryUrl::parse).transpose()?;
+        if let Some(u) = &url {
+            if !SCHEMES.contains(&u.scheme.as_str()) {
+                return Err(Error::invalid_config(format!(
+                    "zookeeper config got a `{}` URL; expected one of {}",
+                    u.scheme,
+                    SCHEMES.join(", ")
+                )));
+            }
+        }
+        let mut options = config::merged_options(url.as_ref(), config)?;
+        if let Some(u) = &url {
+            if !u.hosts.is_empty() {
+                options
+                    .entry("hosts")
+                    .or_insert_with(|| serde_json::Value::from(u.endpoints(DEFAULT_PORT)));
+            }
+            if !u.path.is_empty() {
+                options
+                    .entry("root")
+                    .or_insert_with(|| serde_json::Value::String(u.path.clone()));
+            }
+            if let Some(user) = &u.username {
+                options
+                    .entry("username")
+                    .or_insert_with(|| serde_json::Value::String(user.clone()));
+            }
+            if let Some(pw) = &u.password {
+                options
+                    .entry("password")
+                    .or_insert_with(|| serde_json::Value::String(pw.clone()));
+            }
+        }
+        let mut c: Self = config::options_into("zookeeper", options)?;
+        c.hosts = c
+            .hosts
+            .iter()
+            .map(|h| {
+                if h.rsplit_once(':')
+                    .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+                {
+                    h.clone()
+                } else {
+                    format!("{h}:{DEFAULT_PORT}")
+                }
+            })
+            .collect();
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.hosts.is_empty() {
+            return Err(Error::invalid_config("zookeeper option `hosts` is empty"));
+        }
+        if let Some(h) = self
+            .hosts
+            .iter()
+            .find(|h| h.is_empty() || h.contains(['/', ' ', '@']))
+        {
+            return Err(Error::invalid_config(format!(
+                "zookeeper option `hosts`: `{}` is not host:port",
+                h.escape_debug()
+            )));
+        }
+        let root = self.root.as_str();
+        if !root.starts_with('/')
+            || root.len() < 2
+            || root.ends_with('/')
+            || root.contains("//")
+            || root
+                .split('/')
+                .skip(1)
+                .any(|s| s == "." || s == ".." || s.chars().any(char::is_control))
+        {
+            return Err(Error::invalid_config(format!(
+                "zookeeper option `root`: `{}` must be an absolute node path like `/services`",
+                root.escape_debug()
+            )));
+        }
+        if self.session_timeout < Duration::from_millis(100) {
+            return Err(Error::invalid_config(
+                "zookeeper option `session_timeout` must be at least 100ms",
+            ));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(Error::invalid_config(
+                "zookeeper option `connect_timeout` must be more than 0",
+            ));
+        }
+        if self.password.is_some() != self.username.is_some() {
+            return Err(Error::invalid_config(
+                "zookeeper options `username` and `password` go together",
+            ));
+        }
+        if self.username.as_deref().is_some_and(|u| u.contains(':')) {
+            return Err(Error::invalid_config(
+                "zookeeper option `username` may not contain `:`",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The connection string the client is given: `h1:2181,h2:2181`.
+    pub fn connect_string(&self) -> String {
+        self.hosts.join(",")
+    }
+
+    /// Sets the servers.
+    pub fn with_hosts(mut self, hosts: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.hosts = hosts.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets the root node.
+    pub fn with_root(mut self, root: impl Into<String>) -> Self {
+        self.root = root.into();
+        self
+    }
+
+    /// Sets the session timeout.
+    pub fn with_session_timeout(mut self, timeout: Duration) -> Self {
+        self.session_timeout = timeout;
+        self
+    }
+
+    /// Sets the connect timeout.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets digest credentials.
+    pub fn with_digest(mut self, username: impl Into<String>, password: impl Into<String>) -> Self {
+        self.username = Some(username.into());
+        self.password = Some(password.into());
+        self
+    }
+
+    /// Sets the payload format.
+    pub fn with_payload(mut self, payload: PayloadFormat) -> Self {
+        self.payload = payload;
+        self
+    }
+
+    /// Sets the node layout.
+    pub fn with_layout(mut self, layout: NodeLayout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// Allows read-only sessions.
+    pub fn with_readonly(mut self, readonly: bool) -> Self {
+        self.readonly = readonly;
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_host_url_with_root_and_options() {
+        let c = ZkConfig::from_url(
+            "zk://10.0.0.1:2181,10.0.0.2,[::1]:2182/disco/svc?session_timeout=3s&connect_timeout=250ms&payload=spring-cloud&layout=protected-sequential&readonly=true",
+        )
+        .unwrap();
+        assert_eq!(c.hosts, ["10.0.0.1:2181", "10.0.0.2:2181", "[::1]:2182"]);
+        assert_eq!(c.root, "/disco/svc");
+        assert_eq!(c.session_timeout, Duration::from_secs(3));
+        assert_eq!(c.connect_timeout, Duration::from_millis(250));
+        assert_eq!(c.payload, PayloadFormat::SpringCloud);
+        assert_eq!(c.layout, NodeLayout::ProtectedSequential);
+        assert!(c.readonly);
+        assert_eq!(c.connect_string(), "10.0.0.1:2181,10.0.0.2:2181,[::1]:2182");
+    }
+
+    #[test]
+    fn defaults_and_scheme_alias() {
+        let c = ZkConfig::from_url("zookeeper://h").unwrap();
+        assert_eq!(c.hosts, ["h:2181"]);
+        assert_eq!(c.root, "/services");
+        assert_eq!(c.session_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn digest_credentials_are_hidden() {
+        let c = ZkConfig::from_url("zk://app:s3cr%40t@h:2181/services").unwrap();
+        assert_eq!(c.username.as_deref(), Some("app"));
+        assert_eq!(c.password.as_deref(), Some("s3cr@t"));
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("s3cr"), "{dbg}");
+        assert!(dbg.contains("<redacted>"));
+    }
+
+    #[test]
+    fn unknown_and_bad_options_are_named() {
+        let e = ZkConfig::from_url("zk://h/services?sesion_timeout=1s").unwrap_err();
+        assert!(e.to_string().contains("sesion_timeout"), "{e}");
+        let e = ZkConfig::from_url("zk://h/services?session_timeout=soon").unwrap_err();
+        assert!(
+            e.to_string().contains("session_timeout") || e.to_string().contains("soon"),
+            "{e}"
+        );
+        assert!(ZkConfig::from_url("etcd://h/services").is_err());
+        assert!(ZkConfig::from_url("zk://h:99999/services").is_err());
+        assert!(ZkConfig::from_url("zk://h/a/../b").is_err());
+        assert!(ZkConfig::from_url("zk://h/services?payload=xml").is_err());
+    }
+
+    #[test]
+    fn serde_config_with_options_beside_url() {
+        let cfg = Config {
+            backend: Some("zookeeper".into()),
+            url: None,
+            options: serde_json::json!({
+                "hosts": ["a:1", "b"],
+                "root": "/x",
+                "session_timeout": 2500,
+                "username": "u",
+                "password": "p",
+            })
+            .as_object()
+            .unwrap()
+            .clone(),
+        };
+        let c = ZkConfig::from_config(&cfg).unwrap();
+        assert_eq!(c.hosts, ["a:1", "b:2181"]);
+        assert_eq!(c.root, "/x");
+        assert_eq!(c.session_timeout, Duration::from_millis(2500));
+        let over = Config::from_url("zk://h/services?session_timeout=1s")
+            .with_option("session_timeout", "4s");
+        assert_eq!(
+            ZkConfig::from_config(&over).unwrap().session_timeout,
+            Duration::from_secs(4)
+        );
+        let half = Config::from_url("zk://h/services").with_option("username", "u");
+        assert!(ZkConfig::from_config(&half).is_err());
+    }
+}

@@ -1,0 +1,291 @@
+//! Interoperability with Curator's format, foreign and malformed nodes, and digest ACLs,
+//! against a real ZooKeeper.
+
+mod common;
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use waypost_core::{Endpoint, InstanceSet, Registrar, WatchEvent, Watcher};
+use waypost_testkit::conformance::{wait_for_set, Namespace};
+use waypost_zookeeper::{PayloadFormat, ZkDiscovery};
+use zookeeper_client::{Acls, Client, CreateMode, Error as ZkErr, Permission};
+
+const T: Duration = Duration::from_secs(10);
+
+async fn raw(server: &waypost_testkit::server::ZooKeeperServer) -> Client {
+    Client::connector()
+        .with_session_timeout(common::SESSION)
+        .connect(&server.address())
+        .await
+        .expect("raw client")
+}
+
+const CURATOR: &str = r#"{"name":"greeter","id":"g-1","address":"127.0.0.1","port":8001,"sslPort":null,"payload":{"@class":"java.util.HashMap","zone":"z1"},"registrationTimeUTC":1795304580073,"serviceType":"DYNAMIC","uriSpec":null}"#;
+
+/// A node written exactly as Curator writes it is listed and watched; what we write
+/// parses back as Curator's fields, in both payload formats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curator_json_both_ways() {
+    common::init_tracing();
+    let Some(server) = common::server().await else {
+        return;
+    };
+    let ns = Namespace::new();
+    let svc = ns.service("greeter");
+    let path = format!("/services/{svc}");
+    let java = raw(&server).await;
+    java.mkdir(&path, &CreateMode::Persistent.with_acls(Acls::anyone_all()))
+        .await
+        .unwrap();
+    let d = common::client(&server).await;
+    let mut w = d.watch(&svc);
+    let mut set = InstanceSet::new();
+    wait_for_set(&mut w, &mut set, T, "snapshot", |_| true).await;
+    let _ = tokio::time::timeout(T, w.next()).await; // the snapshot
+    let data = CURATOR.replace("\"greeter\"", &format!("\"{svc}\""));
+    java.create(
+        &format!("{path}/g-1"),
+        data.as_bytes(),
+        &CreateMode::Ephemeral.with_acls(Acls::anyone_all()),
+    )
+    .await
+    .unwrap();
+    let id = "g-1".parse().unwrap();
+    wait_for_set(&mut w, &mut set, T, "the Curator instance", |s| {
+        s.contains(&id)
+    })
+    .await;
+    let i = set.get(&id).unwrap();
+    assert_eq!(i.endpoint, Endpoint::new("127.0.0.1", 8001));
+    assert_eq!(i.zone.as_deref(), Some("z1"));
+    assert_eq!(d.instances(&svc).await.unwrap().get(&id), Some(i));
+
+    for format in [PayloadFormat::Curator, PayloadFormat::SpringCloud] {
+        let ours = ZkDiscovery::connect(common::config(&server).with_payload(format))
+            .await
+            .unwrap();
+        let inst = ns
+            .instance(&svc, &format!("rs-{format:?}").to_lowercase(), 9000)
+            .with_metadata("version", "1.2")
+            .with_zone("eu-1a");
+        let _reg = ours.register(inst.clone()).await.unwrap();
+        let (bytes, stat) = java.get_data(&format!("{path}/{}", inst.id)).await.unwrap();
+        assert_eq!(
+            stat.ephemeral_owner,
+            ours.session_id().unwrap(),
+            "ephemeral"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["name"], svc.as_str());
+        assert_eq!(v["id"], inst.id.as_str());
+        assert_eq!(v["address"], "127.0.0.1");
+        assert_eq!(v["port"], 9000);
+        assert!(v["sslPort"].is_null());
+        assert_eq!(v["serviceType"], "DYNAMIC");
+        assert!(v["registrationTimeUTC"].is_u64());
+        let meta = match format {
+            PayloadFormat::Curator => {
+                assert_eq!(v["payload"]["@class"], "java.util.HashMap");
+                &v["payload"]
+            }
+            _ => {
+                assert_eq!(
+                    v["payload"]["@class"],
+                    "org.springframework.cloud.zookeeper.discovery.ZookeeperInstance"
+                );
+                assert_eq!(v["payload"]["name"], svc.as_str());
+                &v["payload"]["metadata"]
+            }
+        };
+        assert_eq!(meta["version"], "1.2");
+        wait_for_set(&mut w, &mut set, T, "ours", |s| {
+            s.get(&inst.id) == Some(&inst)
+        })
+        .await;
+    }
+}
+
+/// Non-JSON, truncated JSON, a foreign node type (a persistent node with children, a
+/// JSON array) and a ~1 MB node are skipped with a warning: listing and watching keep
+/// working and show the valid instances only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_foreign_nodes_are_skipped() {
+    common::init_tracing();
+    let Some(server) = common::server().await else {
+        return;
+    };
+    let ns = Namespace::new();
+    let svc = ns.service("messy");
+    let path = format!("/services/{svc}");
+    let other = raw(&server).await;
+    other
+        .mkdir(&path, &CreateMode::Persistent.with_acls(Acls::anyone_all()))
+        .await
+        .unwrap();
+    let d = common::client(&server).await;
+    let good = ns.instance(&svc, "good", 1);
+    let _reg = d.register(good.clone()).await.unwrap();
+    let mut w = d.watch(&svc);
+    let mut set = InstanceSet::new();
+    wait_for_set(&mut w, &mut set, T, "good", |s| s.contains(&good.id)).await;
+
+    let big = format!(
+        r#"{{"id":"big","address":"h","port":1,"payload":{{"@class":"x","blob":"{}"}}}}"#,
+        "x".repeat(1_000_000)
+    );
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage", b"\x00\xffnot json".to_vec()),
+        (
+            "truncated",
+            br#"{"name":"s","id":"t","address":"h","po"#.to_vec(),
+        ),
+        ("array", b"[1,2,3]".to_vec()),
+        ("empty", Vec::new()),
+        ("big", big.into_bytes()),
+    ];
+    for (name, data) in &bad {
+        other
+            .create(
+                &format!("{path}/{name}"),
+                data,
+                &CreateMode::Persistent.with_acls(Acls::anyone_all()),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("writing {name}: {e}"));
+    }
+    // A foreign node type: a directory with a child.
+    other
+        .create(
+            &format!("{path}/dir"),
+            b"",
+            &CreateMode::Persistent.with_acls(Acls::anyone_all()),
+        )
+        .await
+        .unwrap();
+    other
+        .create(
+            &format!("{path}/dir/child"),
+            br#"{"id":"deep","address":"h","port":2}"#,
+            &CreateMode::Persistent.with_acls(Acls::anyone_all()),
+        )
+        .await
+        .unwrap();
+    // The big node is an instance with an oversized value: kept, the value dropped.
+    let big_id = "big".parse().unwrap();
+    wait_for_set(&mut w, &mut set, T, "big", |s| s.contains(&big_id)).await;
+    assert!(set.get(&big_id).unwrap().metadata.is_empty());
+    // Then a valid change still flows through the same watch.
+    let later = ns.instance(&svc, "later", 3);
+    let _r2 = d.register(later.clone()).await.unwrap();
+    wait_for_set(&mut w, &mut set, T, "later", |s| s.contains(&later.id)).await;
+    let ids: Vec<_> = set.ids().map(|i| i.to_string()).collect();
+    assert_eq!(ids, ["big", "good", "later"]);
+    let listed = d.instances(&svc).await.unwrap();
+    assert_eq!(
+        listed
+            .instances
+            .iter()
+            .map(|i| i.id.to_string())
+            .collect::<Vec<_>>(),
+        ids
+    );
+    // A fresh watch over the mess starts with the same snapshot.
+    let mut w2 = d.watch(&svc);
+    match tokio::time::timeout(T, w2.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+    {
+        WatchEvent::Snapshot(s) => assert_eq!(s.len(), 3),
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
+}
+
+/// With digest credentials our nodes let everyone read but only us write or delete;
+/// another client cannot delete them, and we still can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn digest_acl_protects_our_nodes() {
+    common::init_tracing();
+    let Some(server) = common::server().await else {
+        return;
+    };
+    let ns = Namespace::new();
+    let svc = ns.service("secure");
+    let ours = ZkDiscovery::connect(common::config(&server).with_digest("app", "s3cret"))
+        .await
+        .unwrap();
+    assert!(!format!("{ours:?}").contains("s3cret"));
+    let inst = ns.instance(&svc, "a", 1);
+    let reg = ours.register(inst.clone()).await.unwrap();
+    let node = format!("/services/{svc}/a");
+
+    let (acls, _) = raw(&server).await.get_acl(&node).await.unwrap();
+    assert!(acls
+        .iter()
+        .any(|a| a.scheme() == "world" && a.permission() == Permission::READ));
+    assert!(acls.iter().any(|a| a.scheme() == "digest"
+        && a.id().starts_with("app:")
+        && a.permission() == Permission::ALL));
+
+    for (who, stranger) in [
+        ("anonymous", raw(&server).await),
+        (
+            "another user",
+            Client::connector()
+                .with_auth("digest", b"mallory:guess")
+                .connect(&server.address())
+                .await
+                .unwrap(),
+        ),
+    ] {
+        assert!(stranger.get_data(&node).await.is_ok(), "{who} can read");
+        assert_eq!(
+            stranger.delete(&node, None).await,
+            Err(ZkErr::NoAuth),
+            "{who} deletes"
+        );
+        assert_eq!(
+            stranger.set_data(&node, b"x", None).await.map(|_| ()),
+            Err(ZkErr::NoAuth),
+            "{who} overwrites"
+        );
+    }
+    // A reader without credentials lists it.
+    let reader = common::client(&server).await;
+    assert_eq!(
+        reader.instances(&svc).await.unwrap().instances,
+        vec![inst.clone()]
+    );
+    reg.deregister().await.unwrap();
+    assert!(reader.instances(&svc).await.unwrap().is_empty());
+}
+
+/// An unreachable endpoint fails within the connect timeout, with a typed error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_endpoint_fails_within_connect_timeout() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    let started = std::time::Instant::now();
+    let e = ZkDiscovery::from_url(&format!(
+        "zk://127.0.0.1:{port}/services?connect_timeout=500ms&session_timeout=2s"
+    ))
+    .await
+    .unwrap_err();
+    assert!(e.is_temporary(), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    // A listener that accepts and never answers (a hung server): the timeout applies.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = hung.local_addr().unwrap();
+    let e = ZkDiscovery::from_url(&format!("zk://{addr}/services?connect_timeout=500ms"))
+        .await
+        .unwrap_err();
+    assert!(e.is_temporary(), "{e}");
+    drop(hung);
+}
