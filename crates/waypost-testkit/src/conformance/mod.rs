@@ -73,6 +73,12 @@ pub trait TestBackend: Send + Sync {
 pub trait Faults: Send + Sync {
     /// Every session / lease / TTL check the registry holds expires now: the registry drops
     /// every instance, and registrants must register them again by themselves.
+    ///
+    /// How each backend does it: memory expires its sessions; etcd revokes every lease;
+    /// Consul restarts the `-dev` agent (which keeps no state); ZooKeeper stops the server
+    /// until every client has seen its session expire. (The Curator/kazoo trick of closing
+    /// a second connection on the same session is racy with clients that reconnect at
+    /// once: the original client takes the session back.)
     async fn expire_sessions(&self);
 
     /// Clients can no longer reach the registry (a paused server, a partition).
