@@ -35,6 +35,10 @@ pub use waypost_core::*;
 #[cfg(feature = "zookeeper")]
 pub use waypost_zookeeper as zookeeper;
 
+/// The Consul backend (feature `consul`).
+#[cfg(feature = "consul")]
+pub use waypost_consul as consul;
+
 /// The etcd backend (feature `etcd`).
 #[cfg(feature = "etcd")]
 pub use waypost_etcd as etcd;
@@ -57,6 +61,8 @@ pub fn connectors() -> Vec<&'static dyn Connector> {
     let mut all: Vec<&'static dyn Connector> = vec![&MemoryConnector];
     #[cfg(feature = "zookeeper")]
     all.push(&waypost_zookeeper::ZkConnector);
+    #[cfg(feature = "consul")]
+    all.push(&waypost_consul::ConsulConnector);
     #[cfg(feature = "etcd")]
     all.push(&waypost_etcd::EtcdConnector);
     all

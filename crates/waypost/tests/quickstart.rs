@@ -35,3 +35,14 @@ async fn quickstart_on_zookeeper() {
         .await
         .expect("quickstart on zookeeper");
 }
+
+#[cfg(feature = "consul")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_on_consul() {
+    let Some(consul) = waypost_testkit::server::consul().await else {
+        return;
+    };
+    quickstart::run(&Config::from_url(consul.url()))
+        .await
+        .expect("quickstart on consul");
+}

@@ -118,8 +118,9 @@ pub async fn session_expiry_reregisters(b: &dyn TestBackend) {
     let mut status = reg.status();
 
     f.expire_sessions().await;
-    // The registry dropped `a`: the watcher sees it removed (or, if the watcher's own
-    // session went too, Stale and a resync), then `a` back.
+    // The registry dropped `a`: the watcher sees it removed, or (if the watcher lost the
+    // registry too) a Resynced snapshot; then `a` back. A Stale alone proves nothing: it
+    // keeps the last known set, `a` included.
     let mut gap = false;
     wait_for_event(
         &mut watch,
@@ -128,7 +129,7 @@ pub async fn session_expiry_reregisters(b: &dyn TestBackend) {
         "removal and return of `a`",
         |ev, x| {
             gap |= matches!(ev, WatchEvent::Removed { id, .. } if *id == a.id)
-                || matches!(ev, WatchEvent::Stale { .. } | WatchEvent::Resynced(_));
+                || matches!(ev, WatchEvent::Resynced(_));
             gap && x.get(&a.id) == Some(&a)
         },
     )
@@ -140,8 +141,21 @@ pub async fn session_expiry_reregisters(b: &dyn TestBackend) {
     .await
     .expect("status back to Registered")
     .expect("status channel open");
-    let truth = w.watcher.instances(&svc).await.unwrap();
-    assert_eq!(truth.get(&a.id), Some(&a), "re-registered instance differs");
+    // Another client's listing converges too (a registry may lag by a moment): poll it
+    // until it lists `a`, with a deadline.
+    let deadline = tokio::time::Instant::now() + s.liveness;
+    loop {
+        match w.watcher.instances(&svc).await {
+            Ok(truth) if truth.get(&a.id) == Some(&a) => break,
+            other => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "instances() never listed the re-registered `a`: {other:?}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
     reg.deregister()
         .await
         .expect("deregister after re-registration");

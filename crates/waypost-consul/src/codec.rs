@@ -1,0 +1,282 @@
+//! The wire format: waypost instances as Consul agent services, and back.
+//!
+//! - The Consul service ID is `{service}:{id}`: Consul's IDs are unique per agent across
+//!   services, waypost's only within a service, and neither part can contain `:`. Services
+//!   registered by other tools keep their own ID as the instance id when it is a valid one.
+//! - The weight goes to `Weights.Passing`; Consul needs at least 1, so weight 0 (draining)
+//!   is carried as `waypost-weight = 0` in `Meta`. The zone is `waypost-zone`. Consul allows
+//!   only 64 `Meta` entries and waypost users may use all 64: when waypost's keys do not
+//!   fit, they go into tags `waypost-weight=0` / `waypost-zone=...` instead. Both places
+//!   are read back.
+//! - Decoding is tolerant: unknown fields are ignored, and an entry that cannot become a
+//!   valid instance is skipped with a warning by the caller.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use waypost_core::model::{MAX_METADATA_ENTRIES, RESERVED_METADATA_PREFIXES};
+use waypost_core::{Endpoint, Instance, InstanceId, ServiceName};
+
+const META_WEIGHT: &str = "waypost-weight";
+const META_ZONE: &str = "waypost-zone";
+
+/// The Consul service ID of an instance.
+pub(crate) fn service_id(service: &ServiceName, id: &InstanceId) -> String {
+    format!("{service}:{id}")
+}
+
+/// The TTL check's ID of an instance.
+pub(crate) fn check_id(service: &ServiceName, id: &InstanceId) -> String {
+    format!("service:{}", service_id(service, id))
+}
+
+/// `PUT /v1/agent/service/register` body.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct Registration {
+    #[serde(rename = "ID")]
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) address: String,
+    pub(crate) port: u16,
+    pub(crate) tags: Vec<String>,
+    pub(crate) meta: BTreeMap<String, String>,
+    pub(crate) weights: Weights,
+    pub(crate) check: TtlCheck,
+}
+
+#[derive(Debug, Serialize, Deserialize, Clone, Copy)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct Weights {
+    pub(crate) passing: u32,
+    #[serde(default)]
+    pub(crate) warning: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct TtlCheck {
+    #[serde(rename = "CheckID")]
+    pub(crate) check_id: String,
+    #[serde(rename = "Name")]
+    pub(crate) name: String,
+    #[serde(rename = "TTL")]
+    pub(crate) ttl: String,
+    #[serde(rename = "Status")]
+    pub(crate) status: &'static str,
+    #[serde(rename = "DeregisterCriticalServiceAfter")]
+    pub(crate) deregister_critical_after: String,
+}
+
+fn go_duration(d: Duration) -> String {
+    format!("{}ms", d.as_millis().max(1))
+}
+
+/// The agent registration of `instance`, with a TTL check registered passing.
+pub(crate) fn encode(
+    instance: &Instance,
+    ttl: Duration,
+    deregister_after: Duration,
+) -> Registration {
+    let mut ours = Vec::new();
+    if instance.weight == 0 {
+        ours.push((META_WEIGHT, "0".to_string()));
+    }
+    if let Some(z) = &instance.zone {
+        ours.push((META_ZONE, z.clone()));
+    }
+    let mut meta = instance.metadata.clone();
+    let mut tags = instance.tags.clone();
+    if meta.len() + ours.len() <= MAX_METADATA_ENTRIES {
+        meta.extend(ours.into_iter().map(|(k, v)| (k.to_string(), v)));
+    } else {
+        tags.extend(ours.into_iter().map(|(k, v)| format!("{k}={v}")));
+    }
+    let sid = service_id(&instance.service, &instance.id);
+    Registration {
+        check: TtlCheck {
+            check_id: check_id(&instance.service, &instance.id),
+            name: format!("waypost TTL of {sid}"),
+            ttl: go_duration(ttl),
+            status: "passing",
+            deregister_critical_after: go_duration(deregister_after),
+        },
+        id: sid,
+        name: instance.service.to_string(),
+        address: instance.endpoint.host.clone(),
+        port: instance.endpoint.port,
+        tags,
+        meta,
+        weights: Weights {
+            passing: instance.weight.max(1),
+            warning: 1,
+        },
+    }
+}
+
+/// One entry of `GET /v1/health/service/{name}`; only what we read.
+#[derive(Debug, Deserialize)]
+pub(crate) struct HealthEntry {
+    #[serde(rename = "Node")]
+    pub(crate) node: Option<Node>,
+    #[serde(rename = "Service")]
+    pub(crate) service: AgentService,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct Node {
+    #[serde(rename = "Address", default)]
+    pub(crate) address: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct AgentService {
+    #[serde(rename = "ID")]
+    pub(crate) id: String,
+    #[serde(rename = "Service")]
+    pub(crate) service: String,
+    #[serde(rename = "Address", default)]
+    pub(crate) address: String,
+    #[serde(rename = "Port", default)]
+    pub(crate) port: u16,
+    #[serde(rename = "Tags", default)]
+    pub(crate) tags: Option<Vec<String>>,
+    #[serde(rename = "Meta", default)]
+    pub(crate) meta: Option<BTreeMap<String, String>>,
+    #[serde(rename = "Weights", default)]
+    pub(crate) weights: Option<Weights>,
+}
+
+/// Decodes one health entry of service `expected` into an instance; `Err` says why it is
+/// skipped.
+pub(crate) fn decode(entry: HealthEntry, expected: &ServiceName) -> Result<Instance, String> {
+    let s = entry.service;
+    if s.service != expected.as_str() {
+        return Err(format!("belongs to service `{}`", s.service.escape_debug()));
+    }
+    let raw_id =
+        s.id.strip_prefix(expected.as_str())
+            .and_then(|rest| rest.strip_prefix(':'))
+            .unwrap_or(&s.id);
+    let id = InstanceId::new(raw_id).map_err(|e| format!("service ID: {e}"))?;
+    // Consul's rule: an empty service address means the node's address.
+    let host = if s.address.is_empty() {
+        entry.node.map(|n| n.address).unwrap_or_default()
+    } else {
+        s.address
+    };
+    let mut meta = s.meta.unwrap_or_default();
+    let mut tags = s.tags.unwrap_or_default();
+    let mut weight = s
+        .weights
+        .map_or(waypost_core::model::DEFAULT_WEIGHT, |w| w.passing);
+    let mut zone = None;
+    let mut ours: Vec<(String, String)> = Vec::new();
+    for k in [META_WEIGHT, META_ZONE] {
+        if let Some(v) = meta.remove(k) {
+            ours.push((k.to_string(), v));
+        }
+    }
+    tags.retain(|t| match t.split_once('=') {
+        Some((k, v)) if k == META_WEIGHT || k == META_ZONE => {
+            ours.push((k.to_string(), v.to_string()));
+            false
+        }
+        _ => true,
+    });
+    for (k, v) in ours {
+        if k == META_WEIGHT {
+            weight = v
+                .parse()
+                .map_err(|_| format!("{META_WEIGHT} `{}` is not a number", v.escape_debug()))?;
+        } else {
+            zone = Some(v);
+        }
+    }
+    // Foreign tools may use Consul's own reserved keys; they are not waypost metadata.
+    meta.retain(|k, _| !RESERVED_METADATA_PREFIXES.iter().any(|p| k.starts_with(p)));
+    let mut instance = Instance::new(expected.clone(), id, Endpoint::new(host, s.port));
+    instance.metadata = meta;
+    instance.tags = tags;
+    instance.weight = weight;
+    instance.zone = zone;
+    instance.validate().map_err(|e| e.to_string())?;
+    Ok(instance)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(i: &Instance) -> Instance {
+        let reg = encode(i, Duration::from_secs(3), Duration::from_secs(60));
+        let json = serde_json::json!({
+            "Node": {"Address": "10.0.0.9", "Extra": 1},
+            "Service": {
+                "ID": reg.id, "Service": reg.name, "Address": reg.address, "Port": reg.port,
+                "Tags": reg.tags, "Meta": reg.meta, "Weights": reg.weights, "Unknown": [1]
+            },
+            "Checks": []
+        });
+        decode(serde_json::from_value(json).unwrap(), &i.service).unwrap()
+    }
+
+    #[test]
+    fn fields_round_trip_including_weight_zero_and_zone() {
+        let i = Instance::parse("s", "i-1", "127.0.0.1", 80)
+            .unwrap()
+            .with_tag("t")
+            .with_metadata("k", "v")
+            .with_zone("eu-1a")
+            .with_weight(0);
+        let reg = encode(&i, Duration::from_secs(3), Duration::from_secs(60));
+        assert_eq!(reg.id, "s:i-1");
+        assert_eq!(reg.check.check_id, "service:s:i-1");
+        assert_eq!(reg.weights.passing, 1);
+        assert_eq!(reg.meta["waypost-weight"], "0");
+        assert_eq!(round_trip(&i), i);
+        assert_eq!(round_trip(&i.clone().with_weight(7)), i.with_weight(7));
+    }
+
+    #[test]
+    fn full_metadata_moves_our_keys_to_tags() {
+        let mut i = Instance::parse("s", "i", "h", 1)
+            .unwrap()
+            .with_zone("z")
+            .with_weight(0);
+        for n in 0..MAX_METADATA_ENTRIES {
+            i = i.with_metadata(format!("k{n}"), "v");
+        }
+        let reg = encode(&i, Duration::from_secs(3), Duration::from_secs(60));
+        assert_eq!(reg.meta.len(), MAX_METADATA_ENTRIES);
+        assert!(reg.tags.contains(&"waypost-zone=z".to_string()));
+        assert_eq!(round_trip(&i), i);
+    }
+
+    #[test]
+    fn foreign_entries_are_read_or_rejected_with_a_reason() {
+        let svc = ServiceName::new("web").unwrap();
+        let foreign: HealthEntry = serde_json::from_value(serde_json::json!({
+            "Node": {"Address": "10.1.1.1"},
+            "Service": {"ID": "web1", "Service": "web", "Address": "", "Port": 80,
+                        "Tags": null, "Meta": {"consul-x": "1", "v": "2"}}
+        }))
+        .unwrap();
+        let i = decode(foreign, &svc).unwrap();
+        assert_eq!(i.id.as_str(), "web1");
+        assert_eq!(i.endpoint, Endpoint::new("10.1.1.1", 80));
+        assert_eq!(i.weight, 100);
+        assert_eq!(i.metadata.len(), 1);
+        let bad: HealthEntry = serde_json::from_value(serde_json::json!({
+            "Service": {"ID": "a/b c", "Service": "web", "Port": 1}
+        }))
+        .unwrap();
+        assert!(decode(bad, &svc).unwrap_err().contains("service ID"));
+        let bad: HealthEntry = serde_json::from_value(serde_json::json!({
+            "Service": {"ID": "x", "Service": "web", "Address": "h", "Port": 1,
+                        "Meta": {"waypost-weight": "heavy"}}
+        }))
+        .unwrap();
+        assert!(decode(bad, &svc).unwrap_err().contains("waypost-weight"));
+    }
+}

@@ -1,0 +1,265 @@
+//! The faults against a real agent: a crashed registrant, a restarted agent, a
+//! paused agent, a registration removed behind the client's back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use waypost_consul::{ConsulConfig, ConsulDiscovery};
+use waypost_core::{
+    Instance, InstanceSet, Registrar, RegistrationStatus, Result, WatchEvent, Watcher,
+};
+use waypost_testkit::conformance::{wait_for_event, wait_for_set, Namespace};
+use waypost_testkit::ConsulServer;
+
+const TTL: Duration = Duration::from_secs(3);
+const T: Duration = Duration::from_secs(15);
+
+async fn client(server: &ConsulServer) -> Arc<ConsulDiscovery> {
+    let config = ConsulConfig::from_url(&server.url())
+        .unwrap()
+        .with_ttl(TTL)
+        .with_timeout(Duration::from_secs(2))
+        .with_connect_timeout(Duration::from_secs(1));
+    Arc::new(ConsulDiscovery::connect(config).await.expect("connect"))
+}
+
+type Stream = futures::stream::BoxStream<'static, Result<WatchEvent>>;
+
+async fn next_matching(
+    watch: &mut Stream,
+    set: &mut InstanceSet,
+    within: Duration,
+    what: &str,
+    mut pred: impl FnMut(&WatchEvent) -> bool,
+) -> WatchEvent {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let ev = tokio::time::timeout_at(deadline, watch.next())
+            .await
+            .unwrap_or_else(|_| panic!("no {what} within {within:?}"))
+            .expect("watch ended")
+            .expect("watch error");
+        set.apply(&ev);
+        if pred(&ev) {
+            return ev;
+        }
+    }
+}
+
+async fn health_raw(server: &ConsulServer, service: &str, passing: bool) -> serde_json::Value {
+    let url = format!(
+        "http://{}/v1/health/service/{service}{}",
+        server.address(),
+        if passing { "?passing=true" } else { "" }
+    );
+    serde_json::from_slice(&reqwest::get(url).await.unwrap().bytes().await.unwrap()).unwrap()
+}
+
+/// A registrant that crashes (heartbeats stop, nothing deregistered) leaves the watch
+/// within TTL + margin, but not at once: its check goes critical, and Consul still lists
+/// it as critical (it is removed after `deregister_critical_after`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_registrant_leaves_within_the_ttl() {
+    let Some(server) = waypost_testkit::server::consul().await else {
+        return;
+    };
+    let ns = Namespace::new();
+    let svc = ns.service("crash");
+    let victim = client(&server).await;
+    let survivor = client(&server).await;
+    let watcher = client(&server).await;
+    let dead = ns.instance(&svc, "dead", 1);
+    let alive = ns.instance(&svc, "alive", 2);
+    let dead_reg = victim.register(dead.clone()).await.unwrap();
+    let _alive_reg = survivor.register(alive.clone()).await.unwrap();
+    let mut watch = watcher.watch(&svc);
+    let mut set = InstanceSet::new();
+    wait_for_set(&mut watch, &mut set, T, "both", |s| s.len() == 2).await;
+
+    victim.crash_for_tests();
+    std::mem::forget(dead_reg);
+    let crashed = Instant::now();
+    wait_for_set(
+        &mut watch,
+        &mut set,
+        TTL + Duration::from_secs(6),
+        "dead gone",
+        |s| !s.contains(&dead.id),
+    )
+    .await;
+    let after = crashed.elapsed();
+    // It stayed while its TTL ran: the heartbeats, not the crash hook, kept it.
+    assert!(
+        after >= TTL / 2,
+        "gone after {after:?}, before its TTL could run out"
+    );
+    assert!(set.contains(&alive.id));
+    let all = health_raw(&server, svc.as_str(), false).await;
+    let statuses: Vec<String> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["Service"]["ID"].as_str().unwrap().ends_with(":dead"))
+        .flat_map(|e| e["Checks"].as_array().unwrap().clone())
+        .filter(|c| c["ServiceID"].as_str().is_some_and(|s| !s.is_empty()))
+        .map(|c| c["Status"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(statuses, ["critical"], "the crashed instance's check");
+}
+
+/// A restarted `-dev` agent comes back empty: every registration comes back by itself
+/// (status through `Reregistering` or `Suspended` to `Registered`), updated instances as
+/// updated, and a watcher converges to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_restart_brings_registrations_back() {
+    let Some(mut server) = waypost_testkit::server::consul().await else {
+        return;
+    };
+    let ns = Namespace::new();
+    let svc = ns.service("restart");
+    let a_client = client(&server).await;
+    let b_client = client(&server).await;
+    let watcher = client(&server).await;
+    let mut reg_a = a_client.register(ns.instance(&svc, "a", 1)).await.unwrap();
+    let updated = ns
+        .instance(&svc, "a", 1)
+        .with_metadata("v", "2")
+        .with_weight(0);
+    reg_a.update(updated.clone()).await.unwrap();
+    let b = ns.instance(&svc, "b", 2).with_zone("z1");
+    let reg_b = b_client.register(b.clone()).await.unwrap();
+    let mut status_a = reg_a.status();
+    let mut watch = watcher.watch(&svc);
+    let mut set = InstanceSet::new();
+    wait_for_set(&mut watch, &mut set, T, "both", |s| {
+        s.get(&updated.id) == Some(&updated) && s.contains(&b.id)
+    })
+    .await;
+
+    // Record every status the registration goes through.
+    let seen = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while status_a.changed().await.is_ok() {
+            let s = *status_a.borrow_and_update();
+            seen.push(s);
+            if s == RegistrationStatus::Registered {
+                break;
+            }
+        }
+        seen
+    });
+    server.restart().await.unwrap();
+    let seen = tokio::time::timeout(T, seen)
+        .await
+        .expect("status back to Registered")
+        .unwrap();
+    assert!(
+        seen.len() >= 2 && seen.last() == Some(&RegistrationStatus::Registered),
+        "statuses after the restart: {seen:?}"
+    );
+    reg_b
+        .wait_status(T, |s| *s == RegistrationStatus::Registered)
+        .await
+        .unwrap();
+    // The watcher saw the agent lose them (a resync or removals), then both come back.
+    let mut gap = false;
+    wait_for_event(&mut watch, &mut set, T, "a gap, then both back", |ev, s| {
+        gap |= matches!(
+            ev,
+            WatchEvent::Stale { .. } | WatchEvent::Resynced(_) | WatchEvent::Removed { .. }
+        );
+        gap && s.get(&updated.id) == Some(&updated) && s.get(&b.id) == Some(&b)
+    })
+    .await;
+    let truth = watcher.instances(&svc).await.unwrap();
+    assert_eq!(truth.instances, vec![updated, b]);
+}
+
+/// A paused agent (accepts connections, answers nothing): the watch says `Stale` and the
+/// registration `Suspended`; after resuming, `Resynced` and `Registered`, and changes flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_agent_makes_the_watch_stale_then_resyncs() {
+    let Some(server) = waypost_testkit::server::consul().await else {
+        return;
+    };
+    let ns = Namespace::new();
+    let svc = ns.service("pause");
+    let reg_client = client(&server).await;
+    let watcher = client(&server).await;
+    let a = ns.instance(&svc, "a", 1);
+    let reg = reg_client.register(a.clone()).await.unwrap();
+    let mut watch = watcher.watch(&svc);
+    let mut set = InstanceSet::new();
+    wait_for_set(&mut watch, &mut set, T, "a", |s| s.contains(&a.id)).await;
+
+    server.pause().unwrap();
+    let paused = Instant::now();
+    next_matching(&mut watch, &mut set, T, "Stale", |e| {
+        matches!(e, WatchEvent::Stale { .. })
+    })
+    .await;
+    // Ping every `timeout` (2 s), each failing after `timeout`.
+    assert!(
+        paused.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        paused.elapsed()
+    );
+    assert!(set.contains(&a.id), "Stale keeps the last known set");
+    reg.wait_status(T, |s| *s == RegistrationStatus::Suspended)
+        .await
+        .expect("Suspended while paused");
+
+    server.resume().unwrap();
+    let ev = next_matching(&mut watch, &mut set, T, "Resynced", |e| {
+        matches!(e, WatchEvent::Resynced(_))
+    })
+    .await;
+    let WatchEvent::Resynced(snap) = ev else {
+        unreachable!()
+    };
+    assert_eq!(snap.instances, vec![a.clone()]);
+    reg.wait_status(T, |s| *s == RegistrationStatus::Registered)
+        .await
+        .unwrap();
+    let b = ns.instance(&svc, "b", 2);
+    let _rb = reg_client.register(b.clone()).await.unwrap();
+    wait_for_set(&mut watch, &mut set, T, "b after resume", |s| {
+        s.contains(&b.id)
+    })
+    .await;
+}
+
+/// Deregistered behind the client's back (another tool): the heartbeat finds the check
+/// unknown and registers the instance again by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deregistered_behind_our_back_comes_back() {
+    let Some(server) = waypost_testkit::server::consul().await else {
+        return;
+    };
+    let ns = Namespace::new();
+    let svc = ns.service("behind");
+    let c = client(&server).await;
+    let a: Instance = ns.instance(&svc, "a", 1);
+    let reg = c.register(a.clone()).await.unwrap();
+    let mut watch = c.watch(&svc);
+    let mut set = InstanceSet::new();
+    wait_for_set(&mut watch, &mut set, T, "a", |s| s.contains(&a.id)).await;
+    let resp = reqwest::Client::new()
+        .put(format!(
+            "http://{}/v1/agent/service/deregister/{svc}:a",
+            server.address()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success());
+    wait_for_set(&mut watch, &mut set, T, "a removed", |s| s.is_empty()).await;
+    wait_for_set(&mut watch, &mut set, T, "a back", |s| {
+        s.get(&a.id) == Some(&a)
+    })
+    .await;
+    reg.wait_status(T, |s| *s == RegistrationStatus::Registered)
+        .await
+        .expect("Registered again");
+}
