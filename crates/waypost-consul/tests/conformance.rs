@@ -26,15 +26,12 @@ struct ConsulBackend {
     clients: Mutex<Vec<Arc<ConsulDiscovery>>>,
 }
 
-async fn consul() -> Option<ConsulBackend> {
+async fn consul(suite: &'static str) -> Option<ConsulBackend> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    // The test's name: the thread the test body starts on is named after it.
-    let scale = std::thread::current()
-        .name()
-        .is_some_and(|n| n.contains("thousand_instances"));
+    let scale = suite == "thousand_instances";
     let server = waypost_testkit::server::consul().await?;
     Some(ConsulBackend {
         ttl: if scale { SCALE_TTL } else { TTL },
@@ -116,4 +113,4 @@ impl Faults for ConsulBackend {
     }
 }
 
-waypost_testkit::conformance_tests!(consul);
+waypost_testkit::conformance_tests!(named: consul);

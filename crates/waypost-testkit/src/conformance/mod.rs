@@ -93,13 +93,25 @@ pub trait Faults: Send + Sync {
     async fn crash(&self, discovery: &Discovery) -> bool;
 }
 
-/// Generates one `#[tokio::test]` per conformance suite. `$backend` is an async function
-/// returning `Option<impl TestBackend>`; `None` means the registry is not installed, and
-/// the harness has already said so loudly (or panicked, under `CI`).
+/// Generates one `#[tokio::test]` per conformance suite.
+///
+/// `conformance_tests!(backend)`: `backend` is an async function returning
+/// `Option<impl TestBackend>`; `None` means the registry is not installed, and the
+/// harness has already said so loudly (or panicked, under `CI`).
+///
+/// `conformance_tests!(named: backend)`: the same, but `backend` takes the suite's name
+/// (`&'static str`, e.g. `"thousand_instances"`), for backends that tune a suite (a longer
+/// TTL for the scale suite, say).
 #[macro_export]
 macro_rules! conformance_tests {
+    (named: $backend:path) => {
+        $crate::conformance_tests!(@all [named] $backend);
+    };
     ($backend:path) => {
-        $crate::conformance_tests!(@suites $backend;
+        $crate::conformance_tests!(@all [plain] $backend);
+    };
+    (@all [$how:ident] $backend:path) => {
+        $crate::conformance_tests!(@suites [$how] $backend;
             register_then_listed_and_watched,
             deregister_removes,
             dropped_guard_removes,
@@ -117,11 +129,17 @@ macro_rules! conformance_tests {
             update_and_drain,
         );
     };
-    (@suites $backend:path; $($suite:ident),* $(,)?) => {
+    (@call [plain] $backend:path, $suite:ident) => {
+        $backend().await
+    };
+    (@call [named] $backend:path, $suite:ident) => {
+        $backend(stringify!($suite)).await
+    };
+    (@suites [$how:ident] $backend:path; $($suite:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $suite() {
-                if let Some(backend) = $backend().await {
+                if let Some(backend) = $crate::conformance_tests!(@call [$how] $backend, $suite) {
                     $crate::conformance::$suite(&backend).await;
                 }
             }
