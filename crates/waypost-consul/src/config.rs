@@ -57,35 +57,20 @@ pub struct ConsulConfig {
     /// PEM private key of `cert_file`.
     pub key_file: Option<PathBuf>,
     /// TTL of each instance's health check.
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "de::duration"
-    )]
+    #[serde(with = "waypost_core::config::duration")]
     pub ttl: Duration,
     /// `DeregisterCriticalServiceAfter`: how long Consul keeps a crashed instance (not
     /// passing, so not watched) before removing it.
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "de::duration"
-    )]
+    #[serde(with = "waypost_core::config::duration")]
     pub deregister_critical_after: Duration,
     /// Blocking-query wait.
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "de::duration"
-    )]
+    #[serde(with = "waypost_core::config::duration")]
     pub wait: Duration,
     /// Timeout of every non-blocking request.
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "de::duration"
-    )]
+    #[serde(with = "waypost_core::config::duration")]
     pub timeout: Duration,
     /// Connect timeout.
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "de::duration"
-    )]
+    #[serde(with = "waypost_core::config::duration")]
     pub connect_timeout: Duration,
 }
 
@@ -125,21 +110,6 @@ impl fmt::Debug for ConsulConfig {
             .field("connect_timeout", &self.connect_timeout)
             .finish()
     }
-}
-
-/// serde's messages from `deserialize_with` helpers do not name the field: find the
-/// option that fails on its own and name it (without echoing a token).
-fn name_the_key(options: serde_json::Map<String, serde_json::Value>) -> Option<Error> {
-    options.into_iter().find_map(|(k, v)| {
-        let mut one = serde_json::Map::new();
-        one.insert(k.clone(), v);
-        let e = serde_json::from_value::<ConsulConfig>(serde_json::Value::Object(one)).err()?;
-        Some(if k == "token" {
-            Error::invalid_config("consul option `token` must be a string")
-        } else {
-            Error::invalid_config(format!("consul option `{k}`: {e}"))
-        })
-    })
 }
 
 /// The schemes: `consul://` (HTTP) and `consuls://` (HTTPS).
@@ -189,10 +159,7 @@ impl ConsulConfig {
                     .or_insert(serde_json::Value::Bool(true));
             }
         }
-        let c: Self = match config::options_into("consul", options.clone()) {
-            Ok(c) => c,
-            Err(e) => return Err(name_the_key(options).unwrap_or(e)),
-        };
+        let c: Self = config::options_into("consul", options)?;
         c.validate()?;
         Ok(c)
     }

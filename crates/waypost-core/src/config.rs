@@ -423,7 +423,8 @@ pub fn merged_options(
 /// Deserializes a backend's typed options from a merged option map into
 /// [`Error::InvalidConfig`] naming the key: an unknown key (with
 /// `#[serde(deny_unknown_fields)]`), or the key whose value did not parse
-/// (`serde_path_to_error` keeps the path that `serde_json` alone drops).
+/// (`serde_path_to_error` keeps the path that `serde_json` alone drops). The value of a
+/// secret-looking key (`password`, `token`, ...) is never echoed.
 pub fn options_into<T: serde::de::DeserializeOwned>(
     backend: &str,
     options: serde_json::Map<String, serde_json::Value>,
@@ -433,10 +434,33 @@ pub fn options_into<T: serde::de::DeserializeOwned>(
         let inner = e.into_inner();
         if path == "." || path.is_empty() {
             Error::invalid_config(format!("{backend} options: {inner}"))
+        } else if is_secret_key(&path) {
+            Error::invalid_config(format!(
+                "{backend} option `{path}` has the wrong type (it must be a string)"
+            ))
         } else {
             Error::invalid_config(format!("{backend} option `{path}`: {inner}"))
         }
     })
+}
+
+/// Serde `with` module for duration options: written as `"10s"` (humantime), read from
+/// `"10s"` / `"250ms"` or a number of milliseconds. Use as
+/// `#[serde(with = "waypost_core::config::duration")]`.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer};
+
+    /// Writes `"10s"`.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        humantime_serde::serialize(d, s)
+    }
+
+    /// Reads `"10s"`, `"250ms"` or milliseconds.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        super::de::duration(d)
+    }
 }
 
 /// Serde helpers for options that arrive as strings from URLs but as native values from
@@ -666,6 +690,23 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("option `ttl`"), "{e}");
+        #[derive(Deserialize, Debug)]
+        struct Secret {
+            #[allow(dead_code)]
+            token: String,
+        }
+        let e = options_into::<Secret>(
+            "x",
+            serde_json::json!({"token": 918273645})
+                .as_object()
+                .unwrap()
+                .clone(),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("`token`") && !e.to_string().contains("918273645"),
+            "{e}"
+        );
         assert!(parse_duration("ttl", "soon")
             .unwrap_err()
             .to_string()

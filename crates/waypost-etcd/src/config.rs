@@ -46,30 +46,18 @@ pub struct EtcdConfig {
     /// The TTL asked for the registration lease (etcd may round it up to its minimum;
     /// the granted TTL is what counts). 10 s by default. A crashed process's instances
     /// disappear within about this long.
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "config::de::duration"
-    )]
+    #[serde(with = "waypost_core::config::duration")]
     pub lease_ttl: Duration,
     /// How long connecting (and the first status call) may take. 5 s by default.
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "config::de::duration"
-    )]
+    #[serde(with = "waypost_core::config::duration")]
     pub connect_timeout: Duration,
     /// How long any single request (and a keep-alive or watch probe round-trip) may
     /// take before the registry counts as unreachable. 5 s by default.
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "config::de::duration"
-    )]
+    #[serde(with = "waypost_core::config::duration")]
     pub request_timeout: Duration,
     /// How often an idle watch checks that its stream is alive (a progress request that
     /// must be answered within `request_timeout`). 5 s by default.
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "config::de::duration"
-    )]
+    #[serde(with = "waypost_core::config::duration")]
     pub probe_interval: Duration,
     /// User name, when etcd has authentication enabled.
     pub user: Option<String>,
@@ -172,32 +160,6 @@ impl EtcdConfig {
                 options
                     .entry("password")
                     .or_insert_with(|| serde_json::Value::String(p.clone()));
-            }
-        }
-        // serde's message for a bad duration does not name the key: check them here.
-        for key in [
-            "lease_ttl",
-            "connect_timeout",
-            "request_timeout",
-            "probe_interval",
-        ] {
-            if let Some(serde_json::Value::String(v)) = options.get(key) {
-                config::parse_duration(key, v)?;
-            }
-        }
-        if let Some(v) = options.get("layout") {
-            if !matches!(v.as_str(), Some("waypost" | "grpc")) {
-                return Err(Error::invalid_config(format!(
-                    "etcd option `layout` must be `waypost` or `grpc`, got {v}"
-                )));
-            }
-        }
-        // Never let serde echo a password back in an error message.
-        if let Some(v) = options.get("password") {
-            if !v.is_string() && !v.is_null() {
-                return Err(Error::invalid_config(
-                    "etcd option `password` must be a string",
-                ));
             }
         }
         let c: Self = config::options_into("etcd", options)?;

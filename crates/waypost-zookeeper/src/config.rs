@@ -80,16 +80,10 @@ pub struct ZkConfig {
     /// The session timeout asked of the server (it clamps it to its
     /// `minSessionTimeout..maxSessionTimeout`). A crashed process's instances vanish this
     /// long after it died. Default 10 s.
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "config::de::duration"
-    )]
+    #[serde(with = "waypost_core::config::duration")]
     pub session_timeout: Duration,
     /// How long connecting may take before it fails with `Timeout`. Default 5 s.
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "config::de::duration"
-    )]
+    #[serde(with = "waypost_core::config::duration")]
     pub connect_timeout: Duration,
     /// Digest user name; with [`password`](Self::password), the session authenticates
     /// with scheme `digest` and our nodes get the ACL "everyone reads, only this user

@@ -50,10 +50,7 @@ pub struct MemoryConfig {
     pub name: String,
     /// How long a registration lives without a heartbeat (the client heartbeats every
     /// quarter of it). 10 s by default.
-    #[serde(
-        serialize_with = "humantime_serde::serialize",
-        deserialize_with = "config::de::duration"
-    )]
+    #[serde(with = "crate::config::duration")]
     pub ttl: Duration,
 }
 
