@@ -13,5 +13,7 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 echo "== cargo test"
 cargo test --workspace --all-features
+echo "== cargo test: facade without backends (scheme errors name the feature)"
+cargo test -p waypost --no-default-features --lib
 echo "== quickstart"
 cargo run --quiet --example quickstart
