@@ -202,3 +202,8 @@ mod tests {
         assert!(e.to_string().contains("bogus"), "{e}");
     }
 }
+
+/// The workspace README's code, compiled as doc tests so it cannot rot.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
