@@ -8,6 +8,9 @@
 //!   only 64 `Meta` entries and waypost users may use all 64: when waypost's keys do not
 //!   fit, they go into tags `waypost-weight=0` / `waypost-zone=...` instead. Both places
 //!   are read back.
+//! - The checks go in `Checks`: the TTL check `service:{service}:{id}` (registered passing),
+//!   and, when configured, the agent-run checks `service:{service}:{id}:http` / `:tcp`, all
+//!   with the same `DeregisterCriticalServiceAfter`.
 //! - Decoding is tolerant: unknown fields are ignored, and an entry that cannot become a
 //!   valid instance is skipped with a warning by the caller.
 
@@ -17,6 +20,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use waypost_core::model::{MAX_METADATA_ENTRIES, RESERVED_METADATA_PREFIXES};
 use waypost_core::{Endpoint, Instance, InstanceId, ServiceName};
+
+use crate::config::ConsulConfig;
 
 const META_WEIGHT: &str = "waypost-weight";
 const META_ZONE: &str = "waypost-zone";
@@ -43,7 +48,7 @@ pub(crate) struct Registration {
     pub(crate) tags: Vec<String>,
     pub(crate) meta: BTreeMap<String, String>,
     pub(crate) weights: Weights,
-    pub(crate) check: TtlCheck,
+    pub(crate) checks: Vec<Check>,
 }
 
 #[derive(Debug, Serialize, Deserialize, Clone, Copy)]
@@ -54,29 +59,88 @@ pub(crate) struct Weights {
     pub(crate) warning: u32,
 }
 
+/// One entry of `Checks`: the TTL check, or an HTTP / TCP check run by the agent.
 #[derive(Debug, Serialize)]
-pub(crate) struct TtlCheck {
+pub(crate) struct Check {
     #[serde(rename = "CheckID")]
     pub(crate) check_id: String,
     #[serde(rename = "Name")]
     pub(crate) name: String,
-    #[serde(rename = "TTL")]
-    pub(crate) ttl: String,
+    #[serde(rename = "TTL", skip_serializing_if = "Option::is_none")]
+    pub(crate) ttl: Option<String>,
+    #[serde(rename = "HTTP", skip_serializing_if = "Option::is_none")]
+    pub(crate) http: Option<String>,
+    #[serde(rename = "TCP", skip_serializing_if = "Option::is_none")]
+    pub(crate) tcp: Option<String>,
+    #[serde(rename = "Interval", skip_serializing_if = "Option::is_none")]
+    pub(crate) interval: Option<String>,
+    #[serde(rename = "Timeout", skip_serializing_if = "Option::is_none")]
+    pub(crate) timeout: Option<String>,
     #[serde(rename = "Status")]
     pub(crate) status: &'static str,
     #[serde(rename = "DeregisterCriticalServiceAfter")]
     pub(crate) deregister_critical_after: String,
 }
 
+/// The status the agent-run checks (HTTP / TCP) are registered with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AgentCheckStart {
+    /// Passing: listed at once (a first registration).
+    Passing,
+    /// Critical: listed once the agent's first run passes (a re-registration after the
+    /// agent lost the service).
+    Critical,
+}
+
+/// The IDs of the agent-run checks of an instance: `{ttl check id}:http` / `:tcp`.
+pub(crate) fn agent_check_ids(
+    service: &ServiceName,
+    id: &InstanceId,
+    config: &ConsulConfig,
+) -> Vec<String> {
+    let base = check_id(service, id);
+    let mut ids = Vec::new();
+    if config.http_check.is_some() {
+        ids.push(format!("{base}:http"));
+    }
+    if config.tcp_check {
+        ids.push(format!("{base}:tcp"));
+    }
+    ids
+}
+
+/// `host` as it goes before `:port` in a URL or dial address (IPv6 in brackets).
+fn host_for_url(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+/// The URL the agent's HTTP check requests for `instance`: a path is appended to
+/// `http://{host}:{port}`, a URL template gets `{host}` / `{port}` replaced.
+pub(crate) fn http_check_url(template: &str, instance: &Instance) -> String {
+    let host = host_for_url(&instance.endpoint.host);
+    let port = instance.endpoint.port.to_string();
+    if template.starts_with('/') {
+        format!("http://{host}:{port}{template}")
+    } else {
+        template.replace("{host}", &host).replace("{port}", &port)
+    }
+}
+
 fn go_duration(d: Duration) -> String {
     format!("{}ms", d.as_millis().max(1))
 }
 
-/// The agent registration of `instance`, with a TTL check registered passing.
+/// The agent registration of `instance`: a TTL check registered passing and the
+/// configured agent-run checks, registered with `start`. (For a check it already has, the
+/// agent keeps the current status.)
 pub(crate) fn encode(
     instance: &Instance,
-    ttl: Duration,
-    deregister_after: Duration,
+    config: &ConsulConfig,
+    start: AgentCheckStart,
 ) -> Registration {
     let mut ours = Vec::new();
     if instance.weight == 0 {
@@ -93,14 +157,48 @@ pub(crate) fn encode(
         tags.extend(ours.into_iter().map(|(k, v)| format!("{k}={v}")));
     }
     let sid = service_id(&instance.service, &instance.id);
+    let deregister_after = go_duration(config.deregister_critical_after);
+    let mut checks = vec![Check {
+        check_id: check_id(&instance.service, &instance.id),
+        name: format!("waypost TTL of {sid}"),
+        ttl: Some(go_duration(config.ttl)),
+        http: None,
+        tcp: None,
+        interval: None,
+        timeout: None,
+        status: "passing",
+        deregister_critical_after: deregister_after.clone(),
+    }];
+    let status = match start {
+        AgentCheckStart::Passing => "passing",
+        AgentCheckStart::Critical => "critical",
+    };
+    for cid in agent_check_ids(&instance.service, &instance.id, config) {
+        let (kind, http, tcp) = if cid.ends_with(":http") {
+            let url = http_check_url(config.http_check.as_deref().unwrap_or("/"), instance);
+            ("HTTP", Some(url), None)
+        } else {
+            let addr = format!(
+                "{}:{}",
+                host_for_url(&instance.endpoint.host),
+                instance.endpoint.port
+            );
+            ("TCP", None, Some(addr))
+        };
+        checks.push(Check {
+            name: format!("waypost {kind} check of {sid}"),
+            status,
+            check_id: cid,
+            ttl: None,
+            http,
+            tcp,
+            interval: Some(go_duration(config.check_interval)),
+            timeout: Some(go_duration(config.check_timeout)),
+            deregister_critical_after: deregister_after.clone(),
+        });
+    }
     Registration {
-        check: TtlCheck {
-            check_id: check_id(&instance.service, &instance.id),
-            name: format!("waypost TTL of {sid}"),
-            ttl: go_duration(ttl),
-            status: "passing",
-            deregister_critical_after: go_duration(deregister_after),
-        },
+        checks,
         id: sid,
         name: instance.service.to_string(),
         address: instance.endpoint.host.clone(),
@@ -208,8 +306,13 @@ pub(crate) fn decode(entry: HealthEntry, expected: &ServiceName) -> Result<Insta
 mod tests {
     use super::*;
 
+    fn enc(i: &Instance) -> Registration {
+        let config = ConsulConfig::default().with_ttl(Duration::from_secs(3));
+        encode(i, &config, AgentCheckStart::Passing)
+    }
+
     fn round_trip(i: &Instance) -> Instance {
-        let reg = encode(i, Duration::from_secs(3), Duration::from_secs(60));
+        let reg = enc(i);
         let json = serde_json::json!({
             "Node": {"Address": "10.0.0.9", "Extra": 1},
             "Service": {
@@ -229,9 +332,11 @@ mod tests {
             .with_metadata("k", "v")
             .with_zone("eu-1a")
             .with_weight(0);
-        let reg = encode(&i, Duration::from_secs(3), Duration::from_secs(60));
+        let reg = enc(&i);
         assert_eq!(reg.id, "s:i-1");
-        assert_eq!(reg.check.check_id, "service:s:i-1");
+        assert_eq!(reg.checks.len(), 1);
+        assert_eq!(reg.checks[0].check_id, "service:s:i-1");
+        assert_eq!(reg.checks[0].ttl.as_deref(), Some("3000ms"));
         assert_eq!(reg.weights.passing, 1);
         assert_eq!(reg.meta["waypost-weight"], "0");
         assert_eq!(round_trip(&i), i);
@@ -247,7 +352,7 @@ mod tests {
         for n in 0..MAX_METADATA_ENTRIES {
             i = i.with_metadata(format!("k{n}"), "v");
         }
-        let reg = encode(&i, Duration::from_secs(3), Duration::from_secs(60));
+        let reg = enc(&i);
         assert_eq!(reg.meta.len(), MAX_METADATA_ENTRIES);
         assert!(reg.tags.contains(&"waypost-zone=z".to_string()));
         assert_eq!(round_trip(&i), i);
@@ -278,5 +383,57 @@ mod tests {
         }))
         .unwrap();
         assert!(decode(bad, &svc).unwrap_err().contains("waypost-weight"));
+    }
+
+    #[test]
+    fn agent_checks_sit_beside_the_ttl_check() {
+        let i = Instance::parse("s", "i-1", "10.0.0.5", 8080).unwrap();
+        let config = ConsulConfig::default()
+            .with_http_check("/health")
+            .with_tcp_check(true)
+            .with_check_interval(Duration::from_secs(2))
+            .with_check_timeout(Duration::from_secs(1));
+        let reg = encode(&i, &config, AgentCheckStart::Passing);
+        let json = serde_json::to_value(&reg).unwrap();
+        let checks = json["Checks"].as_array().unwrap();
+        assert_eq!(checks.len(), 3);
+        assert_eq!(checks[0]["CheckID"], "service:s:i-1");
+        assert_eq!(checks[0]["TTL"], "10000ms");
+        assert!(checks[0].get("HTTP").is_none());
+        assert_eq!(checks[1]["CheckID"], "service:s:i-1:http");
+        assert_eq!(checks[1]["HTTP"], "http://10.0.0.5:8080/health");
+        assert_eq!(checks[1]["Interval"], "2000ms");
+        assert_eq!(checks[1]["Timeout"], "1000ms");
+        assert_eq!(checks[1]["Status"], "passing");
+        assert_eq!(checks[1]["DeregisterCriticalServiceAfter"], "60000ms");
+        assert!(checks[1].get("TTL").is_none());
+        assert_eq!(checks[2]["CheckID"], "service:s:i-1:tcp");
+        assert_eq!(checks[2]["TCP"], "10.0.0.5:8080");
+        assert!(json.get("Check").is_none());
+
+        // A re-registration by the heartbeat starts them critical; the TTL check passes.
+        let reg = encode(&i, &config, AgentCheckStart::Critical);
+        let st: Vec<_> = reg.checks.iter().map(|c| c.status).collect();
+        assert_eq!(st, ["passing", "critical", "critical"]);
+    }
+
+    #[test]
+    fn http_check_urls_from_paths_and_templates() {
+        let v4 = Instance::parse("s", "i", "10.0.0.5", 81).unwrap();
+        let v6 = Instance::parse("s", "i", "::1", 82).unwrap();
+        assert_eq!(http_check_url("/h?x=1", &v4), "http://10.0.0.5:81/h?x=1");
+        assert_eq!(http_check_url("/h", &v6), "http://[::1]:82/h");
+        assert_eq!(
+            http_check_url("https://{host}:9443/ready", &v4),
+            "https://10.0.0.5:9443/ready"
+        );
+        assert_eq!(
+            http_check_url("http://{host}:{port}/x", &v6),
+            "http://[::1]:82/x"
+        );
+        assert_eq!(
+            http_check_url("http://sidecar:1/p/{port}", &v4),
+            "http://sidecar:1/p/81"
+        );
     }
 }

@@ -35,6 +35,14 @@ pub const MAX_WAIT: Duration = Duration::from_secs(600);
 /// | `wait` | `60s` | blocking-query wait (at most 10m), jittered down by up to 10 % |
 /// | `timeout` | `10s` | every non-blocking request; also how often a blocking watch checks the agent is alive |
 /// | `connect_timeout` | `5s` | TCP/TLS connect |
+/// | `http_check` | none | an HTTP check the agent runs beside the TTL check: a path (`/health`, checked at `http://{host}:{port}{path}` of the instance) or an `http(s)://` URL template (`{host}`, `{port}` are replaced) |
+/// | `tcp_check` | `false` | a TCP check the agent runs beside the TTL check: connects to the instance's `host:port` |
+/// | `check_interval` | `10s` | how often the agent runs `http_check` / `tcp_check` |
+/// | `check_timeout` | `5s` | timeout of each agent-run check (at most `check_interval`) |
+///
+/// Agent-run checks start **passing** when an instance is registered (so `register`
+/// returning still means a watcher lists it) and leave watches at the first failing run,
+/// within `check_interval` + `check_timeout`; see the crate docs for the trade-off.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
@@ -72,6 +80,22 @@ pub struct ConsulConfig {
     /// Connect timeout.
     #[serde(with = "waypost_core::config::duration")]
     pub connect_timeout: Duration,
+    /// An HTTP check the agent runs on each instance, beside the TTL check: a path such
+    /// as `/health` (the agent requests `http://{host}:{port}{path}` of the instance) or
+    /// a full `http://`/`https://` URL in which `{host}` and `{port}` are replaced by the
+    /// instance's. 2xx passes; anything else (429 is a warning) takes the instance out of
+    /// watches, which list only instances whose checks all pass.
+    pub http_check: Option<String>,
+    /// A TCP check the agent runs on each instance, beside the TTL check: it passes while
+    /// the agent can connect to the instance's `host:port`.
+    #[serde(deserialize_with = "de::boolean")]
+    pub tcp_check: bool,
+    /// How often the agent runs `http_check` / `tcp_check`.
+    #[serde(with = "waypost_core::config::duration")]
+    pub check_interval: Duration,
+    /// The timeout of each run of `http_check` / `tcp_check`; at most `check_interval`.
+    #[serde(with = "waypost_core::config::duration")]
+    pub check_timeout: Duration,
 }
 
 impl Default for ConsulConfig {
@@ -89,6 +113,10 @@ impl Default for ConsulConfig {
             wait: Duration::from_secs(60),
             timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
+            http_check: None,
+            tcp_check: false,
+            check_interval: Duration::from_secs(10),
+            check_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -108,6 +136,13 @@ impl fmt::Debug for ConsulConfig {
             .field("wait", &self.wait)
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field(
+                "http_check",
+                &self.http_check.as_deref().map(config::redact_url),
+            )
+            .field("tcp_check", &self.tcp_check)
+            .field("check_interval", &self.check_interval)
+            .field("check_timeout", &self.check_timeout)
             .finish()
     }
 }
@@ -202,6 +237,7 @@ impl ConsulConfig {
                 )));
             }
         }
+        self.validate_checks()?;
         if let Some(dc) = &self.datacenter {
             if dc.is_empty()
                 || !dc
@@ -223,6 +259,55 @@ impl ConsulConfig {
             }
         }
         Ok(())
+    }
+
+    fn validate_checks(&self) -> Result<()> {
+        if let Some(h) = &self.http_check {
+            let bad = |why: &str| {
+                Error::invalid_config(format!(
+                    "consul option `http_check`: `{}` {why}",
+                    config::redact_url(h).escape_debug()
+                ))
+            };
+            if h.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return Err(bad("contains whitespace or control characters"));
+            }
+            if let Some((scheme, rest)) = h.split_once("://") {
+                if !matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https") {
+                    return Err(bad("is not an http:// or https:// URL"));
+                }
+                if rest.is_empty() || rest.starts_with('/') {
+                    return Err(bad("has no host"));
+                }
+            } else if !h.starts_with('/') {
+                return Err(bad(
+                    "is neither a path starting with `/` nor an http(s):// URL",
+                ));
+            }
+        }
+        for (k, d) in [
+            ("check_interval", self.check_interval),
+            ("check_timeout", self.check_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(Error::invalid_config(format!(
+                    "consul option `{k}` may not be zero"
+                )));
+            }
+        }
+        if self.check_timeout > self.check_interval {
+            return Err(Error::invalid_config(format!(
+                "consul option `check_timeout` ({:?}) may not exceed `check_interval` ({:?})",
+                self.check_timeout, self.check_interval
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether the agent runs checks of its own (`http_check`, `tcp_check`) on each
+    /// instance, beside the TTL check.
+    pub fn has_agent_checks(&self) -> bool {
+        self.http_check.is_some() || self.tcp_check
     }
 
     /// The agent's base URL, `http://host:port` or `https://host:port`.
@@ -300,6 +385,31 @@ impl ConsulConfig {
         self.connect_timeout = timeout;
         self
     }
+
+    /// Adds an HTTP check run by the agent: a path such as `/health`, or an
+    /// `http(s)://` URL template with `{host}` and `{port}`.
+    pub fn with_http_check(mut self, path_or_url: impl Into<String>) -> Self {
+        self.http_check = Some(path_or_url.into());
+        self
+    }
+
+    /// Adds (or removes) a TCP check run by the agent on the instance's `host:port`.
+    pub fn with_tcp_check(mut self, on: bool) -> Self {
+        self.tcp_check = on;
+        self
+    }
+
+    /// Sets how often the agent runs its checks.
+    pub fn with_check_interval(mut self, interval: Duration) -> Self {
+        self.check_interval = interval;
+        self
+    }
+
+    /// Sets the timeout of each agent-run check.
+    pub fn with_check_timeout(mut self, timeout: Duration) -> Self {
+        self.check_timeout = timeout;
+        self
+    }
 }
 
 #[cfg(test)]
@@ -361,6 +471,80 @@ mod tests {
     }
 
     #[test]
+    fn agent_check_options_from_urls_and_serde() {
+        let c = ConsulConfig::from_url("consul://h:1").unwrap();
+        assert_eq!(c.http_check, None);
+        assert!(!c.tcp_check && !c.has_agent_checks());
+        assert_eq!(c.check_interval, Duration::from_secs(10));
+        assert_eq!(c.check_timeout, Duration::from_secs(5));
+        let c = ConsulConfig::from_url(
+            "consul://h:1?http_check=/health&tcp_check=true&check_interval=2s&check_timeout=500ms",
+        )
+        .unwrap();
+        assert_eq!(c.http_check.as_deref(), Some("/health"));
+        assert!(c.tcp_check && c.has_agent_checks());
+        assert_eq!(c.check_interval, Duration::from_secs(2));
+        assert_eq!(c.check_timeout, Duration::from_millis(500));
+        let c = ConsulConfig::from_url(
+            "consul://h:1?http_check=https%3A%2F%2F%7Bhost%7D%3A9000%2Fready%3Fdeep%3D1",
+        )
+        .unwrap();
+        assert_eq!(
+            c.http_check.as_deref(),
+            Some("https://{host}:9000/ready?deep=1")
+        );
+        let c: Config = serde_json::from_str(
+            r#"{"backend":"consul","http_check":"http://{host}:{port}/live",
+                "tcp_check":true,"check_interval":"3s","check_timeout":1000}"#,
+        )
+        .unwrap();
+        let c = ConsulConfig::from_config(&c).unwrap();
+        assert_eq!(c.http_check.as_deref(), Some("http://{host}:{port}/live"));
+        assert!(c.tcp_check);
+        assert_eq!(c.check_interval, Duration::from_secs(3));
+        assert_eq!(c.check_timeout, Duration::from_secs(1));
+        let c = ConsulConfig::default()
+            .with_http_check("/h")
+            .with_tcp_check(true)
+            .with_check_interval(Duration::from_secs(1))
+            .with_check_timeout(Duration::from_secs(1));
+        c.validate().unwrap();
+        let back: ConsulConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn bad_agent_check_options_name_the_key() {
+        for (url, part) in [
+            ("consul://h:1?http_check=health", "`http_check`"),
+            ("consul://h:1?http_check=", "`http_check`"),
+            ("consul://h:1?http_check=ftp%3A%2F%2Fh%2Fx", "`http_check`"),
+            ("consul://h:1?http_check=http%3A%2F%2F", "`http_check`"),
+            ("consul://h:1?http_check=%2Fa%20b", "`http_check`"),
+            ("consul://h:1?tcp_check=maybe", "tcp_check"),
+            ("consul://h:1?check_interval=0s", "`check_interval`"),
+            ("consul://h:1?check_interval=often", "check_interval"),
+            ("consul://h:1?check_timeout=0ms", "`check_timeout`"),
+            (
+                "consul://h:1?check_interval=1s&check_timeout=2s",
+                "`check_timeout`",
+            ),
+            ("consul://h:1?check_timeout=11s", "`check_timeout`"),
+        ] {
+            let e = ConsulConfig::from_url(url).unwrap_err();
+            assert!(matches!(e, Error::InvalidConfig { .. }), "{url}: {e}");
+            assert!(e.to_string().contains(part), "{url}: {e}");
+        }
+        let c: Config =
+            serde_json::from_str(r#"{"backend":"consul","http_check":"health"}"#).unwrap();
+        let e = ConsulConfig::from_config(&c).unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidConfig { .. }) && e.to_string().contains("`http_check`"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn the_token_never_shows() {
         let c = ConsulConfig::from_url("consul://h:1?token=hunter2").unwrap();
         assert_eq!(c.token.as_deref(), Some("hunter2"));
@@ -369,6 +553,10 @@ mod tests {
             !dbg.contains("hunter2") && dbg.contains("redacted"),
             "{dbg}"
         );
+        let with_creds =
+            ConsulConfig::default().with_http_check("http://probe:s3cret@{host}:{port}/health");
+        let dbg = format!("{with_creds:?}");
+        assert!(!dbg.contains("s3cret") && dbg.contains("probe"), "{dbg}");
         let e = ConsulConfig::from_url("consul://h:1?token=hun%20ter2").unwrap_err();
         assert!(!e.to_string().contains("hun"), "{e}");
         let e = ConsulConfig::from_url("consul://user:hunter2@h:1").unwrap_err();

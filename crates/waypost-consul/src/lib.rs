@@ -39,8 +39,31 @@
 //!   the agent answers that the check is unknown (agent restarted — a `-dev` agent keeps no
 //!   state — or the service was deregistered behind our back), it registers again by itself
 //!   (status `Reregistering`, then `Registered`); when the agent is unreachable the status is
-//!   `Suspended`. `update` re-registers with the same ID. `deregister` is
+//!   `Suspended`. `update` re-registers with the same ID (the agent keeps its checks'
+//!   current status). `deregister` is
 //!   `PUT /v1/agent/service/deregister/{id}`.
+//! - **Agent-run checks** (`http_check`, `tcp_check`, optional): *beside* the TTL check
+//!   (which stays: it is what removes a crashed process even when another process took its
+//!   port, and how the heartbeat notices a lost registration), the registration's `Checks`
+//!   get an HTTP check `service:{service}:{id}:http` (`http_check=/health` requests
+//!   `http://{host}:{port}/health` of the instance; a full `http(s)://` URL may use
+//!   `{host}` and `{port}`) and/or a TCP check `service:{service}:{id}:tcp` on
+//!   `{host}:{port}`, run by the agent every `check_interval` (10s) with `check_timeout`
+//!   (5s), with the same `DeregisterCriticalServiceAfter`. The instance is listed only
+//!   while *all* its checks pass, so one whose `/health` fails leaves watches and comes
+//!   back when it passes again.
+//!
+//!   *Starting status, the trade-off.* On `register` the agent-run checks start
+//!   **passing**: `register` returning still means a watcher lists the instance (the
+//!   `Registrar` contract), and Consul would otherwise wait a random part of one
+//!   `check_interval` before the first run. The price: an instance whose `/health` fails
+//!   from the start gets traffic until the first run, at most `check_interval` +
+//!   `check_timeout` — register once the service is ready to serve. When the heartbeat
+//!   registers an instance *again* (agent restarted, service removed behind our back, or
+//!   removed by Consul after failing its check for `deregister_critical_after`), they start
+//!   **critical**: no contract asks for it to be visible at once, and an instance whose
+//!   health check keeps failing must not flap back into watches every minute. `update`
+//!   does not reset them: for a check it already runs, the agent keeps the current status.
 //! - **Two registrants of one id on one agent**: Consul cannot tell them apart; the second
 //!   registration *replaces* the first (the `Registrar` contract allows this for agent
 //!   services). Within one [`ConsulDiscovery`], registering a live id again is

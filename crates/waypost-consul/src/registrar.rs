@@ -13,7 +13,7 @@ use waypost_core::{
     RegistrationStatus, Result, ServiceName,
 };
 
-use crate::codec;
+use crate::codec::{self, AgentCheckStart};
 use crate::discovery::{ConsulDiscovery, Inner};
 use crate::error::ConsulError;
 
@@ -46,9 +46,12 @@ impl Shared {
         });
     }
 
-    async fn write(&self, instance: &Instance) -> Result<(), ConsulError> {
-        let c = &self.client.config;
-        let reg = codec::encode(instance, c.ttl, c.deregister_critical_after);
+    /// Writes the registration. `start` is the status of agent-run checks (HTTP / TCP)
+    /// the agent does not have yet: the agent keeps the current status of a check it
+    /// already runs (Consul 1.8 preserves it when a service is registered again), so an
+    /// `update` neither lists an instance whose health check fails nor hides a healthy one.
+    async fn write(&self, instance: &Instance, start: AgentCheckStart) -> Result<(), ConsulError> {
+        let reg = codec::encode(instance, &self.client.config, start);
         self.client.agent.register(&reg).await
     }
 
@@ -93,7 +96,10 @@ impl Shared {
                 }
                 tracing::info!(service_id = %self.service_id, "consul: the agent lost the registration, registering again");
                 self.set_status(RegistrationStatus::Reregistering);
-                self.write(&st.instance).await?;
+                // Agent-run checks start critical here: an instance Consul removed after
+                // its health check failed for `deregister_critical_after` must not come
+                // back into watches before that check passes again.
+                self.write(&st.instance, AgentCheckStart::Critical).await?;
                 self.set_status(RegistrationStatus::Registered);
                 Ok(())
             }
@@ -160,9 +166,9 @@ impl RegistrationControl for Control {
                 what: "registration",
             });
         }
-        // Re-registering with the same ID replaces the service and resets its check to
-        // passing.
-        self.0.write(&instance).await?;
+        // Re-registering with the same ID replaces the service; the agent keeps the
+        // current status of its checks.
+        self.0.write(&instance, AgentCheckStart::Passing).await?;
         st.instance = instance;
         Ok(())
     }
@@ -221,7 +227,7 @@ impl Registrar for ConsulDiscovery {
             status: tx,
             stop: Notify::new(),
         });
-        if let Err(e) = shared.write(&instance).await {
+        if let Err(e) = shared.write(&instance, AgentCheckStart::Passing).await {
             client
                 .registered
                 .lock()
