@@ -339,8 +339,18 @@ async fn cluster_leader_killed_registration_and_watch_keep_working() {
     reg.wait_status(T, |s| *s == RegistrationStatus::Registered)
         .await
         .expect("a stays (or is back) Registered");
-    // The keep-alive outlives a few TTLs on the new leader.
-    tokio::time::sleep(common::LEASE_TTL * 2).await;
+    // The keep-alive outlives a few TTLs on the new leader: for two TTLs the watch
+    // reports no removal of either instance.
+    let window = tokio::time::Instant::now() + common::LEASE_TTL * 2;
+    while let Ok(ev) = tokio::time::timeout_at(window, watch.next()).await {
+        let ev = ev.expect("watch open").expect("no watch error");
+        assert!(
+            !matches!(&ev, WatchEvent::Removed { id, .. } if *id == a.id || *id == b.id),
+            "an instance left after the leader change: {ev:?}"
+        );
+        set.apply(&ev);
+    }
+    assert!(set.contains(&a.id) && set.contains(&b.id));
     let listed = w.instances(&svc).await.unwrap();
     assert!(listed.get(&a.id).is_some() && listed.get(&b.id).is_some());
 }
