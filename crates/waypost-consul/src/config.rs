@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use waypost_core::config::{self, de, Config, RegistryUrl};
+use waypost_core::config::{self, de, Config};
 use waypost_core::{Error, Result};
 
 /// The default agent port.
@@ -158,15 +158,9 @@ impl ConsulConfig {
 
     /// Builds from a [`Config`]: a URL and/or options (options win over the URL's).
     pub fn from_config(config: &Config) -> Result<Self> {
-        let url = config.url.as_deref().map(RegistryUrl::parse).transpose()?;
-        let mut options = config::merged_options(url.as_ref(), config)?;
+        let (url, mut options) =
+            config::url_options("consul", SCHEMES, config, config::UrlParts::default())?;
         if let Some(u) = &url {
-            if !SCHEMES.contains(&u.scheme.as_str()) {
-                return Err(Error::invalid_config(format!(
-                    "consul config got a `{}` URL; use consul:// or consuls://",
-                    u.scheme
-                )));
-            }
             if u.hosts.len() > 1 {
                 return Err(Error::invalid_config(
                     "consul URL takes one agent address: consul://HOST:PORT (talk to your local agent)",

@@ -420,6 +420,82 @@ pub fn merged_options(
     Ok(m)
 }
 
+/// The option names the parts of a backend's URL fill, for [`url_options`]. `None`: the
+/// backend's URLs have no such part.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UrlParts {
+    /// Option filled with the hosts as a list of `host:port` strings.
+    pub hosts: Option<&'static str>,
+    /// Port filled in where a host has none.
+    pub default_port: u16,
+    /// Option filled with the path (without a trailing `/`).
+    pub path: Option<&'static str>,
+    /// Option filled with the user name of the userinfo part.
+    pub username: Option<&'static str>,
+    /// Option filled with the password of the userinfo part.
+    pub password: Option<&'static str>,
+}
+
+/// The common first step of a backend's `from_config`: parses the config's URL (if any),
+/// checks its scheme is one of `schemes`, and merges its query options with the config's
+/// options ([`merged_options`]). Then fills the options named in `parts` from the URL's
+/// hosts, path and userinfo, unless the config sets them explicitly. A query option that
+/// names one of those parts is an error: it belongs in the URL itself.
+///
+/// Returns the parsed URL too, for checks of the backend's own.
+pub fn url_options(
+    backend: &str,
+    schemes: &[&str],
+    config: &Config,
+    parts: UrlParts,
+) -> Result<(
+    Option<RegistryUrl>,
+    serde_json::Map<String, serde_json::Value>,
+)> {
+    let url = config.url.as_deref().map(RegistryUrl::parse).transpose()?;
+    let Some(u) = &url else {
+        return Ok((None, merged_options(None, config)?));
+    };
+    if !schemes.contains(&u.scheme.as_str()) {
+        return Err(Error::invalid_config(format!(
+            "{backend} config got a `{}` URL; expected one of {}",
+            u.scheme,
+            schemes
+                .iter()
+                .map(|s| format!("{s}://"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let named = [parts.hosts, parts.path, parts.username, parts.password];
+    if let Some((k, _)) = u
+        .query
+        .iter()
+        .find(|(k, _)| named.contains(&Some(k.as_str())))
+    {
+        return Err(Error::invalid_config(format!(
+            "{backend} URL option `{k}` belongs in the URL itself (scheme://user:password@host:port/path)"
+        )));
+    }
+    let mut options = merged_options(url.as_ref(), config)?;
+    let mut fill = |key: Option<&'static str>, value: Option<serde_json::Value>| {
+        if let (Some(k), Some(v)) = (key, value) {
+            options.entry(k).or_insert(v);
+        }
+    };
+    fill(
+        parts.hosts,
+        (!u.hosts.is_empty()).then(|| serde_json::json!(u.endpoints(parts.default_port))),
+    );
+    fill(
+        parts.path,
+        (!u.path.is_empty()).then(|| u.path.clone().into()),
+    );
+    fill(parts.username, u.username.clone().map(Into::into));
+    fill(parts.password, u.password.clone().map(Into::into));
+    Ok((url, options))
+}
+
 /// Deserializes a backend's typed options from a merged option map into
 /// [`Error::InvalidConfig`] naming the key: an unknown key (with
 /// `#[serde(deny_unknown_fields)]`), or the key whose value did not parse
@@ -622,6 +698,42 @@ mod tests {
         assert_eq!(merged["session_timeout"], "3s");
         assert_eq!(merged["a"], "b");
         assert!(Config::default().scheme().is_err());
+    }
+
+    #[test]
+    fn url_options_fill_parts_unless_set_and_check_the_scheme() {
+        let parts = UrlParts {
+            hosts: Some("endpoints"),
+            default_port: 2379,
+            path: Some("prefix"),
+            username: Some("user"),
+            password: Some("password"),
+        };
+        let c = Config::from_url("etcd://u:p@a,b:1/svc?ttl=1s").with_option("prefix", "/mine");
+        let (url, o) = url_options("etcd", &["etcd"], &c, parts).unwrap();
+        assert!(url.is_some());
+        assert_eq!(o["endpoints"], serde_json::json!(["a:2379", "b:1"]));
+        assert_eq!(o["prefix"], "/mine", "explicit options win");
+        assert_eq!(
+            (o["user"].as_str(), o["password"].as_str()),
+            (Some("u"), Some("p"))
+        );
+        assert_eq!(o["ttl"], "1s");
+        let e = url_options("etcd", &["etcd"], &Config::from_url("zk://h"), parts).unwrap_err();
+        assert!(
+            e.to_string().contains("`zk`") && e.to_string().contains("etcd://"),
+            "{e}"
+        );
+        let e = url_options(
+            "etcd",
+            &["etcd"],
+            &Config::from_url("etcd://h?prefix=/x"),
+            parts,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("`prefix` belongs in the URL"), "{e}");
+        let (url, o) = url_options("etcd", &["etcd"], &Config::default(), parts).unwrap();
+        assert!(url.is_none() && o.is_empty());
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use waypost_core::config::{self, Config, RegistryUrl};
+use waypost_core::config::{self, Config};
 use waypost_core::{Error, Result};
 
 use crate::SCHEMES;
@@ -123,45 +123,18 @@ impl EtcdConfig {
 
     /// Builds from a [`Config`]: its URL (if any), then its options, which win.
     pub fn from_config(config: &Config) -> Result<Self> {
-        let url = config.url.as_deref().map(RegistryUrl::parse).transpose()?;
-        if let Some(u) = &url {
-            if !SCHEMES.contains(&u.scheme.as_str()) {
-                return Err(Error::invalid_config(format!(
-                    "etcd config got a `{}` URL; expected etcd://host:port/prefix",
-                    u.scheme
-                )));
-            }
-            for key in ["endpoints", "prefix", "user", "password"] {
-                if u.query.iter().any(|(k, _)| k == key) {
-                    return Err(Error::invalid_config(format!(
-                        "etcd URL option `{key}` belongs in the URL itself: etcd://user:password@host:port/prefix"
-                    )));
-                }
-            }
-        }
-        let mut options = config::merged_options(url.as_ref(), config)?;
-        if let Some(u) = &url {
-            if !u.hosts.is_empty() {
-                options
-                    .entry("endpoints")
-                    .or_insert_with(|| serde_json::json!(u.endpoints(DEFAULT_PORT)));
-            }
-            if !u.path.is_empty() {
-                options
-                    .entry("prefix")
-                    .or_insert_with(|| serde_json::Value::String(u.path.clone()));
-            }
-            if let Some(user) = &u.username {
-                options
-                    .entry("user")
-                    .or_insert_with(|| serde_json::Value::String(user.clone()));
-            }
-            if let Some(p) = &u.password {
-                options
-                    .entry("password")
-                    .or_insert_with(|| serde_json::Value::String(p.clone()));
-            }
-        }
+        let (_, options) = config::url_options(
+            "etcd",
+            SCHEMES,
+            config,
+            config::UrlParts {
+                hosts: Some("endpoints"),
+                default_port: DEFAULT_PORT,
+                path: Some("prefix"),
+                username: Some("user"),
+                password: Some("password"),
+            },
+        )?;
         let c: Self = config::options_into("etcd", options)?;
         c.validate()?;
         Ok(c)

@@ -5,7 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use waypost_core::config::{self, Config, RegistryUrl};
+use waypost_core::config::{self, Config};
 use waypost_core::{Error, Result};
 
 use crate::SCHEMES;
@@ -141,39 +141,18 @@ impl ZkConfig {
     /// Builds from a [`Config`]: its URL (if any) and its options, which win over the
     /// URL's query options.
     pub fn from_config(config: &Config) -> Result<Self> {
-        let url = config.url.as_deref().map(RegistryUrl::parse).transpose()?;
-        if let Some(u) = &url {
-            if !SCHEMES.contains(&u.scheme.as_str()) {
-                return Err(Error::invalid_config(format!(
-                    "zookeeper config got a `{}` URL; expected one of {}",
-                    u.scheme,
-                    SCHEMES.join(", ")
-                )));
-            }
-        }
-        let mut options = config::merged_options(url.as_ref(), config)?;
-        if let Some(u) = &url {
-            if !u.hosts.is_empty() {
-                options
-                    .entry("hosts")
-                    .or_insert_with(|| serde_json::Value::from(u.endpoints(DEFAULT_PORT)));
-            }
-            if !u.path.is_empty() {
-                options
-                    .entry("root")
-                    .or_insert_with(|| serde_json::Value::String(u.path.clone()));
-            }
-            if let Some(user) = &u.username {
-                options
-                    .entry("username")
-                    .or_insert_with(|| serde_json::Value::String(user.clone()));
-            }
-            if let Some(pw) = &u.password {
-                options
-                    .entry("password")
-                    .or_insert_with(|| serde_json::Value::String(pw.clone()));
-            }
-        }
+        let (_, options) = config::url_options(
+            "zookeeper",
+            SCHEMES,
+            config,
+            config::UrlParts {
+                hosts: Some("hosts"),
+                default_port: DEFAULT_PORT,
+                path: Some("root"),
+                username: Some("username"),
+                password: Some("password"),
+            },
+        )?;
         let mut c: Self = config::options_into("zookeeper", options)?;
         c.hosts = c
             .hosts
