@@ -139,10 +139,7 @@ impl Connector for ConsulConnector {
     fn connect<'a>(&'a self, config: &'a Config) -> BoxFuture<'a, Result<Discovery>> {
         Box::pin(async move {
             let d = Arc::new(ConsulDiscovery::connect(ConsulConfig::from_config(config)?).await?);
-            Ok(Discovery {
-                registrar: d.clone(),
-                watcher: d,
-            })
+            Ok(Discovery::new(d.clone(), d))
         })
     }
 }

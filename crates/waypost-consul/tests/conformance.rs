@@ -55,10 +55,7 @@ impl TestBackend for ConsulBackend {
             .with_connect_timeout(Duration::from_secs(2));
         let client = Arc::new(ConsulDiscovery::connect(config).await.expect("connect"));
         self.clients.lock().unwrap().push(client.clone());
-        Discovery {
-            registrar: client.clone(),
-            watcher: client,
-        }
+        Discovery::new(client.clone(), client)
     }
 
     fn settings(&self) -> Settings {

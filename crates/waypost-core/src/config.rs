@@ -368,11 +368,32 @@ impl Config {
 
 /// The registrar and watcher of one connection to a registry.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct Discovery {
     /// Registers instances.
     pub registrar: Arc<dyn Registrar>,
     /// Lists and watches instances.
     pub watcher: Arc<dyn Watcher>,
+    /// Fault injection for tests ([`TestHooks`](crate::backend::TestHooks)), where the
+    /// backend offers it.
+    pub hooks: Option<Arc<dyn crate::backend::TestHooks>>,
+}
+
+impl Discovery {
+    /// A registrar and a watcher of one connection.
+    pub fn new(registrar: Arc<dyn Registrar>, watcher: Arc<dyn Watcher>) -> Self {
+        Self {
+            registrar,
+            watcher,
+            hooks: None,
+        }
+    }
+
+    /// With the backend's test hooks.
+    pub fn with_hooks(mut self, hooks: Arc<dyn crate::backend::TestHooks>) -> Self {
+        self.hooks = Some(hooks);
+        self
+    }
 }
 
 /// What a backend exports so that the facade can pick it by scheme: its names and a way

@@ -7,6 +7,7 @@
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 #![forbid(unsafe_code)]
 
+pub mod backend;
 pub mod backoff;
 pub mod cache;
 pub mod config;

@@ -1,11 +1,10 @@
 //! The whole conformance suite on the memory backend, so the suite itself is always
 //! tested, with fault injection through `MemoryRegistry`.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use waypost_core::memory::{MemoryClient, MemoryRegistry};
+use waypost_core::memory::MemoryRegistry;
 use waypost_core::Discovery;
 use waypost_testkit::conformance::{Faults, Settings, TestBackend};
 
@@ -13,14 +12,12 @@ use waypost_testkit::conformance::{Faults, Settings, TestBackend};
 struct MemoryBackend {
     registry: MemoryRegistry,
     ttl: Duration,
-    clients: Mutex<Vec<Arc<MemoryClient>>>,
 }
 
 async fn memory() -> Option<MemoryBackend> {
     Some(MemoryBackend {
         registry: MemoryRegistry::new("conformance"),
         ttl: Duration::from_millis(400),
-        clients: Mutex::new(Vec::new()),
     })
 }
 
@@ -31,12 +28,7 @@ impl TestBackend for MemoryBackend {
     }
 
     async fn connect(&self) -> Discovery {
-        let client = Arc::new(self.registry.client(self.ttl));
-        self.clients.lock().unwrap().push(client.clone());
-        Discovery {
-            registrar: client.clone(),
-            watcher: client,
-        }
+        self.registry.client(self.ttl).into_discovery()
     }
 
     fn settings(&self) -> Settings {
@@ -67,14 +59,9 @@ impl Faults for MemoryBackend {
     }
 
     async fn crash(&self, discovery: &Discovery) -> bool {
-        let target = Arc::as_ptr(&discovery.registrar) as *const ();
-        let clients = self.clients.lock().unwrap();
-        match clients
-            .iter()
-            .find(|c| Arc::as_ptr(c) as *const () == target)
-        {
-            Some(c) => {
-                c.kill();
+        match &discovery.hooks {
+            Some(h) => {
+                h.crash();
                 true
             }
             None => false,

@@ -90,10 +90,7 @@ impl Connector for EtcdConnector {
     fn connect<'a>(&'a self, config: &'a Config) -> BoxFuture<'a, Result<Discovery>> {
         Box::pin(async move {
             let d = Arc::new(EtcdDiscovery::connect(EtcdConfig::from_config(config)?).await?);
-            Ok(Discovery {
-                registrar: d.clone(),
-                watcher: d,
-            })
+            Ok(Discovery::new(d.clone(), d))
         })
     }
 }

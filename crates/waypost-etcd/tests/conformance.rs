@@ -38,10 +38,7 @@ impl TestBackend for EtcdBackend {
     async fn connect(&self) -> Discovery {
         let d = Arc::new(common::connect(&self.server.url()).await);
         self.clients.lock().unwrap().push(d.clone());
-        Discovery {
-            registrar: d.clone(),
-            watcher: d,
-        }
+        Discovery::new(d.clone(), d)
     }
 
     fn settings(&self) -> Settings {

@@ -200,10 +200,7 @@ impl Connector for ZkConnector {
     fn connect<'a>(&'a self, config: &'a Config) -> BoxFuture<'a, Result<Discovery>> {
         Box::pin(async move {
             let d = Arc::new(ZkDiscovery::connect(ZkConfig::from_config(config)?).await?);
-            Ok(Discovery {
-                registrar: d.clone(),
-                watcher: d,
-            })
+            Ok(Discovery::new(d.clone(), d))
         })
     }
 }

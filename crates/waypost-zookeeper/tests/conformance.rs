@@ -67,10 +67,7 @@ impl TestBackend for ZkBackend {
             d.use_child_watches();
         }
         self.clients.lock().unwrap().push(d.clone());
-        Discovery {
-            registrar: d.clone(),
-            watcher: d,
-        }
+        Discovery::new(d.clone(), d)
     }
 
     fn settings(&self) -> Settings {

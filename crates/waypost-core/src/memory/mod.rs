@@ -21,11 +21,12 @@
 //! # Ok(()) }
 //! ```
 
+mod backend;
 mod client;
 mod registry;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -143,13 +144,7 @@ impl Connector for MemoryConnector {
     }
 
     fn connect<'a>(&'a self, config: &'a Config) -> BoxFuture<'a, Result<Discovery>> {
-        Box::pin(async move {
-            let client = Arc::new(MemoryConfig::from_config(config)?.client());
-            Ok(Discovery {
-                registrar: client.clone(),
-                watcher: client,
-            })
-        })
+        Box::pin(async move { Ok(MemoryConfig::from_config(config)?.client().into_discovery()) })
     }
 }
 

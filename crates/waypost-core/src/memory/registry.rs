@@ -8,16 +8,19 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use crate::backend::{Change, Entry as Listed, Listing, Presence};
 use crate::error::{Error, Result};
-use crate::event::{Snapshot, WatchEvent};
-use crate::model::{Instance, InstanceId, Revision, ServiceName};
+use crate::event::Snapshot;
+use crate::model::{Instance, Revision, ServiceName};
 
 /// A session's id: what a client's registrations are bound to, like a ZooKeeper session.
 pub type SessionId = u64;
 
+/// One entry. Clients write theirs at the key named by the instance id, bound to their
+/// session; foreign writers ([`MemoryRegistry::put_foreign`]) anywhere, bound to none.
 struct Entry {
     instance: Instance,
-    session: SessionId,
+    session: Option<SessionId>,
 }
 
 struct Session {
@@ -30,30 +33,63 @@ struct State {
     revision: Revision,
     next_session: SessionId,
     sessions: HashMap<SessionId, Session>,
-    services: HashMap<ServiceName, BTreeMap<InstanceId, Entry>>,
-    subscribers: HashMap<ServiceName, Vec<mpsc::UnboundedSender<WatchEvent>>>,
+    /// Per service, its entries by key.
+    services: HashMap<ServiceName, BTreeMap<String, Entry>>,
+    subscribers: HashMap<ServiceName, Vec<mpsc::UnboundedSender<Change<Instance>>>>,
+}
+
+/// Where a client writes an instance: its id.
+pub(crate) fn own_key(instance: &Instance) -> &str {
+    instance.id.as_str()
 }
 
 impl State {
-    fn notify(&mut self, service: &ServiceName, event: WatchEvent) {
+    fn notify(&mut self, service: &ServiceName, change: Change<Instance>) {
         if let Some(subs) = self.subscribers.get_mut(service) {
-            subs.retain(|s| s.send(event.clone()).is_ok());
+            subs.retain(|s| s.send(change.clone()).is_ok());
         }
     }
 
-    fn remove_entry(&mut self, service: &ServiceName, id: &InstanceId) -> bool {
+    fn entry(&self, service: &ServiceName, key: &str) -> Option<&Entry> {
+        self.services.get(service).and_then(|m| m.get(key))
+    }
+
+    fn put_entry(&mut self, key: &str, instance: &Instance, session: Option<SessionId>) {
+        self.revision += 1;
+        let revision = self.revision;
+        self.services
+            .entry(instance.service.clone())
+            .or_default()
+            .insert(
+                key.to_string(),
+                Entry {
+                    instance: instance.clone(),
+                    session,
+                },
+            );
+        self.notify(
+            &instance.service,
+            Change::Put {
+                key: key.to_string(),
+                item: Some(instance.clone()),
+                revision,
+            },
+        );
+    }
+
+    fn remove_entry(&mut self, service: &ServiceName, key: &str) -> bool {
         let removed = self
             .services
             .get_mut(service)
-            .and_then(|m| m.remove(id))
+            .and_then(|m| m.remove(key))
             .is_some();
         if removed {
             self.revision += 1;
             let revision = self.revision;
             self.notify(
                 service,
-                WatchEvent::Removed {
-                    id: id.clone(),
+                Change::Delete {
+                    key: key.to_string(),
                     revision,
                 },
             );
@@ -63,13 +99,13 @@ impl State {
 
     fn drop_session(&mut self, session: SessionId) -> usize {
         self.sessions.remove(&session);
-        let doomed: Vec<(ServiceName, InstanceId)> = self
+        let doomed: Vec<(ServiceName, String)> = self
             .services
             .iter()
             .flat_map(|(s, m)| {
                 m.iter()
-                    .filter(|(_, e)| e.session == session)
-                    .map(move |(id, _)| (s.clone(), id.clone()))
+                    .filter(|(_, e)| e.session == Some(session))
+                    .map(move |(k, _)| (s.clone(), k.clone()))
             })
             .collect();
         for (s, id) in &doomed {
@@ -204,112 +240,99 @@ impl Inner {
         Ok(())
     }
 
-    /// Creates an entry bound to `session`. `replace_own`: an existing entry of the same
-    /// session is replaced (re-registration) instead of being a conflict.
-    pub(crate) fn put(
+    /// Writes `instance` at its own key bound to `session`, with the keeper's
+    /// [`RegistryStore::write`](crate::backend::RegistryStore::write) semantics.
+    pub(crate) fn write(
         &self,
         session: SessionId,
         instance: &Instance,
-        replace_own: bool,
+        takeover: bool,
     ) -> Result<()> {
         let mut st = self.op()?;
         if !st.sessions.contains_key(&session) {
             return Err(Error::SessionExpired);
         }
-        let existing = st
-            .services
-            .get(&instance.service)
-            .and_then(|m| m.get(&instance.id))
-            .map(|e| (e.session, e.instance == *instance));
-        let event_kind_added = match existing {
-            Some((owner, _)) if owner != session || !replace_own => {
+        let key = own_key(instance);
+        match st.entry(&instance.service, key) {
+            Some(e) if e.session == Some(session) && e.instance == *instance => return Ok(()),
+            Some(e) if e.session == Some(session) || (e.session.is_none() && takeover) => {}
+            Some(_) => {
                 return Err(Error::AlreadyExists {
                     what: format!(
-                        "instance `{}` of service `{}` is registered by another live session",
+                        "instance `{}` of service `{}` is registered by another party",
                         instance.id, instance.service
                     ),
-                });
+                })
             }
-            Some((_, true)) => return Ok(()),
-            Some((_, false)) => false,
-            None => true,
-        };
-        st.revision += 1;
-        let revision = st.revision;
-        st.services
-            .entry(instance.service.clone())
-            .or_default()
-            .insert(
-                instance.id.clone(),
-                Entry {
-                    instance: instance.clone(),
-                    session,
-                },
-            );
-        let event = if event_kind_added {
-            WatchEvent::Added {
-                instance: instance.clone(),
-                revision,
-            }
-        } else {
-            WatchEvent::Updated {
-                instance: instance.clone(),
-                revision,
-            }
-        };
-        st.notify(&instance.service, event);
+            None => {}
+        }
+        st.put_entry(key, instance, Some(session));
         Ok(())
     }
 
-    /// Whether `session` holds the entry of this instance.
-    pub(crate) fn holds(
-        &self,
-        session: SessionId,
-        service: &ServiceName,
-        id: &InstanceId,
-    ) -> Result<bool> {
+    /// What the registry holds at `instance`'s own key, seen from `session`.
+    pub(crate) fn inspect(&self, session: SessionId, instance: &Instance) -> Result<Presence> {
         let st = self.op()?;
-        Ok(st
-            .services
-            .get(service)
-            .and_then(|m| m.get(id))
-            .is_some_and(|e| e.session == session))
+        Ok(match st.entry(&instance.service, own_key(instance)) {
+            None => Presence::Missing,
+            Some(e) if e.session == Some(session) => Presence::Ours {
+                current: e.instance == *instance,
+            },
+            Some(e) if e.session.is_none() => Presence::Unowned,
+            Some(_) => Presence::Foreign,
+        })
     }
 
-    /// Removes the entry if `session` holds it.
-    pub(crate) fn delete(
-        &self,
-        session: SessionId,
-        service: &ServiceName,
-        id: &InstanceId,
-    ) -> Result<()> {
+    /// Removes `instance`'s entry if `session` holds it.
+    pub(crate) fn delete(&self, session: SessionId, instance: &Instance) -> Result<()> {
         let mut st = self.op()?;
+        let key = own_key(instance);
         let owned = st
-            .services
-            .get(service)
-            .and_then(|m| m.get(id))
-            .is_some_and(|e| e.session == session);
+            .entry(&instance.service, key)
+            .is_some_and(|e| e.session == Some(session));
         if owned {
-            st.remove_entry(service, id);
+            st.remove_entry(&instance.service, key);
         }
         Ok(())
     }
 
-    pub(crate) fn snapshot(&self, service: &ServiceName) -> Result<Snapshot> {
-        let st = self.op()?;
-        Ok(snapshot_of(&st, service))
-    }
-
-    /// A snapshot and a subscription to every later change, atomically.
-    pub(crate) fn subscribe(
+    /// Every entry of `service`, and (if asked) a subscription to every later change,
+    /// atomically.
+    pub(crate) fn list(
         &self,
         service: &ServiceName,
-    ) -> Result<(Snapshot, mpsc::UnboundedReceiver<WatchEvent>)> {
+        subscribe: bool,
+    ) -> Result<(
+        Listing<Instance>,
+        Option<mpsc::UnboundedReceiver<Change<Instance>>>,
+    )> {
         let mut st = self.op()?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let snap = snapshot_of(&st, service);
-        st.subscribers.entry(service.clone()).or_default().push(tx);
-        Ok((snap, rx))
+        let listing = listing_of(&st, service);
+        let rx = subscribe.then(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            st.subscribers.entry(service.clone()).or_default().push(tx);
+            rx
+        });
+        Ok((listing, rx))
+    }
+}
+
+fn listing_of(st: &State, service: &ServiceName) -> Listing<Instance> {
+    let entries = st
+        .services
+        .get(service)
+        .map(|m| {
+            m.iter()
+                .map(|(k, e)| Listed {
+                    key: k.clone(),
+                    item: e.instance.clone(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Listing {
+        entries,
+        revision: st.revision,
     }
 }
 
@@ -394,5 +417,18 @@ impl MemoryRegistry {
     /// What the registry holds for `service`, ignoring reachability (for assertions).
     pub fn peek(&self, service: &ServiceName) -> Snapshot {
         snapshot_of(&self.inner.lock(), service)
+    }
+
+    /// Fault injection, as a foreign writer: writes `instance` at `key` (any string; a
+    /// key other than the instance's id claims the id beside its owner), bound to no
+    /// session, like a persistent node or a key without a lease.
+    pub fn put_foreign(&self, key: &str, instance: &Instance) {
+        self.inner.lock().put_entry(key, instance, None);
+    }
+
+    /// Fault injection, as a foreign writer: deletes whatever `service` holds at `key`
+    /// (an instance's id is its owner's key). Returns whether there was an entry.
+    pub fn delete_foreign(&self, service: &ServiceName, key: &str) -> bool {
+        self.inner.lock().remove_entry(service, key)
     }
 }

@@ -1,0 +1,725 @@
+//! The registration keeper: the table of a client's live registrations, bound to its
+//! [`Session`], and the one loop that keeps them true to the registry.
+//!
+//! A backend supplies a [`RegistryStore`] (write, inspect and delete one entry); the
+//! keeper owns everything else of the [`Registrar`] contract:
+//!
+//! - one registration per id per client; the registry's own conflicts are
+//!   [`Error::AlreadyExists`];
+//! - statuses: `Suspended` while the session is, `Reregistering` whenever the registry
+//!   lost an entry (session expired, deleted or overwritten by someone else), `Registered`
+//!   once it is back; re-registration retries with backoff and no cap;
+//! - **writes whose outcome is unknown** (a timeout, a lost reply, a caller that gave up
+//!   waiting): the entry is tracked as a *pending removal* until the registry confirms it
+//!   does not hold it, so a caller who got an error never finds the instance registered
+//!   afterwards; a failed deregistration is retried the same way;
+//! - drop-time deregistration in the background.
+
+use std::collections::HashMap;
+use std::fmt::{self, Debug};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use async_trait::async_trait;
+use tokio::sync::{watch, Notify, OwnedMutexGuard};
+
+use crate::error::{Error, Result};
+use crate::model::{Instance, InstanceId, ServiceName};
+use crate::registrar::{Registrar, Registration, RegistrationControl, RegistrationStatus};
+
+use super::session::{Session, SessionDriver, SessionState};
+
+/// What the registry holds at an instance's entry, as seen from one session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Presence {
+    /// Nothing (or nothing that names this instance).
+    Missing,
+    /// Our entry, bound to the session; `current`: it holds exactly this instance.
+    Ours {
+        /// Whether the entry holds exactly the instance asked about.
+        current: bool,
+    },
+    /// An entry bound to no session (a foreign write over our entry, an etcd key detached
+    /// from its lease): it would outlive us, and may be replaced.
+    Unowned,
+    /// An entry bound to another live session: someone else holds this id.
+    Foreign,
+}
+
+/// The registry primitives behind registrations: one entry per instance, bound to a
+/// session.
+#[async_trait]
+pub trait RegistryStore: Debug + Send + Sync + 'static {
+    /// The session handle entries are bound to ([`SessionDriver::Handle`]).
+    type Handle: Clone + Debug + PartialEq + Send + Sync + 'static;
+
+    /// Writes `instance`'s entry bound to `session`. An absent entry is created and our own
+    /// entry replaced. An [`Presence::Unowned`] entry is replaced only when `takeover` is
+    /// set (the keeper heals a registration it held), else it is
+    /// [`Error::AlreadyExists`], as is a [`Presence::Foreign`] entry always.
+    /// [`Error::SessionExpired`] if the registry no longer knows `session`.
+    async fn write(
+        &self,
+        session: &Self::Handle,
+        instance: &Instance,
+        takeover: bool,
+    ) -> Result<()>;
+
+    /// What the registry holds at `instance`'s entry. Called once per keep-alive round for
+    /// every registration: a backend whose entries need their own heartbeat (Consul's TTL
+    /// checks) sends it here.
+    async fn inspect(&self, session: &Self::Handle, instance: &Instance) -> Result<Presence>;
+
+    /// Deletes `instance`'s entry if it is ours (bound to `session`); never another
+    /// party's. Absent is success.
+    async fn delete(&self, session: &Self::Handle, instance: &Instance) -> Result<()>;
+}
+
+type Key = (ServiceName, InstanceId);
+
+fn key_of(i: &Instance) -> Key {
+    (i.service.clone(), i.id.clone())
+}
+
+struct Reg<H> {
+    instance: Instance,
+    status: watch::Sender<RegistrationStatus>,
+    /// The session the entry was last written under.
+    written: Option<H>,
+}
+
+struct Pending<H> {
+    session: H,
+    instance: Instance,
+}
+
+struct Table<H> {
+    regs: HashMap<Key, Reg<H>>,
+    /// Entries that must not stay in the registry: outcome-unknown creates, failed
+    /// deletes. Dropped once the registry says it does not hold them (or their session
+    /// ended).
+    pending: Vec<Pending<H>>,
+    /// One lock per key: register, update, deregister and the keeper's round never
+    /// interleave on one entry.
+    locks: HashMap<Key, Arc<tokio::sync::Mutex<()>>>,
+}
+
+fn set_status(tx: &watch::Sender<RegistrationStatus>, s: RegistrationStatus) {
+    tx.send_if_modified(|cur| {
+        if *cur == s || *cur == RegistrationStatus::Deregistered {
+            false
+        } else {
+            *cur = s;
+            true
+        }
+    });
+}
+
+struct Inner<D: SessionDriver, S> {
+    session: Session<D>,
+    store: S,
+    table: Mutex<Table<D::Handle>>,
+    kick: Arc<Notify>,
+    task_started: AtomicBool,
+    backend: &'static str,
+}
+
+/// A client's registrations, kept alive and true to the registry: implements
+/// [`Registrar`] for any backend's [`RegistryStore`] over its [`Session`]. Cheap to
+/// clone.
+pub struct Keeper<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> {
+    inner: Arc<Inner<D, S>>,
+}
+
+impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Clone for Keeper<D, S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Debug for Keeper<D, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = self.inner.lock();
+        f.debug_struct("Keeper")
+            .field("backend", &self.inner.backend)
+            .field("session", &self.inner.session)
+            .field("registrations", &t.regs.len())
+            .field("pending_removals", &t.pending.len())
+            .finish()
+    }
+}
+
+impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Keeper<D, S> {
+    /// A keeper of registrations written through `store`, bound to `session`. `backend`
+    /// names the backend in logs.
+    pub fn new(backend: &'static str, session: Session<D>, store: S) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                session,
+                store,
+                table: Mutex::new(Table {
+                    regs: HashMap::new(),
+                    pending: Vec::new(),
+                    locks: HashMap::new(),
+                }),
+                kick: Arc::new(Notify::new()),
+                task_started: AtomicBool::new(false),
+                backend,
+            }),
+        }
+    }
+
+    /// The session registrations are bound to.
+    pub fn session(&self) -> &Session<D> {
+        &self.inner.session
+    }
+
+    /// The backend's store.
+    pub fn store(&self) -> &S {
+        &self.inner.store
+    }
+
+    /// How many registrations are held.
+    pub fn len(&self) -> usize {
+        self.inner.lock().regs.len()
+    }
+
+    /// Whether no registration is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How many entries wait to be confirmed absent (outcome-unknown writes, failed
+    /// deletes).
+    pub fn pending_removals(&self) -> usize {
+        self.inner.lock().pending.len()
+    }
+
+    /// Shuts down: every registration is `Deregistered` and the session closed (the
+    /// registry drops whatever it still holds for it at once). Later calls fail with
+    /// [`Error::Closed`].
+    pub async fn shutdown(&self) -> Result<()> {
+        {
+            let mut t = self.inner.lock();
+            for (_, reg) in t.regs.drain() {
+                reg.status.send_replace(RegistrationStatus::Deregistered);
+            }
+        }
+        self.inner.kick.notify_one();
+        self.inner.session.close().await
+    }
+
+    /// **Test hook.** The process "crashes": nothing more is written or deleted.
+    pub fn crash(&self) {
+        self.inner.session.crash();
+        self.inner.kick.notify_one();
+    }
+
+    fn ensure_task(&self) {
+        if self.inner.task_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.inner.task_started.store(false, Ordering::Release);
+            return;
+        };
+        rt.spawn(keep(
+            Arc::downgrade(&self.inner),
+            self.inner.kick.clone(),
+            self.inner.session.state(),
+        ));
+    }
+}
+
+impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
+    fn lock(&self) -> MutexGuard<'_, Table<D::Handle>> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn lock_key(&self, key: &Key) -> OwnedMutexGuard<()> {
+        let m = self.lock().locks.entry(key.clone()).or_default().clone();
+        m.lock_owned().await
+    }
+
+    /// Forgets the key's lock when nobody else holds or waits for it.
+    fn release_key(&self, key: &Key, guard: OwnedMutexGuard<()>) {
+        drop(guard);
+        let mut t = self.lock();
+        if !t.regs.contains_key(key) && !t.pending.iter().any(|p| key_of(&p.instance) == *key) {
+            if let Some(m) = t.locks.get(key) {
+                if Arc::strong_count(m) == 1 {
+                    t.locks.remove(key);
+                }
+            }
+        }
+    }
+
+    fn add_pending(&self, session: D::Handle, instance: Instance) {
+        self.lock().pending.push(Pending { session, instance });
+        self.kick.notify_one();
+    }
+
+    async fn register(
+        self: &Arc<Self>,
+        instance: Instance,
+    ) -> Result<watch::Receiver<RegistrationStatus>> {
+        let key = key_of(&instance);
+        let guard = self.lock_key(&key).await;
+        let result = self.register_locked(&key, &instance).await;
+        self.release_key(&key, guard);
+        result
+    }
+
+    async fn register_locked(
+        self: &Arc<Self>,
+        key: &Key,
+        instance: &Instance,
+    ) -> Result<watch::Receiver<RegistrationStatus>> {
+        if self.lock().regs.contains_key(key) {
+            return Err(Error::AlreadyExists {
+                what: format!(
+                    "instance `{}` of service `{}` is already registered by this client",
+                    key.1, key.0
+                ),
+            });
+        }
+        let mut attempts = 0;
+        loop {
+            let session = self.session.current().await?;
+            // Our own leftovers of this id (an earlier outcome-unknown write) are replaced
+            // by this write, not removed after it.
+            self.lock().pending.retain(|p| key_of(&p.instance) != *key);
+            // If this future is dropped mid-write, the write's outcome is unknown.
+            let mut unknown = Unknown::arm(self, &session, instance);
+            match self.store.write(&session, instance, false).await {
+                Ok(()) => {
+                    unknown.disarm();
+                    let (tx, rx) = watch::channel(RegistrationStatus::Registered);
+                    self.lock().regs.insert(
+                        key.clone(),
+                        Reg {
+                            instance: instance.clone(),
+                            status: tx,
+                            written: Some(session),
+                        },
+                    );
+                    return Ok(rx);
+                }
+                Err(Error::SessionExpired) if attempts == 0 => {
+                    unknown.disarm();
+                    attempts += 1;
+                    self.session.expired(&session);
+                }
+                Err(e @ Error::AlreadyExists { .. }) | Err(e @ Error::InvalidInput { .. }) => {
+                    unknown.disarm();
+                    return Err(e);
+                }
+                Err(e) => {
+                    // The registry may have applied it: track it until it is known absent.
+                    drop(unknown);
+                    tracing::debug!(
+                        backend = self.backend, service = %key.0, id = %key.1,
+                        "registration failed with an unknown outcome; it will be removed if it landed: {e}"
+                    );
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn update(&self, instance: Instance) -> Result<()> {
+        let key = key_of(&instance);
+        let guard = self.lock_key(&key).await;
+        let result = self.update_locked(&key, instance).await;
+        self.release_key(&key, guard);
+        result
+    }
+
+    async fn update_locked(&self, key: &Key, instance: Instance) -> Result<()> {
+        self.session.check_open()?;
+        if !self.lock().regs.contains_key(key) {
+            return Err(Error::Closed {
+                what: "registration",
+            });
+        }
+        let session = self.session.current().await?;
+        match self.store.write(&session, &instance, true).await {
+            Ok(()) => {
+                if let Some(reg) = self.lock().regs.get_mut(key) {
+                    reg.instance = instance;
+                    reg.written = Some(session);
+                }
+                Ok(())
+            }
+            Err(Error::SessionExpired) => {
+                // Re-registration writes the new instance.
+                if let Some(reg) = self.lock().regs.get_mut(key) {
+                    reg.instance = instance;
+                }
+                self.session.expired(&session);
+                Ok(())
+            }
+            Err(e) => {
+                // The registry may hold either version: the next round checks it and
+                // writes back the one the guard holds.
+                self.kick.notify_one();
+                Err(e)
+            }
+        }
+    }
+
+    async fn deregister(&self, key: &Key) -> Result<()> {
+        let guard = self.lock_key(key).await;
+        let result = self.deregister_locked(key).await;
+        self.release_key(key, guard);
+        result
+    }
+
+    async fn deregister_locked(&self, key: &Key) -> Result<()> {
+        let Some(reg) = self.lock().regs.remove(key) else {
+            return Ok(());
+        };
+        reg.status.send_replace(RegistrationStatus::Deregistered);
+        if self.session.is_closed() {
+            return Ok(());
+        }
+        let Some(session) = reg.written else {
+            return Ok(());
+        };
+        match self.store.delete(&session, &reg.instance).await {
+            Ok(()) | Err(Error::SessionExpired) => Ok(()),
+            Err(e) => {
+                self.add_pending(session, reg.instance);
+                Err(e)
+            }
+        }
+    }
+
+    /// Without a runtime (dropped at shutdown): hand the removal to the keeper's loop.
+    fn deregister_later(&self, key: &Key) {
+        let mut t = self.lock();
+        if let Some(reg) = t.regs.remove(key) {
+            reg.status.send_replace(RegistrationStatus::Deregistered);
+            if let Some(session) = reg.written {
+                t.pending.push(Pending {
+                    session,
+                    instance: reg.instance,
+                });
+            }
+        }
+        drop(t);
+        self.kick.notify_one();
+    }
+
+    fn set_all(&self, from: Option<RegistrationStatus>, to: RegistrationStatus) {
+        for reg in self.lock().regs.values() {
+            if from.map_or(true, |f| *reg.status.borrow() == f) {
+                set_status(&reg.status, to);
+            }
+        }
+    }
+
+    /// One round under a live session: settle pending removals, then make every
+    /// registration true to the registry.
+    async fn round(&self, session: &D::Handle) -> Result<()> {
+        self.settle_pending(session).await?;
+        let keys: Vec<Key> = self.lock().regs.keys().cloned().collect();
+        let mut first_error = None;
+        for key in keys {
+            let guard = self.lock_key(&key).await;
+            let r = self.heal(&key, session).await;
+            self.release_key(&key, guard);
+            match r {
+                Ok(()) => {}
+                Err(Error::SessionExpired) => {
+                    self.session.expired(session);
+                    return Err(Error::SessionExpired);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    async fn settle_pending(&self, session: &D::Handle) -> Result<()> {
+        let pending = std::mem::take(&mut self.lock().pending);
+        let mut keep = Vec::new();
+        let mut error = None;
+        for p in pending {
+            // Entries of an earlier session went with it.
+            if p.session != *session || error.is_some() {
+                if p.session == *session {
+                    keep.push(p);
+                }
+                continue;
+            }
+            let key = key_of(&p.instance);
+            if self.lock().regs.contains_key(&key) {
+                continue; // registered again meanwhile: the registration owns the entry
+            }
+            match self.store.inspect(session, &p.instance).await {
+                Ok(Presence::Ours { .. }) => {
+                    match self.store.delete(session, &p.instance).await {
+                        Ok(()) => tracing::info!(
+                            backend = self.backend, service = %key.0, id = %key.1,
+                            "removed an entry whose write or delete had an unknown outcome"
+                        ),
+                        Err(e) => error = Some(e),
+                    }
+                    // Kept until a later round sees it absent.
+                    keep.push(p);
+                }
+                Ok(_) => {}
+                Err(e) if e.is_temporary() => {
+                    error = Some(e);
+                    keep.push(p);
+                }
+                Err(e) => tracing::warn!(
+                    backend = self.backend, service = %key.0, id = %key.1,
+                    "giving up on confirming an entry's removal: {e}"
+                ),
+            }
+        }
+        let mut t = self.lock();
+        keep.append(&mut t.pending);
+        t.pending = keep;
+        error.map_or(Ok(()), Err)
+    }
+
+    /// Makes one registration true to the registry under `session`.
+    async fn heal(&self, key: &Key, session: &D::Handle) -> Result<()> {
+        let (instance, written) = {
+            let t = self.lock();
+            let Some(reg) = t.regs.get(key) else {
+                return Ok(());
+            };
+            (reg.instance.clone(), reg.written.clone())
+        };
+        let presence = if written.as_ref() == Some(session) {
+            self.store.inspect(session, &instance).await?
+        } else {
+            Presence::Missing
+        };
+        let why = match presence {
+            Presence::Ours { current: true } => {
+                self.with_reg(key, |reg| {
+                    set_status(&reg.status, RegistrationStatus::Registered)
+                });
+                return Ok(());
+            }
+            Presence::Ours { current: false } => "its entry was overwritten",
+            Presence::Unowned => "its entry was replaced by one bound to no session",
+            Presence::Missing if written.as_ref() == Some(session) => {
+                "its entry was deleted by someone else"
+            }
+            Presence::Missing => "its session ended",
+            Presence::Foreign => "another live session holds its id",
+        };
+        self.with_reg(key, |reg| {
+            set_status(&reg.status, RegistrationStatus::Reregistering)
+        });
+        match self.store.write(session, &instance, true).await {
+            Ok(()) => {
+                tracing::info!(
+                    backend = self.backend, service = %key.0, id = %key.1,
+                    "registered again ({why})"
+                );
+                self.with_reg(key, |reg| {
+                    reg.written = Some(session.clone());
+                    if reg.instance == instance {
+                        set_status(&reg.status, RegistrationStatus::Registered);
+                    }
+                });
+                Ok(())
+            }
+            Err(e @ Error::AlreadyExists { .. }) => {
+                tracing::warn!(
+                    backend = self.backend, service = %key.0, id = %key.1,
+                    "cannot register again ({why}); retrying: {e}"
+                );
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn with_reg(&self, key: &Key, f: impl FnOnce(&mut Reg<D::Handle>)) {
+        if let Some(reg) = self.lock().regs.get_mut(key) {
+            f(reg);
+        }
+    }
+}
+
+/// Tracks a write in flight: if the caller's future is dropped (or the write fails)
+/// before the outcome is known, the entry becomes a pending removal.
+struct Unknown<'a, D: SessionDriver, S: RegistryStore<Handle = D::Handle>> {
+    inner: &'a Arc<Inner<D, S>>,
+    armed: Option<(D::Handle, Instance)>,
+}
+
+impl<'a, D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Unknown<'a, D, S> {
+    fn arm(inner: &'a Arc<Inner<D, S>>, session: &D::Handle, instance: &Instance) -> Self {
+        Self {
+            inner,
+            armed: Some((session.clone(), instance.clone())),
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = None;
+    }
+}
+
+impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Drop for Unknown<'_, D, S> {
+    fn drop(&mut self) {
+        if let Some((session, instance)) = self.armed.take() {
+            self.inner.add_pending(session, instance);
+        }
+    }
+}
+
+/// The keeper's loop: holds the keeper weakly; runs a round whenever the session is live
+/// (every keep-alive interval, and at once when kicked), marks statuses otherwise.
+async fn keep<D: SessionDriver, S: RegistryStore<Handle = D::Handle>>(
+    weak: Weak<Inner<D, S>>,
+    kick: Arc<Notify>,
+    mut state: watch::Receiver<SessionState<D::Handle>>,
+) {
+    let mut backoff = match weak.upgrade() {
+        Some(inner) => inner.session.backoff().backoff(),
+        None => return,
+    };
+    loop {
+        let delay = {
+            let Some(inner) = weak.upgrade() else { return };
+            let now = state.borrow_and_update().clone();
+            if inner.session.is_closed() {
+                return;
+            }
+            match now {
+                SessionState::Live(session) => {
+                    let idle = {
+                        let t = inner.lock();
+                        t.regs.is_empty() && t.pending.is_empty()
+                    };
+                    if idle {
+                        Some(inner.session.driver().interval())
+                    } else {
+                        match inner.round(&session).await {
+                            Ok(()) => {
+                                backoff.reset();
+                                Some(inner.session.driver().interval())
+                            }
+                            Err(e) => {
+                                let d = backoff.next_delay();
+                                tracing::debug!(backend = inner.backend, retry_in = ?d, "keeper round failed: {e}");
+                                Some(d)
+                            }
+                        }
+                    }
+                }
+                SessionState::Suspended(_) => {
+                    inner.set_all(
+                        Some(RegistrationStatus::Registered),
+                        RegistrationStatus::Suspended,
+                    );
+                    None
+                }
+                SessionState::Expired => {
+                    inner.set_all(None, RegistrationStatus::Reregistering);
+                    None
+                }
+                SessionState::Idle | SessionState::Closed => None,
+            }
+        };
+        let wait_state = async {
+            if state.changed().await.is_err() {
+                futures::future::pending::<()>().await;
+            }
+        };
+        match delay {
+            Some(d) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = kick.notified() => {}
+                    _ = wait_state => {}
+                }
+            }
+            None => {
+                tokio::select! {
+                    _ = kick.notified() => {}
+                    _ = wait_state => {}
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Control<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> {
+    keeper: Keeper<D, S>,
+    key: Key,
+}
+
+impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Debug for Inner<D, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeeperInner")
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> RegistrationControl for Control<D, S> {
+    async fn update(&self, instance: Instance) -> Result<()> {
+        self.keeper.inner.update(instance).await
+    }
+
+    async fn deregister(&self) -> Result<()> {
+        self.keeper.inner.deregister(&self.key).await
+    }
+
+    fn deregister_in_background(&self) {
+        if self.keeper.inner.session.is_closed() {
+            if let Some(reg) = self.keeper.inner.lock().regs.remove(&self.key) {
+                reg.status.send_replace(RegistrationStatus::Deregistered);
+            }
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let inner = self.keeper.inner.clone();
+                let key = self.key.clone();
+                rt.spawn(async move {
+                    if let Err(e) = inner.deregister(&key).await {
+                        tracing::debug!(backend = inner.backend, service = %key.0, id = %key.1, "deregistration deferred: {e}");
+                    }
+                });
+            }
+            Err(_) => self.keeper.inner.deregister_later(&self.key),
+        }
+    }
+}
+
+#[async_trait]
+impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Registrar for Keeper<D, S> {
+    async fn register(&self, instance: Instance) -> Result<Registration> {
+        instance.validate()?;
+        self.inner.session.check_open()?;
+        self.ensure_task();
+        let status = self.inner.register(instance.clone()).await?;
+        Ok(Registration::new(
+            instance.clone(),
+            status,
+            Box::new(Control {
+                keeper: self.clone(),
+                key: key_of(&instance),
+            }),
+        ))
+    }
+}

@@ -1,0 +1,28 @@
+//! The backend layer: what a registry backend implements, and the machinery core runs
+//! on top of it. **For implementers of backends**; users need none of it (the way
+//! opendal keeps its `raw` module apart).
+//!
+//! Each capability's semantics live here once; a backend supplies only its registry's
+//! primitives:
+//!
+//! | core runs | the backend supplies |
+//! | --- | --- |
+//! | [`Session`]: opened on first use, kept alive, reopened after expiry, observable [`SessionState`] | [`SessionDriver`]: `open`, `keep_alive`, `close`, `interval` |
+//! | [`Keeper`]: the [`Registrar`](crate::Registrar) contract — statuses, re-registration, outcome-unknown writes, retried deletes, healing foreign deletes and overwrites | [`RegistryStore`]: `write`, `inspect`, `delete` one entry |
+//! | [`watch()`](watch::watch) / [`watch_instances`]: the [`Watcher`](crate::Watcher) contract — snapshot first, changes, `Stale` once, `Resynced`, de-duplication, one entry per id, backoff, one rule for fatal errors | [`Feed`]: `list` at a revision, `next` changes after one (or a fresh listing) |
+//!
+//! The memory backend ([`crate::memory`]) is the worked example: `memory/backend.rs`
+//! implements the three traits over the in-process registry in about 200 lines.
+//! `docs/architecture.md` at the repository root names the layers.
+
+pub mod hooks;
+pub mod keeper;
+pub mod options;
+pub mod session;
+pub mod watch;
+
+pub use hooks::TestHooks;
+pub use keeper::{Keeper, Presence, RegistryStore};
+pub use options::BackoffOptions;
+pub use session::{Session, SessionDriver, SessionState};
+pub use watch::{ends_watch, watch_instances, Change, Entry, Event, Feed, Item, Listing, Next};

@@ -1,0 +1,352 @@
+//! The session: a client's liveness unit in the registry (a ZooKeeper session, an etcd
+//! lease, a Consul session or TTL heartbeat), opened on first use and kept alive by one
+//! driver loop in core. Registrations bind to it, and later locks and elections.
+
+use std::fmt::{self, Debug};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{watch, Notify};
+
+use crate::error::{Error, Result};
+
+use super::options::BackoffOptions;
+
+/// The registry primitives of a session. Core's driver calls them; a backend implements
+/// nothing else of the session's life. Cheap to clone (a client behind an `Arc`): the
+/// last clone of a [`Session`] closes it from a background task.
+#[async_trait]
+pub trait SessionDriver: Clone + Debug + Send + Sync + 'static {
+    /// The registry's handle of one session: a lease id, a session id and its client.
+    /// Two handles are equal only if they name the same session.
+    type Handle: Clone + Debug + PartialEq + Send + Sync + 'static;
+
+    /// Opens a new session (grants a lease, creates a session, connects a client).
+    async fn open(&self) -> Result<Self::Handle>;
+
+    /// One keep-alive round trip. `Err(Error::SessionExpired)`: the registry no longer
+    /// knows the session, and every entry bound to it is gone. Any other error: the
+    /// registry could not be reached; the session may still be alive.
+    async fn keep_alive(&self, handle: &Self::Handle) -> Result<()>;
+
+    /// Closes the session; the registry releases every entry bound to it at once.
+    async fn close(&self, handle: &Self::Handle) -> Result<()>;
+
+    /// How long between two keep-alives while healthy (a third of a lease's TTL, say).
+    fn interval(&self) -> Duration;
+}
+
+/// Where a session stands, as the client sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionState<H> {
+    /// No session was opened yet: nothing was asked of it.
+    Idle,
+    /// The session is alive and its last keep-alive was answered.
+    Live(H),
+    /// The registry does not answer; the session may still be alive there.
+    Suspended(H),
+    /// The registry lost the session (and everything bound to it); a new one is being
+    /// opened.
+    Expired,
+    /// The client closed the session (or crashed, in tests). Final.
+    Closed,
+}
+
+impl<H: Clone> SessionState<H> {
+    /// The session's handle, if one is open (live or suspended).
+    pub fn handle(&self) -> Option<H> {
+        match self {
+            SessionState::Live(h) | SessionState::Suspended(h) => Some(h.clone()),
+            _ => None,
+        }
+    }
+}
+
+struct Inner<D: SessionDriver> {
+    driver: D,
+    state: watch::Sender<SessionState<D::Handle>>,
+    /// Serializes opening a session.
+    opening: tokio::sync::Mutex<()>,
+    kick: Arc<Notify>,
+    task_started: AtomicBool,
+    crashed: AtomicBool,
+    backoff: BackoffOptions,
+}
+
+/// A client's session in the registry; cheap to clone (clones share it).
+///
+/// Opened lazily by [`Session::current`], kept alive by a background driver loop for as
+/// long as any clone lives, with jittered backoff between failed keep-alives. When the
+/// registry loses it, the driver opens a new one at once; [`Session::state`] shows every
+/// step. Dropping the last clone closes it in the background.
+pub struct Session<D: SessionDriver> {
+    inner: Arc<Inner<D>>,
+}
+
+impl<D: SessionDriver> Clone for Session<D> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<D: SessionDriver> Debug for Session<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("driver", &self.inner.driver)
+            .field("state", &*self.inner.state.borrow())
+            .finish()
+    }
+}
+
+impl<D: SessionDriver> Session<D> {
+    /// A session over `driver`; nothing is opened until [`Session::current`].
+    pub fn new(driver: D, backoff: BackoffOptions) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                driver,
+                state: watch::Sender::new(SessionState::Idle),
+                opening: tokio::sync::Mutex::new(()),
+                kick: Arc::new(Notify::new()),
+                task_started: AtomicBool::new(false),
+                crashed: AtomicBool::new(false),
+                backoff,
+            }),
+        }
+    }
+
+    /// The backend's driver.
+    pub fn driver(&self) -> &D {
+        &self.inner.driver
+    }
+
+    /// The backoff bounds this session (and what binds to it) retries with.
+    pub fn backoff(&self) -> &BackoffOptions {
+        &self.inner.backoff
+    }
+
+    /// The session's state, to follow.
+    pub fn state(&self) -> watch::Receiver<SessionState<D::Handle>> {
+        self.inner.state.subscribe()
+    }
+
+    /// The state now.
+    pub fn current_state(&self) -> SessionState<D::Handle> {
+        self.inner.state.borrow().clone()
+    }
+
+    /// `Err(Error::Closed)` once the session was closed or crashed.
+    pub fn check_open(&self) -> Result<()> {
+        if self.inner.crashed.load(Ordering::Acquire) {
+            Err(Error::Closed {
+                what: "client (crashed by a test hook)",
+            })
+        } else if *self.inner.state.borrow() == SessionState::Closed {
+            Err(Error::Closed {
+                what: "client (shut down)",
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Whether the session was closed or crashed.
+    pub fn is_closed(&self) -> bool {
+        self.check_open().is_err()
+    }
+
+    /// The open session's handle, opening one if there is none (the first call starts
+    /// the keep-alive loop).
+    pub async fn current(&self) -> Result<D::Handle> {
+        self.check_open()?;
+        self.ensure_task();
+        if let Some(h) = self.inner.state.borrow().handle() {
+            return Ok(h);
+        }
+        let _opening = self.inner.opening.lock().await;
+        self.check_open()?;
+        if let Some(h) = self.inner.state.borrow().handle() {
+            return Ok(h);
+        }
+        let h = self.inner.driver.open().await?;
+        tracing::debug!(session = ?h, "session opened");
+        self.inner.state.send_replace(SessionState::Live(h.clone()));
+        self.inner.kick.notify_one();
+        Ok(h)
+    }
+
+    /// An operation learnt that the registry lost `handle`: the driver opens a new
+    /// session at once. A later handle is left alone.
+    pub fn expired(&self, handle: &D::Handle) {
+        let changed = self.inner.state.send_if_modified(|s| match s.handle() {
+            Some(h) if h == *handle => {
+                *s = SessionState::Expired;
+                true
+            }
+            _ => false,
+        });
+        if changed {
+            tracing::warn!(session = ?handle, "session expired");
+            self.inner.kick.notify_one();
+        }
+    }
+
+    /// Wakes the driver loop now (after an outage a backend noticed first, say).
+    pub fn kick(&self) {
+        self.inner.kick.notify_one();
+    }
+
+    /// Closes the session: the registry releases everything bound to it. Final.
+    pub async fn close(&self) -> Result<()> {
+        let old = self.inner.state.send_replace(SessionState::Closed);
+        self.inner.kick.notify_one();
+        if self.inner.crashed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match old.handle() {
+            Some(h) => self.inner.driver.close(&h).await,
+            None => Ok(()),
+        }
+    }
+
+    /// **Test hook.** The process "crashes": keep-alives stop, nothing is closed, every
+    /// later call fails with [`Error::Closed`]. The registry drops the session when its
+    /// timeout runs out, as for a killed process.
+    pub fn crash(&self) {
+        self.inner.crashed.store(true, Ordering::Release);
+        self.inner.kick.notify_one();
+    }
+
+    fn ensure_task(&self) {
+        if self.inner.task_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.inner.task_started.store(false, Ordering::Release);
+            return;
+        };
+        rt.spawn(drive(
+            Arc::downgrade(&self.inner),
+            self.inner.kick.clone(),
+            self.inner.backoff.backoff(),
+        ));
+    }
+}
+
+/// The keep-alive loop: holds the session only weakly, so dropping the last clone ends it.
+async fn drive<D: SessionDriver>(
+    weak: Weak<Inner<D>>,
+    kick: Arc<Notify>,
+    mut backoff: crate::Backoff,
+) {
+    loop {
+        let delay = {
+            let Some(inner) = weak.upgrade() else { return };
+            if inner.crashed.load(Ordering::Acquire) {
+                return;
+            }
+            let state = inner.state.borrow().clone();
+            match state {
+                SessionState::Closed => return,
+                SessionState::Idle => None,
+                SessionState::Live(h) | SessionState::Suspended(h) => {
+                    match inner.driver.keep_alive(&h).await {
+                        Ok(()) => {
+                            backoff.reset();
+                            inner.state.send_if_modified(|s| match s {
+                                SessionState::Suspended(x) if *x == h => {
+                                    *s = SessionState::Live(h.clone());
+                                    true
+                                }
+                                _ => false,
+                            });
+                            Some(inner.driver.interval())
+                        }
+                        Err(Error::SessionExpired) => {
+                            inner.state.send_if_modified(|s| match s.handle() {
+                                Some(x) if x == h => {
+                                    tracing::warn!(session = ?h, "session expired");
+                                    *s = SessionState::Expired;
+                                    true
+                                }
+                                _ => false,
+                            });
+                            Some(Duration::ZERO)
+                        }
+                        Err(e) => {
+                            inner.state.send_if_modified(|s| match s {
+                                SessionState::Live(x) if *x == h => {
+                                    tracing::info!(session = ?h, "session suspended: {e}");
+                                    *s = SessionState::Suspended(h.clone());
+                                    true
+                                }
+                                _ => false,
+                            });
+                            Some(backoff.next_delay())
+                        }
+                    }
+                }
+                SessionState::Expired => {
+                    let _opening = inner.opening.lock().await;
+                    if *inner.state.borrow() != SessionState::Expired {
+                        continue;
+                    }
+                    match inner.driver.open().await {
+                        Ok(h) => {
+                            tracing::info!(session = ?h, "new session opened");
+                            backoff.reset();
+                            inner.state.send_if_modified(|s| {
+                                if *s == SessionState::Expired {
+                                    *s = SessionState::Live(h.clone());
+                                    true
+                                } else {
+                                    false
+                                }
+                            });
+                            Some(inner.driver.interval())
+                        }
+                        Err(e) => {
+                            let d = backoff.next_delay();
+                            tracing::debug!(retry_in = ?d, "opening a session failed: {e}");
+                            Some(d)
+                        }
+                    }
+                }
+            }
+        };
+        match delay {
+            Some(d) if d.is_zero() => {}
+            Some(d) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = kick.notified() => {}
+                }
+            }
+            None => kick.notified().await,
+        }
+    }
+}
+
+impl<D: SessionDriver> Drop for Inner<D> {
+    fn drop(&mut self) {
+        if self.crashed.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(h) = self.state.borrow().handle() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let driver = self.driver.clone();
+        rt.spawn(async move {
+            if let Err(e) = driver.close(&h).await {
+                tracing::debug!(session = ?h, "session not closed on drop (it runs out by its timeout): {e}");
+            }
+        });
+    }
+}

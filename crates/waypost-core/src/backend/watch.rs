@@ -1,0 +1,677 @@
+//! The watch machine: one implementation of the watch contract for every backend and every
+//! kind of watched item.
+//!
+//! A backend supplies a [`Feed`]: "list everything at a revision" and "the next changes
+//! after a revision" (or, for registries that only offer blocking listings, a fresh
+//! listing). The machine owns the rest of the contract:
+//!
+//! - a [`Event::Snapshot`] first, always, and only once the registry answered;
+//! - `Added` / `Updated` / `Removed` computed against what the consumer holds, so a change
+//!   is never delivered twice and a change that changes nothing is not delivered;
+//! - [`Event::Stale`] once per outage, and [`Event::Resynced`] only after a `Stale`;
+//! - retries with jittered backoff for as long as the stream is held, and one rule for
+//!   which errors end the stream ([`ends_watch`]);
+//! - one id, one entry: when several registry entries claim the same id (a foreign writer
+//!   beside us), the consumer sees one of them, chosen by a fixed rule, and removing one
+//!   claimant re-exposes the next.
+//!
+//! # Which claimant wins
+//!
+//! Among the entries that claim one id, the entry the backend itself would write for that
+//! id ([`Feed::is_canonical`]: ours) wins; among the others, the smallest registry key.
+//! The rule depends only on what the registry holds, so every watcher of every process
+//! agrees.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::stream::{BoxStream, StreamExt};
+use tokio::time::Instant;
+
+use crate::backoff::Backoff;
+use crate::error::{Error, Result};
+use crate::event::{Snapshot, WatchEvent};
+use crate::model::{Instance, InstanceId, Revision, ServiceName};
+
+use super::options::BackoffOptions;
+
+/// Something a watch delivers: instances now, configuration entries next.
+pub trait Item: Clone + PartialEq + Debug + Send + Sync + 'static {
+    /// What identifies an item for consumers (an instance id, a configuration key).
+    type Id: Ord + Clone + Debug + Send + Sync + 'static;
+    /// This item's id.
+    fn id(&self) -> &Self::Id;
+}
+
+impl Item for Instance {
+    type Id = InstanceId;
+    fn id(&self) -> &InstanceId {
+        &self.id
+    }
+}
+
+/// One registry entry: where it is stored and what it holds (already decoded; a backend
+/// skips and logs entries it cannot decode).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry<T> {
+    /// The entry's key in the registry (a node path, an etcd key, a Consul node/service
+    /// id): unique among the entries of one listing.
+    pub key: String,
+    /// The decoded item.
+    pub item: T,
+}
+
+/// Everything the registry holds for one watch, read at one revision.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Listing<T> {
+    /// The entries, in any order.
+    pub entries: Vec<Entry<T>>,
+    /// The registry revision the listing was read at.
+    pub revision: Revision,
+}
+
+/// One change to one registry entry.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change<T> {
+    /// The entry at `key` was written. `item: None`: what was written is not an item (a
+    /// foreign or malformed value, logged by the backend): the key holds nothing for us.
+    Put {
+        /// The entry's key.
+        key: String,
+        /// The decoded item, if the value is one.
+        item: Option<T>,
+        /// The revision of the change.
+        revision: Revision,
+    },
+    /// The entry at `key` is gone.
+    Delete {
+        /// The entry's key.
+        key: String,
+        /// The revision of the change.
+        revision: Revision,
+    },
+}
+
+impl<T> Change<T> {
+    /// The revision of the change.
+    pub fn revision(&self) -> Revision {
+        match self {
+            Change::Put { revision, .. } | Change::Delete { revision, .. } => *revision,
+        }
+    }
+}
+
+/// What [`Feed::next`] found.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Next<T> {
+    /// Changes after the revision asked for, in registry order. Changes at or below the
+    /// revision the machine already holds are ignored (a resumed stream may repeat them).
+    Changes(Vec<Change<T>>),
+    /// A fresh listing (registries whose watches are blocking listings, such as Consul's
+    /// blocking queries, or ZooKeeper's child watches): the machine diffs it against
+    /// what it holds. This is not an outage: no `Stale` is reported.
+    Listing(Listing<T>),
+}
+
+/// The registry primitives of one watch. The machine calls [`Feed::list`] first and after
+/// every failure, and [`Feed::next`] in between.
+///
+/// A feed may keep a connection or a server-side watch open between calls to `next`, and
+/// resume it by itself after a dropped connection when the registry can replay from a
+/// revision (etcd). It must return an error when it cannot tell what happened since the
+/// revision it was asked for (a compacted revision, a server that stays silent past its
+/// deadline): the machine then reports `Stale` and lists again.
+#[async_trait]
+pub trait Feed: Send + 'static {
+    /// What this feed delivers.
+    type Item: Item;
+
+    /// Reads everything the watch covers, at one revision, and arranges for [`Feed::next`]
+    /// to report what changes after it.
+    async fn list(&mut self) -> Result<Listing<Self::Item>>;
+
+    /// Waits for the next changes after `after` (the revision of the last listing or
+    /// change the machine applied).
+    async fn next(&mut self, after: Revision) -> Result<Next<Self::Item>>;
+
+    /// Whether `key` is where this backend itself writes `item` (ours): such an entry
+    /// wins over foreign entries claiming the same id. Defaults to none.
+    fn is_canonical(&self, key: &str, item: &Self::Item) -> bool {
+        let _ = (key, item);
+        false
+    }
+}
+
+/// Whether an error ends a watch stream (yielded as `Err`, then the stream ends): errors
+/// that retrying cannot fix. Everything else is retried with backoff, reported as `Stale`.
+///
+/// One rule for every backend and every watch: invalid input or configuration, missing
+/// permissions, an unsupported operation, or a client that was shut down.
+pub fn ends_watch(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::InvalidInput { .. }
+            | Error::InvalidConfig { .. }
+            | Error::UnknownScheme { .. }
+            | Error::Unauthorized { .. }
+            | Error::Unsupported { .. }
+            | Error::Closed { .. }
+    )
+}
+
+/// What the machine yields: the watch contract, generic over the item.
+#[derive(Clone, Debug)]
+pub enum Event<T: Item> {
+    /// The first event: the authoritative set, sorted by id.
+    Snapshot(Vec<T>, Revision),
+    /// An item appeared.
+    Added(T, Revision),
+    /// An item changed.
+    Updated(T, Revision),
+    /// An item is gone.
+    Removed(T::Id, Revision),
+    /// The registry is unreachable: keep the last known set.
+    Stale(Arc<Error>),
+    /// The registry is back: the authoritative set, replacing the last one.
+    Resynced(Vec<T>, Revision),
+}
+
+/// The set of items a listing describes, one per id, chosen by the claimant rule (see the
+/// module docs). What [`Watcher::instances`](crate::Watcher::instances) returns.
+pub fn resolve<F: Feed + ?Sized>(feed: &F, listing: Listing<F::Item>) -> (Vec<F::Item>, Revision) {
+    let mut claims = Claims::default();
+    for e in listing.entries {
+        let canonical = feed.is_canonical(&e.key, &e.item);
+        claims.put(e.key, e.item, canonical);
+    }
+    let items = claims.winners().cloned().collect();
+    (items, listing.revision)
+}
+
+/// Which registry entries claim which id.
+struct Claims<T: Item> {
+    by_key: HashMap<String, (T, bool)>,
+    /// Per id, its claimants ordered by the rule: (not canonical, key).
+    by_id: BTreeMap<T::Id, BTreeSet<(bool, String)>>,
+}
+
+impl<T: Item> Default for Claims<T> {
+    fn default() -> Self {
+        Self {
+            by_key: HashMap::new(),
+            by_id: BTreeMap::new(),
+        }
+    }
+}
+
+impl<T: Item> Claims<T> {
+    /// Records `key` → `item`; returns the ids whose claimants changed.
+    fn put(&mut self, key: String, item: T, canonical: bool) -> Vec<T::Id> {
+        let mut touched = self.delete(&key);
+        let id = item.id().clone();
+        self.by_id
+            .entry(id.clone())
+            .or_default()
+            .insert((!canonical, key.clone()));
+        self.by_key.insert(key, (item, canonical));
+        if !touched.contains(&id) {
+            touched.push(id);
+        }
+        touched
+    }
+
+    fn delete(&mut self, key: &str) -> Vec<T::Id> {
+        let Some((old, canonical)) = self.by_key.remove(key) else {
+            return Vec::new();
+        };
+        let id = old.id().clone();
+        if let Some(set) = self.by_id.get_mut(&id) {
+            set.remove(&(!canonical, key.to_string()));
+            if set.is_empty() {
+                self.by_id.remove(&id);
+            }
+        }
+        vec![id]
+    }
+
+    fn winner(&self, id: &T::Id) -> Option<&T> {
+        let (_, key) = self.by_id.get(id)?.iter().next()?;
+        self.by_key.get(key).map(|(item, _)| item)
+    }
+
+    fn winners(&self) -> impl Iterator<Item = &T> {
+        self.by_id.keys().filter_map(|id| self.winner(id))
+    }
+}
+
+/// The watch machine over one [`Feed`]. Build one with [`watch`] (generic events) or
+/// [`watch_instances`] (the [`Watcher`](crate::Watcher) contract).
+struct Machine<F: Feed> {
+    feed: F,
+    claims: Claims<F::Item>,
+    /// What the consumer holds: the winner of every id, as last yielded.
+    visible: BTreeMap<<F::Item as Item>::Id, F::Item>,
+    revision: Revision,
+    live: bool,
+    first: bool,
+    stale_sent: bool,
+    done: bool,
+    pending: VecDeque<Result<Event<F::Item>>>,
+    backoff: Backoff,
+    retry_at: Option<Instant>,
+    what: String,
+}
+
+/// Runs the watch machine over `feed`: a stream of [`Event`]s that keeps the watch
+/// contract. `what` names the watch in logs (a service, a key prefix).
+pub fn watch<F: Feed>(
+    feed: F,
+    backoff: &BackoffOptions,
+    what: impl Into<String>,
+) -> BoxStream<'static, Result<Event<F::Item>>> {
+    let machine = Machine {
+        feed,
+        claims: Claims::default(),
+        visible: BTreeMap::new(),
+        revision: 0,
+        live: false,
+        first: true,
+        stale_sent: false,
+        done: false,
+        pending: VecDeque::new(),
+        backoff: backoff.backoff(),
+        retry_at: None,
+        what: what.into(),
+    };
+    futures::stream::unfold(machine, |mut m| async move {
+        let ev = m.next().await?;
+        Some((ev, m))
+    })
+    .boxed()
+}
+
+/// [`watch`] for instances of `service`, as [`WatchEvent`]s: what a backend's
+/// [`Watcher::watch`](crate::Watcher::watch) returns.
+pub fn watch_instances<F: Feed<Item = Instance>>(
+    feed: F,
+    backoff: &BackoffOptions,
+    service: &ServiceName,
+) -> BoxStream<'static, Result<WatchEvent>> {
+    let svc = service.clone();
+    watch(feed, backoff, service.to_string())
+        .map(move |ev| ev.map(|ev| to_watch_event(&svc, ev)))
+        .boxed()
+}
+
+/// The instance snapshot of a listing, resolved by the claimant rule: what a backend's
+/// [`Watcher::instances`](crate::Watcher::instances) returns.
+pub fn snapshot<F: Feed<Item = Instance> + ?Sized>(
+    feed: &F,
+    service: &ServiceName,
+    listing: Listing<Instance>,
+) -> Snapshot {
+    let (items, revision) = resolve(feed, listing);
+    Snapshot::new(service.clone(), items, revision)
+}
+
+fn to_watch_event(service: &ServiceName, ev: Event<Instance>) -> WatchEvent {
+    match ev {
+        Event::Snapshot(items, rev) => {
+            WatchEvent::Snapshot(Snapshot::new(service.clone(), items, rev))
+        }
+        Event::Resynced(items, rev) => {
+            WatchEvent::Resynced(Snapshot::new(service.clone(), items, rev))
+        }
+        Event::Added(instance, revision) => WatchEvent::Added { instance, revision },
+        Event::Updated(instance, revision) => WatchEvent::Updated { instance, revision },
+        Event::Removed(id, revision) => WatchEvent::Removed { id, revision },
+        Event::Stale(reason) => WatchEvent::Stale { reason },
+    }
+}
+
+impl<F: Feed> Machine<F> {
+    async fn next(&mut self) -> Option<Result<Event<F::Item>>> {
+        loop {
+            if let Some(ev) = self.pending.pop_front() {
+                return Some(ev);
+            }
+            if self.done {
+                return None;
+            }
+            if let Some(at) = self.retry_at.take() {
+                tokio::time::sleep_until(at).await;
+            }
+            if !self.live {
+                match self.feed.list().await {
+                    Ok(listing) => self.relist(listing),
+                    Err(e) => self.fail(e),
+                }
+                continue;
+            }
+            match self.feed.next(self.revision).await {
+                Ok(Next::Changes(changes)) => self.apply(changes),
+                Ok(Next::Listing(listing)) => self.diff(listing),
+                Err(e) => self.fail(e),
+            }
+        }
+    }
+
+    fn rebuild(&mut self, listing: Listing<F::Item>) {
+        self.claims = Claims::default();
+        for e in listing.entries {
+            let canonical = self.feed.is_canonical(&e.key, &e.item);
+            self.claims.put(e.key, e.item, canonical);
+        }
+        self.revision = listing.revision;
+    }
+
+    /// After a (re)connection: the authoritative set.
+    fn relist(&mut self, listing: Listing<F::Item>) {
+        self.rebuild(listing);
+        self.visible = self
+            .claims
+            .winners()
+            .map(|i| (i.id().clone(), i.clone()))
+            .collect();
+        let items: Vec<F::Item> = self.visible.values().cloned().collect();
+        self.live = true;
+        self.backoff.reset();
+        let ev = if std::mem::replace(&mut self.first, false) {
+            Event::Snapshot(items, self.revision)
+        } else {
+            tracing::info!(watch = %self.what, revision = self.revision, "watch resynced");
+            Event::Resynced(items, self.revision)
+        };
+        self.stale_sent = false;
+        self.pending.push_back(Ok(ev));
+    }
+
+    /// A fresh listing while live: only the differences are yielded.
+    fn diff(&mut self, listing: Listing<F::Item>) {
+        self.rebuild(listing);
+        let mut ids: BTreeSet<<F::Item as Item>::Id> = self.visible.keys().cloned().collect();
+        ids.extend(self.claims.by_id.keys().cloned());
+        let revision = self.revision;
+        for id in ids {
+            self.settle(&id, revision);
+        }
+    }
+
+    fn apply(&mut self, changes: Vec<Change<F::Item>>) {
+        let floor = self.revision;
+        for change in changes {
+            let revision = change.revision();
+            if revision <= floor && floor > 0 {
+                continue;
+            }
+            let touched = match change {
+                Change::Put {
+                    key,
+                    item: Some(item),
+                    ..
+                } => {
+                    let canonical = self.feed.is_canonical(&key, &item);
+                    self.claims.put(key, item, canonical)
+                }
+                Change::Put {
+                    key, item: None, ..
+                }
+                | Change::Delete { key, .. } => self.claims.delete(&key),
+            };
+            self.revision = self.revision.max(revision);
+            for id in touched {
+                self.settle(&id, revision);
+            }
+        }
+    }
+
+    /// Yields what changed for `id` between what the consumer holds and the winner now.
+    fn settle(&mut self, id: &<F::Item as Item>::Id, revision: Revision) {
+        let now = self.claims.winner(id).cloned();
+        let ev = match (self.visible.get(id), now) {
+            (None, None) => return,
+            (Some(old), Some(new)) if *old == new => return,
+            (None, Some(new)) => {
+                self.visible.insert(id.clone(), new.clone());
+                Event::Added(new, revision)
+            }
+            (Some(_), Some(new)) => {
+                self.visible.insert(id.clone(), new.clone());
+                Event::Updated(new, revision)
+            }
+            (Some(_), None) => {
+                self.visible.remove(id);
+                Event::Removed(id.clone(), revision)
+            }
+        };
+        self.pending.push_back(Ok(ev));
+    }
+
+    fn fail(&mut self, e: Error) {
+        if ends_watch(&e) {
+            tracing::warn!(watch = %self.what, "watch ends: {e}");
+            self.pending.push_back(Err(e));
+            self.done = true;
+            return;
+        }
+        self.live = false;
+        let delay = self.backoff.next_delay();
+        tracing::debug!(watch = %self.what, retry_in = ?delay, "watch lost the registry: {e}");
+        self.retry_at = Some(Instant::now() + delay);
+        if !self.first && !self.stale_sent {
+            self.stale_sent = true;
+            self.pending.push_back(Ok(Event::Stale(Arc::new(e))));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A scripted feed: each call pops the next answer.
+    struct Script {
+        lists: Arc<Mutex<VecDeque<Result<Listing<Instance>>>>>,
+        nexts: Arc<Mutex<VecDeque<Result<Next<Instance>>>>>,
+    }
+
+    #[async_trait]
+    impl Feed for Script {
+        type Item = Instance;
+        async fn list(&mut self) -> Result<Listing<Instance>> {
+            let next = self.lists.lock().unwrap().pop_front();
+            match next {
+                Some(r) => r,
+                None => futures::future::pending().await,
+            }
+        }
+        async fn next(&mut self, _after: Revision) -> Result<Next<Instance>> {
+            let next = self.nexts.lock().unwrap().pop_front();
+            match next {
+                Some(r) => r,
+                None => futures::future::pending().await,
+            }
+        }
+        fn is_canonical(&self, key: &str, item: &Instance) -> bool {
+            key == format!("/s/{}", item.id)
+        }
+    }
+
+    fn inst(id: &str, port: u16) -> Instance {
+        Instance::parse("s", id, "h", port).unwrap()
+    }
+
+    fn entry(key: &str, i: Instance) -> Entry<Instance> {
+        Entry {
+            key: key.into(),
+            item: i,
+        }
+    }
+
+    fn put(key: &str, i: Instance, revision: Revision) -> Change<Instance> {
+        Change::Put {
+            key: key.into(),
+            item: Some(i),
+            revision,
+        }
+    }
+
+    async fn take(s: &mut BoxStream<'static, Result<WatchEvent>>, n: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let ev = tokio::time::timeout(std::time::Duration::from_secs(30), s.next())
+                .await
+                .expect("event in time")
+                .expect("stream open");
+            out.push(match ev {
+                Ok(WatchEvent::Snapshot(s)) => format!("snapshot{:?}", ports(&s)),
+                Ok(WatchEvent::Resynced(s)) => format!("resynced{:?}", ports(&s)),
+                Ok(WatchEvent::Added { instance, revision }) => {
+                    format!("+{}:{}@{revision}", instance.id, instance.endpoint.port)
+                }
+                Ok(WatchEvent::Updated { instance, revision }) => {
+                    format!("~{}:{}@{revision}", instance.id, instance.endpoint.port)
+                }
+                Ok(WatchEvent::Removed { id, revision }) => format!("-{id}@{revision}"),
+                Ok(WatchEvent::Stale { .. }) => "stale".into(),
+                Err(e) => format!("err {e}"),
+            });
+        }
+        out
+    }
+
+    fn ports(s: &Snapshot) -> Vec<String> {
+        s.instances
+            .iter()
+            .map(|i| format!("{}:{}", i.id, i.endpoint.port))
+            .collect()
+    }
+
+    fn run(
+        lists: Vec<Result<Listing<Instance>>>,
+        nexts: Vec<Result<Next<Instance>>>,
+    ) -> BoxStream<'static, Result<WatchEvent>> {
+        let feed = Script {
+            lists: Arc::new(Mutex::new(lists.into())),
+            nexts: Arc::new(Mutex::new(nexts.into())),
+        };
+        watch_instances(feed, &BackoffOptions::default(), &"s".parse().unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn snapshot_first_then_changes_without_repeats() {
+        let mut s = run(
+            vec![Ok(Listing {
+                entries: vec![entry("/s/a", inst("a", 1))],
+                revision: 5,
+            })],
+            vec![Ok(Next::Changes(vec![
+                put("/s/a", inst("a", 1), 4), // at or below the listing: ignored
+                put("/s/b", inst("b", 1), 6),
+                put("/s/b", inst("b", 1), 7), // same value: nothing to report
+                put("/s/b", inst("b", 2), 8),
+                Change::Delete {
+                    key: "/s/a".into(),
+                    revision: 9,
+                },
+            ]))],
+        );
+        assert_eq!(
+            take(&mut s, 4).await,
+            ["snapshot[\"a:1\"]", "+b:1@6", "~b:2@8", "-a@9"]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_are_stale_once_then_resynced_and_fatal_errors_end_the_stream() {
+        let mut s = run(
+            vec![
+                Err(Error::unavailable("down before the first snapshot")),
+                Ok(Listing {
+                    entries: vec![entry("/s/a", inst("a", 1))],
+                    revision: 1,
+                }),
+                Err(Error::unavailable("still down")),
+                Err(Error::unavailable("still down")),
+                Ok(Listing {
+                    entries: vec![],
+                    revision: 3,
+                }),
+            ],
+            vec![
+                Err(Error::unavailable("lost")),
+                Err(Error::Unauthorized {
+                    message: "revoked".into(),
+                    source: None,
+                }),
+            ],
+        );
+        let got = take(&mut s, 4).await;
+        assert_eq!(got[..3], ["snapshot[\"a:1\"]", "stale", "resynced[]"]);
+        assert!(got[3].starts_with("err unauthorized"), "{got:?}");
+        assert!(
+            s.next().await.is_none(),
+            "the stream ends after a fatal error"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_entry_per_id_ours_wins_and_removal_reexposes_the_other() {
+        let mut s = run(
+            vec![Ok(Listing {
+                entries: vec![
+                    entry("/s/zz-foreign", inst("a", 9)),
+                    entry("/s/a", inst("a", 1)),
+                ],
+                revision: 1,
+            })],
+            vec![
+                Ok(Next::Changes(vec![Change::Delete {
+                    key: "/s/a".into(),
+                    revision: 2,
+                }])),
+                Ok(Next::Changes(vec![put("/s/a", inst("a", 1), 3)])),
+                Ok(Next::Changes(vec![Change::Put {
+                    key: "/s/zz-foreign".into(),
+                    item: None,
+                    revision: 4,
+                }])),
+                Ok(Next::Listing(Listing {
+                    entries: vec![entry("/s/x", inst("a", 7)), entry("/s/y", inst("a", 8))],
+                    revision: 10,
+                })),
+            ],
+        );
+        assert_eq!(
+            take(&mut s, 4).await,
+            ["snapshot[\"a:1\"]", "~a:9@2", "~a:1@3", "~a:7@10"]
+        );
+    }
+
+    #[tokio::test]
+    async fn resolve_lists_an_id_once() {
+        let feed = Script {
+            lists: Default::default(),
+            nexts: Default::default(),
+        };
+        let snap = snapshot(
+            &feed,
+            &"s".parse().unwrap(),
+            Listing {
+                entries: vec![
+                    entry("/s/b-foreign", inst("a", 2)),
+                    entry("/s/a-foreign", inst("a", 3)),
+                ],
+                revision: 4,
+            },
+        );
+        assert_eq!(
+            ports(&snap),
+            ["a:3"],
+            "the smallest key wins among foreign ones"
+        );
+    }
+}
