@@ -4,10 +4,10 @@ use std::time::Instant;
 
 use waypost_core::{Instance, InstanceSet, RegistrationStatus, WatchEvent};
 
-use super::util::{wait_for_event, wait_for_set, Namespace};
+use super::util::{assert_stale_before_resynced, wait_for_event, wait_for_set, Namespace};
 use super::{Faults, TestBackend};
 
-fn faults(b: &dyn TestBackend) -> &dyn Faults {
+pub(crate) fn faults(b: &dyn TestBackend) -> &dyn Faults {
     b.faults().unwrap_or_else(|| {
         panic!(
             "the {} test backend offers no fault injection: this suite cannot run (it is never skipped silently)",
@@ -18,17 +18,17 @@ fn faults(b: &dyn TestBackend) -> &dyn Faults {
 
 /// One registrant with instance `a` of a fresh service, and a watcher (another client)
 /// that already lists it.
-struct Listed {
-    svc: waypost_core::ServiceName,
-    d: waypost_core::Discovery,
-    w: waypost_core::Discovery,
-    a: waypost_core::Instance,
-    reg: waypost_core::Registration,
-    watch: futures::stream::BoxStream<'static, waypost_core::Result<WatchEvent>>,
-    set: InstanceSet,
+pub(crate) struct Listed {
+    pub(crate) svc: waypost_core::ServiceName,
+    pub(crate) d: waypost_core::Discovery,
+    pub(crate) w: waypost_core::Discovery,
+    pub(crate) a: waypost_core::Instance,
+    pub(crate) reg: waypost_core::Registration,
+    pub(crate) watch: futures::stream::BoxStream<'static, waypost_core::Result<WatchEvent>>,
+    pub(crate) set: InstanceSet,
 }
 
-async fn listed(b: &dyn TestBackend, name: &str, a_meta: bool) -> Listed {
+pub(crate) async fn listed(b: &dyn TestBackend, name: &str, a_meta: bool) -> Listed {
     let ns = Namespace::new();
     let svc = ns.service(name);
     let d = b.connect().await;
@@ -122,7 +122,7 @@ pub async fn session_expiry_reregisters(b: &dyn TestBackend) {
     // registry too) a Resynced snapshot; then `a` back. A Stale alone proves nothing: it
     // keeps the last known set, `a` included.
     let mut gap = false;
-    wait_for_event(
+    let log = wait_for_event(
         &mut watch,
         &mut set,
         s.liveness * 2,
@@ -134,6 +134,7 @@ pub async fn session_expiry_reregisters(b: &dyn TestBackend) {
         },
     )
     .await;
+    assert_stale_before_resynced(&log);
     tokio::time::timeout(
         s.liveness,
         status.wait_for(|x| *x == RegistrationStatus::Registered),
@@ -183,7 +184,7 @@ pub async fn unreachable_then_resync(b: &dyn TestBackend) {
     let mut status = reg.status();
 
     f.make_unreachable().await;
-    wait_for_event(
+    let mut log = wait_for_event(
         &mut watch,
         &mut set,
         s.liveness,
@@ -204,14 +205,17 @@ pub async fn unreachable_then_resync(b: &dyn TestBackend) {
     .expect("status channel open");
 
     f.make_reachable().await;
-    wait_for_event(
-        &mut watch,
-        &mut set,
-        s.liveness,
-        "Resynced after the registry came back",
-        |ev, _| matches!(ev, WatchEvent::Resynced(_)),
-    )
-    .await;
+    log.extend(
+        wait_for_event(
+            &mut watch,
+            &mut set,
+            s.liveness,
+            "Resynced after the registry came back",
+            |ev, _| matches!(ev, WatchEvent::Resynced(_)),
+        )
+        .await,
+    );
+    assert_stale_before_resynced(&log);
     tokio::time::timeout(
         s.liveness,
         status.wait_for(|x| *x == RegistrationStatus::Registered),

@@ -10,6 +10,7 @@
 
 mod basic;
 mod faults;
+mod heal;
 mod input;
 mod scale;
 mod util;
@@ -17,13 +18,14 @@ mod util;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use waypost_core::Discovery;
+use waypost_core::{Discovery, Instance};
 
 pub use basic::*;
 pub use faults::*;
+pub use heal::*;
 pub use input::*;
 pub use scale::*;
-pub use util::{next_event, wait_for_event, wait_for_set, Namespace};
+pub use util::{assert_stale_before_resynced, next_event, wait_for_event, wait_for_set, Namespace};
 
 /// How long a suite waits for things to happen on this backend.
 #[derive(Clone, Debug)]
@@ -88,9 +90,36 @@ pub trait Faults: Send + Sync {
     async fn make_reachable(&self);
 
     /// The client behind `discovery` dies without deregistering (its heartbeats stop).
-    /// Backends whose clients cannot be killed in-process may return `false`; the suite
-    /// then drops the client without deregistering instead.
-    async fn crash(&self, discovery: &Discovery) -> bool;
+    /// The default uses the client's [`TestHooks`](waypost_core::backend::TestHooks);
+    /// without them it returns `false`, and the suite drops the client without
+    /// deregistering instead.
+    async fn crash(&self, discovery: &Discovery) -> bool {
+        match &discovery.hooks {
+            Some(hooks) => {
+                hooks.crash();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A foreign writer (the registry's own tool or raw client, not waypost) deletes the
+    /// entry `instance` is registered at, behind its registrant's back.
+    async fn foreign_delete(&self, instance: &Instance) {
+        panic!("this backend offers no foreign writer: cannot delete {instance:?} behind its back (never skipped silently)")
+    }
+
+    /// A foreign writer adds an entry that claims `instance`'s id under another key
+    /// (another node name, key, or Consul node) and decodes to exactly `instance`.
+    /// Returns that entry's key, for [`Faults::foreign_remove`].
+    async fn foreign_claim(&self, instance: &Instance) -> String {
+        panic!("this backend offers no foreign writer: cannot claim {instance:?} (never skipped silently)")
+    }
+
+    /// The foreign writer removes the entry [`Faults::foreign_claim`] added at `key`.
+    async fn foreign_remove(&self, instance: &Instance, key: &str) {
+        panic!("this backend offers no foreign writer: cannot remove {key} of {instance:?} (never skipped silently)")
+    }
 }
 
 /// Generates one `#[tokio::test]` per conformance suite.
@@ -127,6 +156,10 @@ macro_rules! conformance_tests {
             unreachable_then_resync,
             invalid_input_writes_nothing,
             update_and_drain,
+            outcome_unknown_create_is_removed,
+            outcome_unknown_delete_completes,
+            foreign_delete_is_healed,
+            one_entry_per_id,
         );
     };
     (@call [plain] $backend:path, $suite:ident) => {

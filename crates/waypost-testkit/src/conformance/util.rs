@@ -123,3 +123,30 @@ pub(crate) fn describe(ev: &WatchEvent) -> String {
         WatchEvent::Stale { .. } => "Stale".into(),
     }
 }
+
+/// The watch contract's outage rule on an event log: every `Resynced` comes after a
+/// `Stale` that no earlier `Resynced` answered, and `Stale` comes once per outage.
+pub fn assert_stale_before_resynced(events: &[WatchEvent]) {
+    let mut stale = false;
+    for (n, ev) in events.iter().enumerate() {
+        match ev {
+            WatchEvent::Stale { .. } => {
+                assert!(
+                    !stale,
+                    "a second Stale in one outage at event {n}: {:?}",
+                    events.iter().map(describe).collect::<Vec<_>>()
+                );
+                stale = true;
+            }
+            WatchEvent::Resynced(_) => {
+                assert!(
+                    stale,
+                    "Resynced without a Stale before it at event {n}: {:?}",
+                    events.iter().map(describe).collect::<Vec<_>>()
+                );
+                stale = false;
+            }
+            _ => {}
+        }
+    }
+}

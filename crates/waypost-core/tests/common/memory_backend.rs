@@ -1,0 +1,79 @@
+// The memory backend as a conformance `TestBackend`: one fresh registry per test, fault
+// injection through `MemoryRegistry`. Included by `conformance.rs` here and by the
+// top-level `tests/` matrix.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use waypost_core::memory::MemoryRegistry;
+use waypost_core::{Discovery, Instance};
+use waypost_testkit::conformance::{Faults, Settings, TestBackend};
+
+/// One fresh registry per test, so faults injected by one suite never reach another.
+struct MemoryBackend {
+    registry: MemoryRegistry,
+    ttl: Duration,
+}
+
+async fn memory() -> Option<MemoryBackend> {
+    Some(MemoryBackend {
+        registry: MemoryRegistry::new("conformance"),
+        ttl: Duration::from_millis(400),
+    })
+}
+
+#[async_trait]
+impl TestBackend for MemoryBackend {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn connect(&self) -> Discovery {
+        self.registry.client(self.ttl).into_discovery()
+    }
+
+    fn settings(&self) -> Settings {
+        Settings {
+            timeout: Duration::from_secs(5),
+            liveness: Duration::from_secs(3),
+            concurrency: 64,
+        }
+    }
+
+    fn faults(&self) -> Option<&dyn Faults> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl Faults for MemoryBackend {
+    async fn expire_sessions(&self) {
+        self.registry.expire_all_sessions();
+    }
+
+    async fn make_unreachable(&self) {
+        self.registry.set_reachable(false);
+    }
+
+    async fn make_reachable(&self) {
+        self.registry.set_reachable(true);
+    }
+
+    async fn foreign_delete(&self, instance: &Instance) {
+        assert!(self
+            .registry
+            .delete_foreign(&instance.service, instance.id.as_str()));
+    }
+
+    async fn foreign_claim(&self, instance: &Instance) -> String {
+        let key = format!("foreign/{}", instance.id);
+        self.registry.put_foreign(&key, instance);
+        key
+    }
+
+    async fn foreign_remove(&self, instance: &Instance, key: &str) {
+        assert!(self.registry.delete_foreign(&instance.service, key));
+    }
+}
+
+waypost_testkit::conformance_tests!(memory);
