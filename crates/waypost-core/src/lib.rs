@@ -18,6 +18,7 @@ pub mod event;
 pub mod memory;
 pub mod model;
 pub mod registrar;
+pub mod secret;
 pub mod select;
 pub mod watcher;
 
@@ -30,4 +31,5 @@ pub use error::{BoxError, Error, Result};
 pub use event::{InstanceSet, Snapshot, WatchEvent};
 pub use model::{Endpoint, Instance, InstanceId, Revision, ServiceName};
 pub use registrar::{Registrar, Registration, RegistrationControl, RegistrationStatus};
+pub use secret::Secret;
 pub use watcher::Watcher;
