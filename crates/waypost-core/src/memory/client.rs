@@ -72,6 +72,12 @@ impl MemoryClient {
         self.keeper.session().current_state().handle()
     }
 
+    /// How many entries this client still has to confirm absent (writes or deletes whose
+    /// outcome was unknown).
+    pub fn keeper_pending_removals(&self) -> usize {
+        self.keeper.pending_removals()
+    }
+
     /// Fault injection: the process "crashes". Heartbeats stop, nothing is deregistered,
     /// every later call fails with [`Error::Closed`](crate::Error::Closed); the registry
     /// drops the instances when the session's TTL runs out, exactly as for a killed

@@ -38,6 +38,9 @@ struct State {
     subscribers: HashMap<ServiceName, Vec<mpsc::UnboundedSender<Change<Instance>>>>,
 }
 
+/// Every later change of one service.
+pub(crate) type Subscription = mpsc::UnboundedReceiver<Change<Instance>>;
+
 /// Where a client writes an instance: its id.
 pub(crate) fn own_key(instance: &Instance) -> &str {
     instance.id.as_str()
@@ -136,6 +139,9 @@ impl State {
 pub(crate) struct Inner {
     state: Mutex<State>,
     reachable: watch::Sender<bool>,
+    /// Fault injection: how many more writes and deletes are applied but answered with a
+    /// timeout (a lost reply).
+    lose_replies: std::sync::atomic::AtomicUsize,
     name: String,
 }
 
@@ -267,7 +273,24 @@ impl Inner {
             None => {}
         }
         st.put_entry(key, instance, Some(session));
-        Ok(())
+        self.reply("writing an entry")
+    }
+
+    /// The answer to an applied write: `Ok`, unless a lost reply was injected.
+    fn reply(&self, operation: &'static str) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let lose = self
+            .lose_replies
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        if lose {
+            Err(Error::Timeout {
+                operation,
+                after: Duration::ZERO,
+            })
+        } else {
+            Ok(())
+        }
     }
 
     /// What the registry holds at `instance`'s own key, seen from `session`.
@@ -293,7 +316,7 @@ impl Inner {
         if owned {
             st.remove_entry(&instance.service, key);
         }
-        Ok(())
+        self.reply("deleting an entry")
     }
 
     /// Every entry of `service`, and (if asked) a subscription to every later change,
@@ -302,10 +325,7 @@ impl Inner {
         &self,
         service: &ServiceName,
         subscribe: bool,
-    ) -> Result<(
-        Listing<Instance>,
-        Option<mpsc::UnboundedReceiver<Change<Instance>>>,
-    )> {
+    ) -> Result<(Listing<Instance>, Option<Subscription>)> {
         let mut st = self.op()?;
         let listing = listing_of(&st, service);
         let rx = subscribe.then(|| {
@@ -353,6 +373,7 @@ impl MemoryRegistry {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
                 reachable,
+                lose_replies: Default::default(),
                 name: name.into(),
             }),
         }
@@ -417,6 +438,15 @@ impl MemoryRegistry {
     /// What the registry holds for `service`, ignoring reachability (for assertions).
     pub fn peek(&self, service: &ServiceName) -> Snapshot {
         snapshot_of(&self.inner.lock(), service)
+    }
+
+    /// Fault injection: the next `n` writes and deletes of clients are applied, but their
+    /// replies are lost: the client gets [`Error::Timeout`] and cannot tell whether the
+    /// operation happened.
+    pub fn lose_replies(&self, n: usize) {
+        self.inner
+            .lose_replies
+            .store(n, std::sync::atomic::Ordering::Release);
     }
 
     /// Fault injection, as a foreign writer: writes `instance` at `key` (any string; a

@@ -158,6 +158,59 @@ async fn a_watch_started_while_unreachable_waits_for_its_snapshot() {
     assert!(matches!(next(&mut w).await, WatchEvent::Snapshot(_)));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_create_whose_reply_was_lost_is_removed_and_a_retry_wins() {
+    let r = MemoryRegistry::new("t");
+    let c = r.client(Duration::from_secs(4));
+    let svc: crate::ServiceName = "svc".parse().unwrap();
+    let _anchor = c.register(inst("anchor")).await.unwrap();
+    r.lose_replies(1);
+    let e = c.register(inst("a")).await.unwrap_err();
+    assert!(matches!(e, crate::Error::Timeout { .. }), "{e}");
+    assert_eq!(
+        r.peek(&svc).len(),
+        2,
+        "the write landed although the caller got an error"
+    );
+    // The keeper removes it: the caller was told it failed.
+    let mut w = c.watch(&svc);
+    let mut set = InstanceSet::new();
+    set.apply(&next(&mut w).await);
+    while set.contains(&"a".parse().unwrap()) {
+        set.apply(&next(&mut w).await);
+    }
+    assert_eq!(r.peek(&svc).len(), 1);
+
+    // Lost again, then retried at once by the caller: the retry's entry stays.
+    r.lose_replies(1);
+    assert!(c.register(inst("b")).await.is_err());
+    let reg = c.register(inst("b")).await.expect("the retry registers");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        r.peek(&svc).get(&"b".parse().unwrap()).is_some(),
+        "the retry's entry was removed"
+    );
+    assert_eq!(reg.current_status(), RegistrationStatus::Registered);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delete_whose_reply_was_lost_is_confirmed() {
+    let r = MemoryRegistry::new("t");
+    let c = r.client(Duration::from_secs(4));
+    let svc: crate::ServiceName = "svc".parse().unwrap();
+    let reg = c.register(inst("a")).await.unwrap();
+    r.lose_replies(1);
+    assert!(reg.deregister().await.is_err());
+    assert!(r.peek(&svc).is_empty(), "the delete was applied");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(r.peek(&svc).is_empty());
+    assert_eq!(
+        c.keeper_pending_removals(),
+        0,
+        "confirmed absent and forgotten"
+    );
+}
+
 #[tokio::test]
 async fn the_same_id_twice_is_already_exists() {
     let r = MemoryRegistry::new("t");
