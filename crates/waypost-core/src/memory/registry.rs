@@ -440,6 +440,12 @@ impl MemoryRegistry {
         snapshot_of(&self.inner.lock(), service)
     }
 
+    /// Fault injection: the registry "restarts", keeping its data and sessions (as
+    /// ZooKeeper and etcd do): every watch connection is dropped and must list again.
+    pub fn restart(&self) {
+        self.inner.lock().subscribers.clear();
+    }
+
     /// Fault injection: the next `n` writes and deletes of clients are applied, but their
     /// replies are lost: the client gets [`Error::Timeout`] and cannot tell whether the
     /// operation happened.

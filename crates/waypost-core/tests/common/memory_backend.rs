@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use waypost_core::memory::MemoryRegistry;
-use waypost_core::{Discovery, Instance};
+use waypost_core::{Discovery, Instance, ServiceName};
 use waypost_testkit::conformance::{Faults, Settings, TestBackend};
 
 /// One fresh registry per test, so faults injected by one suite never reach another.
@@ -57,6 +57,15 @@ impl Faults for MemoryBackend {
 
     async fn make_reachable(&self) {
         self.registry.set_reachable(true);
+    }
+
+    async fn restart(&self) {
+        self.registry.restart();
+    }
+
+    async fn write_malformed(&self, _service: &ServiceName) {
+        // The memory registry holds typed instances: nothing malformed can be written to
+        // it, so the suite checks only that listings and watches work.
     }
 
     async fn foreign_delete(&self, instance: &Instance) {

@@ -11,6 +11,7 @@
 mod basic;
 mod faults;
 mod heal;
+mod hostile;
 mod input;
 mod scale;
 mod util;
@@ -23,6 +24,7 @@ use waypost_core::{Discovery, Instance};
 pub use basic::*;
 pub use faults::*;
 pub use heal::*;
+pub use hostile::*;
 pub use input::*;
 pub use scale::*;
 pub use util::{assert_stale_before_resynced, next_event, wait_for_event, wait_for_set, Namespace};
@@ -63,10 +65,30 @@ pub trait TestBackend: Send + Sync {
         Settings::default()
     }
 
+    /// Whether the registry refuses an id that another live session holds (`false` for
+    /// registries whose registrations replace, like Consul's agent services).
+    fn exclusive_ids(&self) -> bool {
+        true
+    }
+
     /// Fault injection, if the backend supports it; suites that need it fail loudly
     /// without it (a skip is never silent).
     fn faults(&self) -> Option<&dyn Faults> {
         None
+    }
+
+    /// Connects a client to `endpoint` (`host:port`) instead of the registry under test,
+    /// with this connect timeout: for the suite that checks unreachable and hung
+    /// endpoints fail in time.
+    async fn connect_to(
+        &self,
+        endpoint: &str,
+        connect_timeout: Duration,
+    ) -> waypost_core::Result<Discovery> {
+        panic!(
+            "the {} test backend cannot connect to {endpoint} (timeout {connect_timeout:?}): this suite cannot run (never skipped silently)",
+            self.name()
+        )
     }
 }
 
@@ -114,6 +136,17 @@ pub trait Faults: Send + Sync {
     /// Returns that entry's key, for [`Faults::foreign_remove`].
     async fn foreign_claim(&self, instance: &Instance) -> String {
         panic!("this backend offers no foreign writer: cannot claim {instance:?} (never skipped silently)")
+    }
+
+    /// Stops the registry's server and starts it again (same data, same address).
+    async fn restart(&self) {
+        panic!("this backend cannot restart its registry (never skipped silently)")
+    }
+
+    /// A foreign writer puts entries that are not instances into `service`'s path: bytes
+    /// that are not JSON, JSON of another shape, a value too large to be an instance.
+    async fn write_malformed(&self, service: &waypost_core::ServiceName) {
+        panic!("this backend offers no foreign writer: cannot write malformed entries for {service} (never skipped silently)")
     }
 
     /// The foreign writer removes the entry [`Faults::foreign_claim`] added at `key`.
