@@ -22,10 +22,13 @@ use crate::watcher::Watcher;
 ///   what was reported before: removals of the instances that vanished, insertions of
 ///   the new and the changed ones. Unchanged instances yield nothing.
 /// - `Stale` yields nothing: the balancer keeps its endpoints.
-/// - When the watch ends, or yields an error, the stream watches again after a
-///   jittered backoff; it never ends. An error that retrying cannot fix
-///   ([`Error::is_temporary`] is false) is passed on, so that the balancer reports it,
-///   and the stream goes on watching after it.
+/// - A watch yields an error only when retrying cannot fix it
+///   ([`ends_watch`](crate::backend::ends_watch): bad input, missing permissions, a
+///   closed client) and ends after it, per the [`Watcher`] contract. A balancer must not
+///   lose its endpoints over that: the error is passed on, so that the balancer reports
+///   it, and the stream watches again after a jittered backoff (credentials can be fixed
+///   while the process runs); it never ends. Any other error (a watch that does not keep
+///   the contract) is logged and the stream watches again.
 ///
 /// The stream implements [`Discover`](tower::discover::Discover) (through tower's impl
 /// for every `TryStream` of `Change`). Map the `Instance` to a service with
@@ -90,7 +93,7 @@ impl DiscoverState {
             self.watch = None;
             self.retrying = true;
             match error {
-                Some(e) if !e.is_temporary() => {
+                Some(e) if crate::backend::ends_watch(&e) => {
                     warn!(service = %self.service, error = %e, "watch failed; passing the error on and watching again");
                     return vec![Err(e)];
                 }
