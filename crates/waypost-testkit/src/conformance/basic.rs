@@ -142,19 +142,40 @@ pub async fn initial_snapshot_empty_and_non_empty(b: &dyn TestBackend) {
         regs.push(d.registrar.register(i).await.unwrap());
     }
     let other = b.connect().await;
-    let listed = other.watcher.instances(&full).await.unwrap();
-    // Another client may lag slightly behind the registrant on some registries; wait for
-    // it to agree before comparing with a watch's snapshot.
+    // Another client may lag slightly behind the registrant on some registries: wait until
+    // its listing has all five, with a deadline.
+    let deadline = tokio::time::Instant::now() + t;
+    let listed = loop {
+        let listed = other.watcher.instances(&full).await.unwrap();
+        if listed.len() == 5 {
+            break listed;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "instances() listed {} of 5 after {t:?}",
+            listed.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // A watch started after that listing begins with a snapshot at least as complete: all
+    // five in its first event, not delivered later as `Added`.
     let mut w = other.watcher.watch(&full);
     let first = next_event(&mut w, t).await;
     let WatchEvent::Snapshot(s) = first else {
         panic!("first event must be Snapshot, got {}", describe(&first));
     };
-    let mut set = InstanceSet::from_snapshot(&s);
-    wait_for_set(&mut w, &mut set, t, "all 5 instances", |s| s.len() == 5).await;
-    assert!(listed.len() <= 5);
+    assert_eq!(
+        s.len(),
+        5,
+        "the first snapshot must be complete: {:?}",
+        s.instances
+    );
+    assert_eq!(
+        s.instances, listed.instances,
+        "snapshot and instances() disagree"
+    );
     for r in &regs {
-        assert_eq!(set.get(&r.instance().id), Some(r.instance()));
+        assert_eq!(s.get(&r.instance().id), Some(r.instance()));
     }
 }
 
