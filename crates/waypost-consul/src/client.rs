@@ -1,18 +1,20 @@
-//! A thin typed client of the few Consul agent endpoints waypost needs.
+//! A thin typed client of the few Consul agent endpoints waypost needs, and what one
+//! client learns about its agent (ACL state, node name).
 //!
 //! The ACL token travels only in the `X-Consul-Token` header, marked sensitive; it is
 //! never put in a URL, a log line, a `Debug` output or an error.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
-use tokio::sync::Semaphore;
-use waypost_core::{Error, Result, ServiceName};
+use tokio::sync::{watch, Semaphore};
+use waypost_core::backend::Entry;
+use waypost_core::{Error, Instance, Result, ServiceName};
 
-use crate::codec::{HealthEntry, Registration};
+use crate::codec::{AgentService, HealthEntry, Registration};
 use crate::config::ConsulConfig;
 use crate::error::ConsulError;
 
@@ -31,20 +33,36 @@ pub(crate) enum AclState {
 
 /// One health listing: the entries (raw, decoded one by one by the caller) and the
 /// `X-Consul-Index` they were read at.
-pub(crate) struct Listing {
+pub(crate) struct HealthListing {
     pub(crate) entries: Vec<serde_json::Value>,
     pub(crate) index: u64,
 }
 
-/// The agent's HTTP API.
+/// What a client learnt about its agent, shared by its clones.
+struct Learnt {
+    /// The ACL state found by the first check.
+    acl: Mutex<Option<AclState>>,
+    /// The agent's node name (`None` inside: the token may not read it).
+    node: Mutex<Option<Option<Arc<str>>>>,
+    /// Bumped by the `drop_connections` test hook: watches reconnect.
+    generation: watch::Sender<u64>,
+}
+
+/// The agent's HTTP API. Cheap to clone; clones share the connection pool and what was
+/// learnt about the agent.
 #[derive(Clone)]
 pub(crate) struct Agent {
-    http: reqwest::Client,
+    http: Arc<RwLock<reqwest::Client>>,
+    /// To build a fresh HTTP client (the `drop_connections` test hook).
+    #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
+    config: Arc<ConsulConfig>,
     base: Arc<str>,
     datacenter: Option<Arc<str>>,
+    has_token: bool,
     timeout: Duration,
     connect_timeout: Duration,
     limit: Arc<Semaphore>,
+    learnt: Arc<Learnt>,
 }
 
 impl fmt::Debug for Agent {
@@ -68,55 +86,89 @@ fn read_pem(what: &str, path: &std::path::Path) -> Result<Vec<u8>> {
 impl Agent {
     /// A client as configured; fails only on bad TLS material.
     pub(crate) fn new(config: &ConsulConfig) -> Result<Self> {
-        let mut headers = HeaderMap::new();
-        if let Some(token) = &config.token {
-            let mut v = HeaderValue::from_str(token).map_err(|_| {
-                Error::invalid_config("consul option `token` is not a valid header value")
-            })?;
-            v.set_sensitive(true);
-            headers.insert("X-Consul-Token", v);
-        }
-        let mut b = reqwest::Client::builder()
-            .default_headers(headers)
-            .connect_timeout(config.connect_timeout)
-            .no_proxy()
-            .pool_idle_timeout(Duration::from_secs(30))
-            .tcp_nodelay(true)
-            .user_agent(concat!("waypost-consul/", env!("CARGO_PKG_VERSION")));
-        if let Some(ca) = &config.ca_file {
-            let pem = read_pem("ca_file", ca)?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                Error::invalid_config(format!(
-                    "consul option `ca_file`: not PEM certificates: {e}"
-                ))
-            })? {
-                b = b.add_root_certificate(cert);
-            }
-        }
-        if let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) {
-            let mut pem = read_pem("cert_file", cert)?;
-            pem.push(b'\n');
-            pem.extend(read_pem("key_file", key)?);
-            let id = reqwest::Identity::from_pem(&pem).map_err(|e| {
-                Error::invalid_config(format!(
-                    "consul options `cert_file`/`key_file`: not a PEM certificate and key: {e}"
-                ))
-            })?;
-            b = b.identity(id);
-        }
-        let http = b.build().map_err(|e| Error::InvalidConfig {
-            message: format!("consul: cannot build the HTTP client: {e}"),
-        })?;
         Ok(Self {
-            http,
+            http: Arc::new(RwLock::new(build_http(config)?)),
+            config: Arc::new(config.clone()),
             base: config.base_url().into(),
             datacenter: config.datacenter.as_deref().map(Arc::from),
+            has_token: config.token.is_some(),
             timeout: config.timeout,
             connect_timeout: config.connect_timeout,
             limit: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            learnt: Arc::new(Learnt {
+                acl: Mutex::new(None),
+                node: Mutex::new(None),
+                generation: watch::Sender::new(0),
+            }),
         })
     }
 
+    #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
+    /// **Test hook.** Drops the pooled connections (a fresh HTTP client) and makes every
+    /// watch of this client reconnect.
+    pub(crate) fn drop_connections(&self) {
+        match build_http(&self.config) {
+            Ok(http) => *self.http.write().unwrap_or_else(|p| p.into_inner()) = http,
+            Err(e) => tracing::warn!("consul: cannot rebuild the HTTP client: {e}"),
+        }
+        self.learnt.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Follows [`Agent::drop_connections`].
+    pub(crate) fn generation(&self) -> watch::Receiver<u64> {
+        self.learnt.generation.subscribe()
+    }
+
+    /// The request timeout.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// The HTTP client of `config`; fails only on bad TLS material.
+fn build_http(config: &ConsulConfig) -> Result<reqwest::Client> {
+    let mut headers = HeaderMap::new();
+    if let Some(token) = &config.token {
+        let mut v = HeaderValue::from_str(token).map_err(|_| {
+            Error::invalid_config("consul option `token` is not a valid header value")
+        })?;
+        v.set_sensitive(true);
+        headers.insert("X-Consul-Token", v);
+    }
+    let mut b = reqwest::Client::builder()
+        .default_headers(headers)
+        .connect_timeout(config.connect_timeout)
+        .no_proxy()
+        .pool_idle_timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .user_agent(concat!("waypost-consul/", env!("CARGO_PKG_VERSION")));
+    if let Some(ca) = &config.ca_file {
+        let pem = read_pem("ca_file", ca)?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            Error::invalid_config(format!(
+                "consul option `ca_file`: not PEM certificates: {e}"
+            ))
+        })? {
+            b = b.add_root_certificate(cert);
+        }
+    }
+    if let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) {
+        let mut pem = read_pem("cert_file", cert)?;
+        pem.push(b'\n');
+        pem.extend(read_pem("key_file", key)?);
+        let id = reqwest::Identity::from_pem(&pem).map_err(|e| {
+            Error::invalid_config(format!(
+                "consul options `cert_file`/`key_file`: not a PEM certificate and key: {e}"
+            ))
+        })?;
+        b = b.identity(id);
+    }
+    b.build().map_err(|e| Error::InvalidConfig {
+        message: format!("consul: cannot build the HTTP client: {e}"),
+    })
+}
+
+impl Agent {
     /// Sends one request; returns the status-checked body and the `X-Consul-Index`.
     async fn send(
         &self,
@@ -127,8 +179,8 @@ impl Agent {
         body: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<(Vec<u8>, Option<u64>), ConsulError> {
-        let mut req = self
-            .http
+        let http = self.http.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut req = http
             .request(method, format!("{}{}", self.base, path))
             .timeout(timeout);
         let mut q: Vec<(&str, String)> = query.to_vec();
@@ -200,15 +252,20 @@ impl Agent {
 
     /// `PUT /v1/agent/service/deregister/{id}`; an unknown id is fine.
     pub(crate) async fn deregister(&self, service_id: &str) -> Result<(), ConsulError> {
-        self.send_limited(
-            "deregister",
-            Method::PUT,
-            &format!("/v1/agent/service/deregister/{service_id}"),
-            &[],
-            None,
-        )
-        .await
-        .map(|_| ())
+        match self
+            .send_limited(
+                "deregister",
+                Method::PUT,
+                &format!("/v1/agent/service/deregister/{service_id}"),
+                &[],
+                None,
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_unknown_check() => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// `PUT /v1/agent/check/pass/{check_id}`.
@@ -230,7 +287,7 @@ impl Agent {
         &self,
         service: &ServiceName,
         block: Option<(u64, Duration)>,
-    ) -> Result<Listing, ConsulError> {
+    ) -> Result<HealthListing, ConsulError> {
         let op = "health query";
         let path = format!("/v1/health/service/{service}");
         let mut query = vec![("passing", "true".to_string())];
@@ -254,15 +311,15 @@ impl Agent {
         })?;
         let entries: Vec<serde_json::Value> =
             serde_json::from_slice(&body).map_err(|source| ConsulError::Decode { op, source })?;
-        Ok(Listing { entries, index })
+        Ok(HealthListing { entries, index })
     }
 
-    /// Decodes the entries of a listing, skipping (with a warning) what is not a valid
-    /// instance of `service`.
+    /// Decodes the entries of a listing, keyed `{node}/{service id}`, skipping (with a
+    /// warning) what is not a valid instance of `service`.
     pub(crate) fn decode(
         service: &ServiceName,
         entries: Vec<serde_json::Value>,
-    ) -> Vec<waypost_core::Instance> {
+    ) -> Vec<Entry<Instance>> {
         entries
             .into_iter()
             .filter_map(|v| {
@@ -274,8 +331,9 @@ impl Agent {
                     }
                 };
                 let sid = entry.service.id.clone();
+                let key = crate::codec::entry_key(entry.node.as_ref().map_or("", |n| &n.name), &sid);
                 match crate::codec::decode(entry, service) {
-                    Ok(i) => Some(i),
+                    Ok(item) => Some(Entry { key, item }),
                     Err(why) => {
                         tracing::warn!(%service, service_id = %sid.escape_debug(), "consul: skipping an entry that is not a valid instance: {why}");
                         None
@@ -283,6 +341,101 @@ impl Agent {
                 }
             })
             .collect()
+    }
+
+    /// `GET /v1/agent/service/{id}`: the agent's local service, `None` if it has none.
+    pub(crate) async fn service(
+        &self,
+        service_id: &str,
+    ) -> Result<Option<AgentService>, ConsulError> {
+        let op = "read agent service";
+        match self
+            .send_limited(
+                op,
+                Method::GET,
+                &format!("/v1/agent/service/{service_id}"),
+                &[],
+                None,
+            )
+            .await
+        {
+            Ok((body, _)) => serde_json::from_slice(&body)
+                .map(Some)
+                .map_err(|source| ConsulError::Decode { op, source }),
+            Err(ConsulError::Status { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The agent's node name (`GET /v1/agent/self`, once), or `None` when the agent does
+    /// not say (a token without `agent:read`).
+    pub(crate) async fn node_name(&self) -> Option<Arc<str>> {
+        if let Some(known) = self
+            .learnt
+            .node
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return known;
+        }
+        #[derive(serde::Deserialize)]
+        struct SelfInfo {
+            #[serde(rename = "Config")]
+            config: SelfConfig,
+        }
+        #[derive(serde::Deserialize)]
+        struct SelfConfig {
+            #[serde(rename = "NodeName")]
+            node_name: String,
+        }
+        let op = "read agent self";
+        let found = match self
+            .send_limited(op, Method::GET, "/v1/agent/self", &[], None)
+            .await
+        {
+            Ok((body, _)) => match serde_json::from_slice::<SelfInfo>(&body) {
+                Ok(info) => Some(Arc::from(info.config.node_name)),
+                Err(e) => {
+                    tracing::debug!("consul: the agent's node name is unknown: {e}");
+                    None
+                }
+            },
+            // Unreachable now: ask again next time.
+            Err(e) if e.is_transport() => return None,
+            Err(e) => {
+                tracing::debug!("consul: the agent's node name is unknown: {e}");
+                None
+            }
+        };
+        *self.learnt.node.lock().unwrap_or_else(|p| p.into_inner()) = Some(found.clone());
+        found
+    }
+
+    /// Makes sure reads are authorized before trusting an answer: with ACLs on, an
+    /// unauthorized health query answers `200 []`, which must not pass for "no instances".
+    /// `fresh` re-checks instead of using the cached result.
+    pub(crate) async fn check_read_access(&self, fresh: bool) -> Result<AclState> {
+        if !fresh {
+            if let Some(s) = *self.learnt.acl.lock().unwrap_or_else(|p| p.into_inner()) {
+                return Ok(s);
+            }
+        }
+        match self.acl_state().await {
+            Ok(s) => {
+                *self.learnt.acl.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+                Ok(s)
+            }
+            Err(ConsulError::Status { status: 403, .. }) if !self.has_token => {
+                Err(Error::Unauthorized {
+                    message: "the consul agent has ACLs enabled and no `token` is configured: \
+                              it would answer every health query with an empty list"
+                        .into(),
+                    source: None,
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// `GET /v1/status/leader`: is the agent alive and serving? Needs no ACL.

@@ -31,6 +31,12 @@ pub(crate) fn service_id(service: &ServiceName, id: &InstanceId) -> String {
     format!("{service}:{id}")
 }
 
+/// The key of a health entry: `{node}/{service id}` (a service ID is unique per agent,
+/// and one agent is one node).
+pub(crate) fn entry_key(node: &str, service_id: &str) -> String {
+    format!("{node}/{service_id}")
+}
+
 /// The TTL check's ID of an instance.
 pub(crate) fn check_id(service: &ServiceName, id: &InstanceId) -> String {
     format!("service:{}", service_id(service, id))
@@ -223,6 +229,8 @@ pub(crate) struct HealthEntry {
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct Node {
+    #[serde(rename = "Node", default)]
+    pub(crate) name: String,
     #[serde(rename = "Address", default)]
     pub(crate) address: String,
 }
@@ -243,6 +251,21 @@ pub(crate) struct AgentService {
     pub(crate) meta: Option<BTreeMap<String, String>>,
     #[serde(rename = "Weights", default)]
     pub(crate) weights: Option<Weights>,
+}
+
+/// Decodes the agent's own record of a service (`GET /v1/agent/service/{id}`), as
+/// [`decode`] does a health entry.
+pub(crate) fn decode_agent_service(
+    service: AgentService,
+    expected: &ServiceName,
+) -> Result<Instance, String> {
+    decode(
+        HealthEntry {
+            node: None,
+            service,
+        },
+        expected,
+    )
 }
 
 /// Decodes one health entry of service `expected` into an instance; `Err` says why it is

@@ -30,18 +30,30 @@
 //!
 //! # How waypost maps onto Consul
 //!
-//! - **Registration** is `PUT /v1/agent/service/register` with the service ID
-//!   `{service}:{id}` (Consul's IDs are unique per agent, waypost's per service), the
-//!   check `service:{service}:{id}` registered *passing* (visible at once), and
+//! The crate supplies Consul's primitives to waypost's backend layer
+//! ([`waypost_core::backend`]): core's session loop, registration keeper and watch
+//! machine do the rest, the same on every registry.
+//!
+//! - **Session**: Consul has no session that agent services bind to; a client's session
+//!   is *its agent* as the client reaches it (`session.rs`). It is kept alive by pinging
+//!   the agent every third of the TTL: when the agent does not answer, the session and
+//!   every registration are `Suspended`. Closing it ([`ConsulDiscovery::shutdown`], or
+//!   dropping the last handle and guard) deregisters every service the client still
+//!   holds.
+//! - **Registration** (`store.rs`) is `PUT /v1/agent/service/register` with the service
+//!   ID `{service}:{id}` (Consul's IDs are unique per agent, waypost's per service), the
+//!   TTL check `service:{service}:{id}` registered *passing* (visible at once), and
 //!   `DeregisterCriticalServiceAfter` (Consul's floor is 1 minute). The agent syncs the
-//!   registration to the catalog before it answers, so `register` returning means a watcher
-//!   lists the instance. A heartbeat task passes the check every third of the TTL. When
-//!   the agent answers that the check is unknown (agent restarted — a `-dev` agent keeps no
-//!   state — or the service was deregistered behind our back), it registers again by itself
-//!   (status `Reregistering`, then `Registered`); when the agent is unreachable the status is
-//!   `Suspended`. `update` re-registers with the same ID (the agent keeps its checks'
-//!   current status). `deregister` is
-//!   `PUT /v1/agent/service/deregister/{id}`.
+//!   registration to the catalog before it answers, so `register` returning means a
+//!   watcher lists the instance. Once per keep-alive round (every third of the TTL) the
+//!   keeper passes each registration's TTL check and reads the service back: when the
+//!   agent answers that the check is unknown (agent restarted — a `-dev` agent keeps no
+//!   state — or the service was deregistered behind our back), or holds something else
+//!   under the ID, it registers it again by itself (status `Reregistering`, then
+//!   `Registered`). `update` re-registers with the same ID (the agent keeps its checks'
+//!   current status). `deregister` is `PUT /v1/agent/service/deregister/{id}`; a
+//!   deregistration or registration whose outcome is unknown (a timeout) is settled by
+//!   the keeper once the agent answers again.
 //! - **Agent-run checks** (`http_check`, `tcp_check`, optional): *beside* the TTL check
 //!   (which stays: it is what removes a crashed process even when another process took its
 //!   port, and how the heartbeat notices a lost registration), the registration's `Checks`
@@ -67,22 +79,30 @@
 //! - **Two registrants of one id on one agent**: Consul cannot tell them apart; the second
 //!   registration *replaces* the first (the `Registrar` contract allows this for agent
 //!   services). Within one [`ConsulDiscovery`], registering a live id again is
-//!   `AlreadyExists`.
+//!   `AlreadyExists`. **The same id on two nodes** (another agent, or a catalog entry
+//!   written by another tool): a watch and `instances()` list the id once — the entry
+//!   of the watcher's own agent node that waypost writes (`{service}:{id}`) wins,
+//!   otherwise the smallest `{node}/{service id}`; removing one re-exposes the other.
+//!   (Finding the agent's node name needs `agent:read`; a token without it prefers any
+//!   node's `{service}:{id}` entry.)
 //! - **Weight and zone**: the weight is `Weights.Passing`; Consul needs at least 1, so weight
 //!   0 (draining) is also written as `Meta["waypost-weight"] = "0"`, the zone as
 //!   `Meta["waypost-zone"]` (waypost reserves the `waypost-` and `consul-` prefixes). When
 //!   the user's 64 metadata entries leave no room (Consul allows 64), these two go into
 //!   tags `waypost-weight=0` / `waypost-zone=...` instead. Both are read back.
-//! - **Watches** list with a blocking query (`index`, a `wait` jittered down by up to 10 %),
-//!   reset the index when it goes backwards, back off on errors, and diff each list against
-//!   the last one into `Added` / `Updated` / `Removed`, with `X-Consul-Index` as the
-//!   revision. The watch runs in its own task, so it notices a lost agent even while the
-//!   consumer is not polling. While a query blocks, the agent is pinged every `timeout`: a
-//!   paused agent (which accepts connections and never answers) makes the watch `Stale`
-//!   after at most two `timeout`s; refused connections (an agent restarting) get `timeout`
-//!   to come back before the watch says `Stale`. When the agent answers again the watch
-//!   yields `Resynced`; a list whose index went backwards (a restarted agent) is also
-//!   delivered as `Resynced`, never as changes with falling revisions.
+//! - **Watches** (`feed.rs`) are blocking queries (`index`, a `wait` jittered down by
+//!   up to 10 %); core's watch machine diffs each answer into `Added` / `Updated` /
+//!   `Removed`, with `X-Consul-Index` as the revision. The watch runs in its own task, so
+//!   it notices a lost agent even while the consumer is not polling. While a query
+//!   blocks, the agent is pinged every `timeout`: a paused agent (which accepts
+//!   connections and never answers) makes the watch `Stale` after at most two
+//!   `timeout`s; refused connections (an agent restarting) get `timeout` to come back
+//!   before the watch says `Stale`. A shorter restart is diffed like any other change
+//!   (the lost instances `Removed`, then `Added` as they are registered again); after
+//!   a `Stale`, the agent's next answer is `Resynced`. A restarted agent starts its
+//!   indexes over: the watch follows them, and its revisions keep growing all the same.
+//!   An answer that retrying cannot fix (a datacenter the agent does not know, a server
+//!   that does not speak Consul's JSON) ends the watch with that error.
 //! - **ACLs**: the token goes in the `X-Consul-Token` header, never in URLs, logs, `Debug`
 //!   or errors. With ACLs on and default deny, Consul answers an unauthorized health query
 //!   with `200 []`; so before trusting a listing, a watcher checks its token
@@ -106,21 +126,177 @@
 mod client;
 mod codec;
 mod config;
-mod discovery;
 mod error;
-mod registrar;
-mod watcher;
+mod feed;
+mod session;
+mod store;
 
+use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
+use async_trait::async_trait;
 use futures::future::BoxFuture;
-use waypost_core::{Config, Connector, Discovery, Result};
+use futures::stream::BoxStream;
+use waypost_core::backend::{watch, BackoffOptions, Keeper, Listing, Session};
+use waypost_core::{
+    Config, Connector, Discovery, Error, Instance, Registrar, Registration, Result, ServiceName,
+    Snapshot, WatchEvent, Watcher,
+};
+
+use client::Agent;
+use session::{AgentDriver, Written};
+use store::AgentStore;
 
 pub use config::{ConsulConfig, DEFAULT_PORT, MAX_WAIT, MIN_DEREGISTER_CRITICAL_AFTER, SCHEMES};
-pub use discovery::ConsulDiscovery;
 
 /// The backend's canonical name, as `backend = "consul"` in configs.
 pub const NAME: &str = "consul";
+
+/// A connection to one Consul agent: registers instances as agent services with a TTL
+/// check it keeps passing, and watches services with blocking health queries.
+///
+/// Cheap to clone; clones share the HTTP connection pool and the registrations.
+#[derive(Clone)]
+pub struct ConsulDiscovery {
+    agent: Agent,
+    config: Arc<ConsulConfig>,
+    keeper: Keeper<AgentDriver, AgentStore>,
+}
+
+impl fmt::Debug for ConsulDiscovery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsulDiscovery")
+            .field("config", &self.config)
+            .field("registrations", &self.keeper.len())
+            .field("pending_removals", &self.keeper.pending_removals())
+            .finish()
+    }
+}
+
+impl ConsulDiscovery {
+    /// Connects: checks that the agent answers (within the configured timeouts) and knows
+    /// the configured datacenter. Registrations and watches start later, per call.
+    pub async fn connect(config: ConsulConfig) -> Result<Self> {
+        let d = Self::new(config)?;
+        d.agent.ping().await?;
+        if let Some(dc) = &d.config.datacenter {
+            let known = d.agent.datacenters().await?;
+            if !known.iter().any(|k| k == dc) {
+                return Err(Error::NotFound {
+                    what: format!(
+                        "consul datacenter `{dc}` (the agent knows: {})",
+                        known.join(", ")
+                    ),
+                });
+            }
+        }
+        Ok(d)
+    }
+
+    /// A client as configured, without contacting the agent.
+    pub fn new(config: ConsulConfig) -> Result<Self> {
+        config.validate()?;
+        let agent = Agent::new(&config)?;
+        let written = Written::default();
+        // Retries (keep-alives, re-registrations, watches) back off from 100 ms up to a
+        // third of the TTL, and at most 5 s.
+        let backoff = BackoffOptions::new(
+            Duration::from_millis(100),
+            (config.ttl / 3).min(Duration::from_secs(5)),
+        );
+        let session = Session::new(
+            AgentDriver::new(agent.clone(), config.ttl, written.clone()),
+            backoff,
+        );
+        let store = AgentStore {
+            agent: agent.clone(),
+            config: config.clone(),
+            written,
+        };
+        Ok(Self {
+            agent,
+            config: Arc::new(config),
+            keeper: Keeper::new(NAME, session, store),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ConsulConfig {
+        &self.config
+    }
+
+    /// Shuts down: every registration is deregistered from the agent and reads
+    /// `Deregistered`; later calls fail with [`Error::Closed`].
+    pub async fn shutdown(&self) -> Result<()> {
+        self.keeper.shutdown().await
+    }
+
+    /// **Test-only fault injection**: this client "crashes". Its heartbeats stop and
+    /// nothing is deregistered, so Consul marks its instances critical after their TTL
+    /// (they leave `passing` watches) and removes them after `deregister_critical_after`;
+    /// every later call fails with [`Error::Closed`]. Not for production use.
+    #[doc(hidden)]
+    pub fn crash_for_tests(&self) {
+        self.keeper.crash();
+    }
+
+    /// This client as a [`Discovery`] (with its test hooks under the `test-hooks`
+    /// feature).
+    pub fn into_discovery(self) -> Discovery {
+        let d = Arc::new(self);
+        let discovery = Discovery::new(d.clone(), d.clone());
+        #[cfg(feature = "test-hooks")]
+        let discovery = discovery.with_hooks(d);
+        discovery
+    }
+}
+
+#[async_trait]
+impl Registrar for ConsulDiscovery {
+    async fn register(&self, instance: Instance) -> Result<Registration> {
+        self.keeper.register(instance).await
+    }
+}
+
+#[async_trait]
+impl Watcher for ConsulDiscovery {
+    async fn instances(&self, service: &ServiceName) -> Result<Snapshot> {
+        self.keeper.session().check_open()?;
+        self.agent.check_read_access(false).await?;
+        let listing = self.agent.health(service, None).await?;
+        let entries = Agent::decode(service, listing.entries);
+        let feed = feed::HealthFeed::for_listing(&self.agent, service).await;
+        Ok(watch::snapshot(
+            &feed,
+            service,
+            Listing {
+                entries,
+                revision: listing.index,
+            },
+        ))
+    }
+
+    fn watch(&self, service: &ServiceName) -> BoxStream<'static, Result<WatchEvent>> {
+        feed::watch(
+            &self.agent,
+            self.keeper.session(),
+            service,
+            self.config.wait,
+        )
+    }
+}
+
+#[cfg(feature = "test-hooks")]
+impl waypost_core::backend::TestHooks for ConsulDiscovery {
+    fn crash(&self) {
+        self.keeper.crash();
+    }
+
+    fn drop_connections(&self) {
+        self.agent.drop_connections();
+    }
+}
 
 /// The Consul backend's [`Connector`]: `consul://` and `consuls://` URLs, or
 /// `backend = "consul"` configs.
@@ -138,8 +314,9 @@ impl Connector for ConsulConnector {
 
     fn connect<'a>(&'a self, config: &'a Config) -> BoxFuture<'a, Result<Discovery>> {
         Box::pin(async move {
-            let d = Arc::new(ConsulDiscovery::connect(ConsulConfig::from_config(config)?).await?);
-            Ok(Discovery::new(d.clone(), d))
+            Ok(ConsulDiscovery::connect(ConsulConfig::from_config(config)?)
+                .await?
+                .into_discovery())
         })
     }
 }

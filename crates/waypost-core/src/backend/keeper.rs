@@ -313,7 +313,7 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
                     attempts += 1;
                     self.session.expired(&session);
                 }
-                Err(e @ Error::AlreadyExists { .. }) | Err(e @ Error::InvalidInput { .. }) => {
+                Err(e) if is_refusal(&e) => {
                     unknown.disarm();
                     return Err(e);
                 }
@@ -553,6 +553,19 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
             f(reg);
         }
     }
+}
+
+/// A definite refusal: the registry answered and wrote nothing.
+fn is_refusal(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::AlreadyExists { .. }
+            | Error::InvalidInput { .. }
+            | Error::InvalidConfig { .. }
+            | Error::Unauthorized { .. }
+            | Error::Unsupported { .. }
+            | Error::Closed { .. }
+    )
 }
 
 /// Tracks a write in flight: if the caller's future is dropped (or the write fails)

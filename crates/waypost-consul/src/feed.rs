@@ -1,0 +1,292 @@
+//! The watch primitives: blocking queries on `/v1/health/service/{name}?passing=true`.
+//! Each answer is a fresh listing that core's watch machine diffs; `X-Consul-Index` is the
+//! revision.
+//!
+//! - A refused or cut connection (an agent restarting) gets `timeout` to come back, with
+//!   plain listings, before the feed fails (and the machine reports `Stale`, then
+//!   `Resynced` when the agent answers). A restart shorter than that is no outage: the
+//!   fresh listing is diffed like any other.
+//! - An index that goes backwards (a restarted agent starts its indexes over) never stalls
+//!   the watch: its blocking queries follow the agent's new index, and the watch's
+//!   revisions keep growing (offset past the last one), so revisions of one watch stay
+//!   comparable.
+//! - While a query blocks, the agent is pinged every `timeout`: a paused agent (which
+//!   accepts connections and never answers) fails the query after at most two
+//!   `timeout`s.
+//! - ACLs: before trusting a listing the token is checked once (`/v1/acl/token/self`);
+//!   a set that suddenly becomes empty checks it again, since a revoked token makes
+//!   Consul answer `200 []`.
+//! - Entries are keyed `{node}/{service id}`; ours ([`Feed::is_canonical`]) is the
+//!   service waypost writes for the id (`{service}:{id}`) on this client's agent node.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::{BoxStream, StreamExt};
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot, watch};
+use waypost_core::backend::{ends_watch, watch_instances, Feed, Listing, Next, Session};
+use waypost_core::{Backoff, Error, Instance, Result, Revision, ServiceName, WatchEvent};
+
+use crate::client::{AclState, Agent};
+use crate::session::AgentDriver;
+
+/// Events buffered between the watch task and a slow consumer.
+const EVENT_BUFFER: usize = 256;
+
+/// One watch's feed.
+pub(crate) struct HealthFeed {
+    agent: Agent,
+    service: ServiceName,
+    wait: Duration,
+    /// The agent's node name, once known: where our own entries are.
+    node: Option<Arc<str>>,
+    acl: Option<AclState>,
+    /// The agent's index of the last answer (blocking queries wait past it).
+    index: u64,
+    /// The last revision handed to the machine, and what is added to the agent's index
+    /// since it last went backwards.
+    revision: Revision,
+    offset: u64,
+    /// Whether the last listing held anything (for the revoked-token check).
+    non_empty: bool,
+    generation: watch::Receiver<u64>,
+    /// The client's session, to stop once it is closed.
+    session: Option<Session<AgentDriver>>,
+    /// Where an error that must end the watch goes (see [`watch`]).
+    fatal: Option<oneshot::Sender<Error>>,
+}
+
+impl HealthFeed {
+    /// A feed for `instances()`: only its claimant rule is used.
+    pub(crate) async fn for_listing(agent: &Agent, service: &ServiceName) -> Self {
+        let mut feed = Self::new(agent, service, Duration::from_secs(1), None, None);
+        feed.node = agent.node_name().await;
+        feed
+    }
+
+    fn new(
+        agent: &Agent,
+        service: &ServiceName,
+        wait: Duration,
+        session: Option<Session<AgentDriver>>,
+        fatal: Option<oneshot::Sender<Error>>,
+    ) -> Self {
+        Self {
+            agent: agent.clone(),
+            service: service.clone(),
+            wait,
+            node: None,
+            acl: None,
+            index: 0,
+            revision: 0,
+            offset: 0,
+            non_empty: false,
+            generation: agent.generation(),
+            session,
+            fatal,
+        }
+    }
+
+    /// Errors that retrying cannot fix but that core's rule would retry (a wrong
+    /// datacenter, an agent that does not speak Consul's JSON) end the watch here, as they
+    /// always did on Consul: the error goes to [`watch`], and the feed stops.
+    async fn check<T>(&mut self, r: Result<T>) -> Result<T> {
+        match r {
+            Err(e) if !e.is_temporary() && !ends_watch(&e) && self.fatal.is_some() => {
+                tracing::warn!(service = %self.service, "consul: watch ends: {e}");
+                if let Some(tx) = self.fatal.take() {
+                    let _ = tx.send(e);
+                }
+                futures::future::pending().await
+            }
+            r => r,
+        }
+    }
+
+    /// A client that was shut down (or crashed) watches nothing more.
+    fn check_open(&self) -> Result<()> {
+        match &self.session {
+            Some(s) => s.check_open(),
+            None => Ok(()),
+        }
+    }
+
+    async fn list_once(&mut self) -> Result<Listing<Instance>> {
+        self.check_open()?;
+        if self.acl.is_none() {
+            self.acl = Some(self.agent.check_read_access(false).await?);
+        }
+        if self.node.is_none() {
+            self.node = self.agent.node_name().await;
+        }
+        self.generation.borrow_and_update();
+        let listing = self.agent.health(&self.service, None).await?;
+        let revision = self.revision(listing.index);
+        let entries = Agent::decode(&self.service, listing.entries);
+        self.non_empty = !entries.is_empty();
+        Ok(Listing { entries, revision })
+    }
+
+    async fn next_once(&mut self) -> Result<Next<Instance>> {
+        let every = self.agent.timeout().max(Duration::from_millis(500));
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
+        let mut failing_since = None;
+        loop {
+            self.check_open()?;
+            let answer = if failing_since.is_some() {
+                // After a refused connection: a plain listing (a restarted agent would hold
+                // a query at our old index for its whole wait).
+                self.agent.health(&self.service, None).await
+            } else {
+                let wait = self.wait.mul_f64(rand::thread_rng().gen_range(0.9..=1.0));
+                tokio::select! {
+                    r = self.agent.health(&self.service, Some((self.index, wait))) => r,
+                    e = dead_agent(&self.agent, every) => return Err(e),
+                    _ = self.generation.changed() => {
+                        return Err(Error::unavailable("consul: connections dropped (test hook)"));
+                    }
+                }
+            };
+            let listing = match answer {
+                Ok(l) => l,
+                // An agent restarting refuses connections for a moment: it gets `timeout`
+                // to come back before the watch reports an outage.
+                Err(e) if e.is_refused() => {
+                    let now = tokio::time::Instant::now();
+                    if now.duration_since(*failing_since.get_or_insert(now)) >= self.agent.timeout()
+                    {
+                        return Err(e.into());
+                    }
+                    tracing::debug!(service = %self.service, "consul: watch retrying: {e}");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let got = listing.index.max(1);
+            if got == self.index && failing_since.is_none() {
+                continue; // the wait ran out with no change
+            }
+            let revision = self.revision(got);
+            let entries = Agent::decode(&self.service, listing.entries);
+            if entries.is_empty() && self.non_empty && self.acl == Some(AclState::Valid) {
+                // With ACLs, losing read access looks exactly like "everyone left".
+                self.agent.check_read_access(true).await?;
+            }
+            self.non_empty = !entries.is_empty();
+            return Ok(Next::Listing(Listing { entries, revision }));
+        }
+    }
+
+    /// The watch's revision of the agent's index `index`, which becomes the index of the
+    /// next blocking query. A restarted agent starts its indexes over: the revisions of one
+    /// watch keep growing all the same (they are offset past the last one).
+    fn revision(&mut self, index: u64) -> Revision {
+        // Consul: an index below 1 must be 1 (0 would not block).
+        let index = index.max(1);
+        if index < self.index {
+            tracing::info!(service = %self.service, "consul: the index went backwards (agent restarted?); listing again");
+            self.offset = self.revision;
+        }
+        self.index = index;
+        self.revision = self.revision.max(index + self.offset);
+        self.revision
+    }
+}
+
+/// Resolves when the agent stops answering: a paused agent accepts connections and never
+/// answers, so a blocking query alone would only notice after its whole wait.
+async fn dead_agent(agent: &Agent, every: Duration) -> Error {
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = agent.ping().await {
+            return e.into();
+        }
+    }
+}
+
+#[async_trait]
+impl Feed for HealthFeed {
+    type Item = Instance;
+
+    async fn list(&mut self) -> Result<Listing<Instance>> {
+        let r = self.list_once().await;
+        self.check(r).await
+    }
+
+    async fn next(&mut self, _after: Revision) -> Result<Next<Instance>> {
+        let r = self.next_once().await;
+        self.check(r).await
+    }
+
+    fn is_canonical(&self, key: &str, item: &Instance) -> bool {
+        // `{node}/{service}:{id}`, compared without allocating (called per entry).
+        let Some((node, service_id)) = key.rsplit_once('/') else {
+            return false;
+        };
+        let ours = service_id
+            .strip_prefix(item.service.as_str())
+            .and_then(|rest| rest.strip_prefix(':'))
+            == Some(item.id.as_str());
+        // The node is unknown (a token without `agent:read`): any node's.
+        ours && self.node.as_deref().map_or(true, |n| n == node)
+    }
+}
+
+/// The watch of `service`: core's machine over a [`HealthFeed`], run in its own task so it
+/// notices a lost agent while the consumer is not polling (a lazy stream would find out
+/// only on its next blocking query, which a restarted agent with lower indexes holds for
+/// the whole wait). The task ends when the stream is dropped.
+pub(crate) fn watch(
+    agent: &Agent,
+    session: &Session<AgentDriver>,
+    service: &ServiceName,
+    wait: Duration,
+) -> BoxStream<'static, Result<WatchEvent>> {
+    let (fatal_tx, fatal_rx) = oneshot::channel();
+    let feed = HealthFeed::new(agent, service, wait, Some(session.clone()), Some(fatal_tx));
+    let backoff = session.backoff();
+    let events = watch_instances(feed, backoff, service);
+    futures::stream::once(async move {
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        tokio::spawn(run(events, fatal_rx, tx));
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
+    })
+    .flatten()
+    .boxed()
+}
+
+async fn run(
+    mut events: BoxStream<'static, Result<WatchEvent>>,
+    mut fatal: oneshot::Receiver<Error>,
+    tx: mpsc::Sender<Result<WatchEvent>>,
+) {
+    let mut fatal_open = true;
+    loop {
+        let item = tokio::select! {
+            biased;
+            item = events.next() => item,
+            e = &mut fatal, if fatal_open => match e {
+                Ok(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                Err(_) => {
+                    fatal_open = false;
+                    continue;
+                }
+            },
+            _ = tx.closed() => return,
+        };
+        match item {
+            Some(item) => {
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+            None => return,
+        }
+    }
+}

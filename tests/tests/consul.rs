@@ -1,0 +1,205 @@
+#![cfg(feature = "consul")]
+//! The conformance matrix's Consul column: every suite against a real agent
+//! (`consul agent -dev`), one agent per test so that faults (pause, restart) never reach
+//! another test. The foreign writer is the `consul` CLI and raw HTTP to the agent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use waypost_consul::{ConsulConfig, ConsulDiscovery};
+use waypost_core::{Discovery, Instance};
+use waypost_testkit::conformance::{Faults, Settings, TestBackend};
+use waypost_testkit::ConsulServer;
+
+/// The check TTL of the test clients: short, so crashes show quickly.
+const TTL: Duration = Duration::from_secs(10);
+/// The TTL of the 1,000-instance suite. A Consul 1.8 agent does work proportional to its
+/// number of local services on every check update (it re-syncs its local state): with
+/// 1,000 services one heartbeat costs ~11 ms of agent time here against ~1 ms with 10, so
+/// 1,000 instances heartbeating every 3.3 s (TTL 10 s) need more than the agent has, and
+/// checks flap. A longer TTL is what such deployments use (see the crate's README).
+const SCALE_TTL: Duration = Duration::from_secs(60);
+/// The request timeout: a `register` against a paused agent fails after it, well within
+/// the liveness bound, and a pause that lasts one timeout is far shorter than the TTL.
+const TIMEOUT: Duration = Duration::from_secs(3);
+/// The 1,000-instance suite pauses nothing and loads the agent: more room.
+const SCALE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The node name of the foreign writer's catalog entries.
+const FOREIGN_NODE: &str = "foreign-node";
+
+struct ConsulBackend {
+    ttl: Duration,
+    timeout: Duration,
+    server: tokio::sync::Mutex<ConsulServer>,
+    url: String,
+    address: String,
+}
+
+async fn consul(suite: &'static str) -> Option<ConsulBackend> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let scale = suite == "thousand_instances";
+    let server = waypost_testkit::server::consul().await?;
+    Some(ConsulBackend {
+        ttl: if scale { SCALE_TTL } else { TTL },
+        timeout: if scale { SCALE_TIMEOUT } else { TIMEOUT },
+        url: server.url(),
+        address: server.address(),
+        server: tokio::sync::Mutex::new(server),
+    })
+}
+
+#[async_trait]
+impl TestBackend for ConsulBackend {
+    fn name(&self) -> &'static str {
+        "consul"
+    }
+
+    async fn connect(&self) -> Discovery {
+        let config = ConsulConfig::from_url(&self.url)
+            .unwrap()
+            .with_ttl(self.ttl)
+            .with_timeout(self.timeout)
+            .with_connect_timeout(Duration::from_secs(2));
+        let client = Arc::new(ConsulDiscovery::connect(config).await.expect("connect"));
+        Discovery::new(client.clone(), client.clone()).with_hooks(client)
+    }
+
+    fn settings(&self) -> Settings {
+        Settings {
+            timeout: Duration::from_secs(10),
+            // The TTL check goes critical after TTL; Consul's TTL timer is exact, plus the
+            // watch's round trip.
+            liveness: self.ttl + Duration::from_secs(8),
+            concurrency: 32,
+        }
+    }
+
+    fn faults(&self) -> Option<&dyn Faults> {
+        Some(self)
+    }
+}
+
+impl ConsulBackend {
+    /// One request to the agent's HTTP API, as a raw client (not waypost); returns the
+    /// status code and the body.
+    async fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let mut sock = tokio::net::TcpStream::connect(&self.address)
+            .await
+            .expect("connect to the agent");
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.address,
+            body.len()
+        );
+        sock.write_all(req.as_bytes()).await.unwrap();
+        let mut resp = String::new();
+        tokio::time::timeout(Duration::from_secs(10), sock.read_to_string(&mut resp))
+            .await
+            .expect("the agent answered")
+            .unwrap();
+        let status = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        (status, body.to_string())
+    }
+
+    async fn http_ok(&self, method: &str, path: &str, body: &str) {
+        let (status, text) = self.http(method, path, body).await;
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path}: HTTP {status}: {text}"
+        );
+    }
+}
+
+/// The Consul service ID waypost gives `instance`.
+fn service_id(instance: &Instance) -> String {
+    format!("{}:{}", instance.service, instance.id)
+}
+
+#[async_trait]
+impl Faults for ConsulBackend {
+    /// Restarts the dev agent, which comes back empty: every service and check is gone,
+    /// as when a real agent loses its state.
+    async fn expire_sessions(&self) {
+        self.server
+            .lock()
+            .await
+            .restart()
+            .await
+            .expect("restart consul");
+    }
+
+    async fn make_unreachable(&self) {
+        self.server.lock().await.pause().expect("pause consul");
+    }
+
+    async fn make_reachable(&self) {
+        self.server.lock().await.resume().expect("resume consul");
+    }
+
+    /// `consul services deregister -id=…`: the CLI removes the agent service.
+    async fn foreign_delete(&self, instance: &Instance) {
+        let out = tokio::process::Command::new("consul")
+            .args([
+                "services",
+                "deregister",
+                &format!("-http-addr={}", self.address),
+                &format!("-id={}", service_id(instance)),
+            ])
+            .output()
+            .await
+            .expect("run consul services deregister");
+        assert!(out.status.success(), "consul services deregister: {out:?}");
+    }
+
+    /// A catalog entry on another node (`PUT /v1/catalog/register`), with the service ID
+    /// waypost would write and exactly `instance`'s fields.
+    async fn foreign_claim(&self, instance: &Instance) -> String {
+        let mut meta = serde_json::Map::new();
+        for (k, v) in &instance.metadata {
+            meta.insert(k.clone(), v.clone().into());
+        }
+        if let Some(zone) = &instance.zone {
+            meta.insert("waypost-zone".into(), zone.clone().into());
+        }
+        if instance.weight == 0 {
+            meta.insert("waypost-weight".into(), "0".into());
+        }
+        let body = serde_json::json!({
+            "Node": FOREIGN_NODE,
+            "Address": "127.0.0.2",
+            "Service": {
+                "ID": service_id(instance),
+                "Service": instance.service.as_str(),
+                "Address": instance.endpoint.host,
+                "Port": instance.endpoint.port,
+                "Tags": instance.tags,
+                "Meta": meta,
+                "Weights": {"Passing": instance.weight.max(1), "Warning": 1},
+            },
+        });
+        self.http_ok("PUT", "/v1/catalog/register", &body.to_string())
+            .await;
+        format!("{FOREIGN_NODE}/{}", service_id(instance))
+    }
+
+    /// `PUT /v1/catalog/deregister` of the entry [`Faults::foreign_claim`] wrote.
+    async fn foreign_remove(&self, _instance: &Instance, key: &str) {
+        let (node, sid) = key.split_once('/').expect("a node/service key");
+        let body = serde_json::json!({"Node": node, "ServiceID": sid});
+        self.http_ok("PUT", "/v1/catalog/deregister", &body.to_string())
+            .await;
+    }
+}
+
+waypost_testkit::conformance_tests!(named: consul);
