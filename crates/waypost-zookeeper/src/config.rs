@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use waypost_core::backend::BackoffOptions;
 use waypost_core::config::{self, Config};
 use waypost_core::{Error, Result};
 
@@ -85,6 +86,20 @@ pub struct ZkConfig {
     /// How long connecting may take before it fails with `Timeout`. Default 5 s.
     #[serde(with = "waypost_core::config::duration")]
     pub connect_timeout: Duration,
+    /// How long one operation (a registration's write, a deletion, a listing) may wait for
+    /// the server before it fails with `Timeout`, e.g. while the server is paused or
+    /// partitioned. A write that timed out may still land: the client removes it again.
+    /// Default 5 s.
+    #[serde(with = "waypost_core::config::duration")]
+    pub request_timeout: Duration,
+    /// The first delay before retrying after a failure (re-registration, reconnecting a
+    /// watch, opening a new session). Default 50 ms.
+    #[serde(with = "waypost_core::config::duration")]
+    pub backoff_initial: Duration,
+    /// The longest delay between two retries (jittered, doubling, no cap on attempts).
+    /// Default 2 s.
+    #[serde(with = "waypost_core::config::duration")]
+    pub backoff_max: Duration,
     /// Digest user name; with [`password`](Self::password), the session authenticates
     /// with scheme `digest` and our nodes get the ACL "everyone reads, only this user
     /// writes and deletes".
@@ -107,6 +122,9 @@ impl Default for ZkConfig {
             root: DEFAULT_ROOT.into(),
             session_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            backoff_initial: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2),
             username: None,
             password: None,
             payload: PayloadFormat::Curator,
@@ -123,6 +141,9 @@ impl fmt::Debug for ZkConfig {
             .field("root", &self.root)
             .field("session_timeout", &self.session_timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("backoff_initial", &self.backoff_initial)
+            .field("backoff_max", &self.backoff_max)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("payload", &self.payload)
@@ -210,6 +231,16 @@ impl ZkConfig {
                 "zookeeper option `connect_timeout` must be more than 0",
             ));
         }
+        if self.request_timeout.is_zero() {
+            return Err(Error::invalid_config(
+                "zookeeper option `request_timeout` must be more than 0",
+            ));
+        }
+        if self.backoff_initial.is_zero() || self.backoff_max < self.backoff_initial {
+            return Err(Error::invalid_config(
+                "zookeeper options `backoff_initial` (more than 0) and `backoff_max` (at least `backoff_initial`)",
+            ));
+        }
         if self.password.is_some() != self.username.is_some() {
             return Err(Error::invalid_config(
                 "zookeeper options `username` and `password` go together",
@@ -252,6 +283,24 @@ impl ZkConfig {
         self
     }
 
+    /// Sets the request timeout.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Sets the retry backoff bounds.
+    pub fn with_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff_initial = initial;
+        self.backoff_max = max.max(initial);
+        self
+    }
+
+    /// The retry backoff bounds, for core's retry loops.
+    pub fn backoff(&self) -> BackoffOptions {
+        BackoffOptions::new(self.backoff_initial, self.backoff_max)
+    }
+
     /// Sets digest credentials.
     pub fn with_digest(mut self, username: impl Into<String>, password: impl Into<String>) -> Self {
         self.username = Some(username.into());
@@ -285,13 +334,18 @@ mod tests {
     #[test]
     fn multi_host_url_with_root_and_options() {
         let c = ZkConfig::from_url(
-            "zk://10.0.0.1:2181,10.0.0.2,[::1]:2182/disco/svc?session_timeout=3s&connect_timeout=250ms&payload=spring-cloud&layout=protected-sequential&readonly=true",
+            "zk://10.0.0.1:2181,10.0.0.2,[::1]:2182/disco/svc?session_timeout=3s&connect_timeout=250ms&request_timeout=750ms&backoff_max=1s&payload=spring-cloud&layout=protected-sequential&readonly=true",
         )
         .unwrap();
         assert_eq!(c.hosts, ["10.0.0.1:2181", "10.0.0.2:2181", "[::1]:2182"]);
         assert_eq!(c.root, "/disco/svc");
         assert_eq!(c.session_timeout, Duration::from_secs(3));
         assert_eq!(c.connect_timeout, Duration::from_millis(250));
+        assert_eq!(c.request_timeout, Duration::from_millis(750));
+        assert_eq!(
+            c.backoff(),
+            BackoffOptions::new(Duration::from_millis(50), Duration::from_secs(1))
+        );
         assert_eq!(c.payload, PayloadFormat::SpringCloud);
         assert_eq!(c.layout, NodeLayout::ProtectedSequential);
         assert!(c.readonly);

@@ -29,15 +29,19 @@
 //! - **Liveness**: registrations are bound to the client's session. A crashed process's
 //!   instances vanish when its session times out ([`ZkConfig::session_timeout`]); a
 //!   clean deregistration deletes the node at once. A create whose reply was lost is
-//!   recognised by its `ephemeralOwner` (or guid) and counts as registered.
-//! - **Re-registration**: on disconnect registrations turn `Suspended`; after a session
-//!   expiry the client is replaced by a new session and every live registration is
-//!   created again (jittered backoff, no cap), `Reregistering` then `Registered`.
-//! - **Watching**: one persistent recursive watch (`addWatch`, ZooKeeper ≥ 3.6) per
-//!   watched service; each change reads only the node that changed, so the cost of a
-//!   change does not grow with the size of the service. Disconnect → `Stale`; reconnect
-//!   → the watch is added again (the client does not re-add persistent watches) and the
-//!   service re-listed → `Resynced`. After a session expiry likewise on the new session.
+//!   recognised by its `ephemeralOwner` and counts as registered.
+//! - **Re-registration** (core's keeper over this crate's store): on disconnect
+//!   registrations turn `Suspended`; after a session expiry a new session is opened and
+//!   every live registration is created again (jittered backoff, no cap), `Reregistering`
+//!   then `Registered`. A node deleted or overwritten by someone else is written again
+//!   within a keep-alive interval. A write that timed out ([`ZkConfig::request_timeout`],
+//!   e.g. against a paused server) fails, and if it lands later it is removed again.
+//! - **Watching** (core's watch machine over this crate's feed): one persistent recursive
+//!   watch (`addWatch`, ZooKeeper ≥ 3.6) per watched service; each change reads only the
+//!   node that changed, so the cost of a change does not grow with the size of the
+//!   service. Disconnect → `Stale`; reconnect → the watch is added again and the service
+//!   re-listed → `Resynced`. After a session expiry likewise on the new session. When a
+//!   foreign node claims the id of one of ours, ours (the node at our own name) is listed.
 //!   On servers older than 3.6 (`addWatch` answers `Unimplemented`) the watch falls back
 //!   to a child watch on the service node plus a data watch per instance node: a change
 //!   of the children costs one listing of the names and a read of each new node.
@@ -55,61 +59,71 @@
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 #![forbid(unsafe_code)]
 
+mod client;
 pub mod codec;
 mod config;
 mod error;
-mod nodes;
-mod registrar;
+mod feed;
 mod session;
-mod watcher;
+mod store;
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use futures::future::BoxFuture;
-use waypost_core::{Config, Connector, Discovery, Result};
+use futures::stream::{BoxStream, StreamExt};
+use waypost_core::backend::{watch, Keeper, Session};
+use waypost_core::{
+    Config, Connector, Discovery, Instance, Registrar, Registration, Result, ServiceName, Snapshot,
+    WatchEvent, Watcher,
+};
 
 pub use config::{NodeLayout, PayloadFormat, ZkConfig, DEFAULT_PORT, DEFAULT_ROOT};
 
-use session::Inner;
+use client::Ctx;
+use feed::ZkFeed;
+use session::Driver;
+use store::Store;
 
 /// The URL schemes (and backend names) of this backend.
 pub const SCHEMES: &[&str] = &["zookeeper", "zk"];
 
-/// A connection to ZooKeeper: implements [`Registrar`](waypost_core::Registrar) and
-/// [`Watcher`](waypost_core::Watcher). Cheap to clone; clones share the session.
+/// A connection to ZooKeeper: implements [`Registrar`] and [`Watcher`]. Cheap to clone;
+/// clones share the session.
 ///
 /// The session lives as long as this value, its registrations or its watch streams do;
 /// when the last of them goes, the session is closed (its remaining ephemeral nodes go
 /// at once).
 #[derive(Clone)]
 pub struct ZkDiscovery {
-    inner: Arc<Inner>,
+    keeper: Keeper<Driver, Store>,
+    ctx: Arc<Ctx>,
 }
 
 impl fmt::Debug for ZkDiscovery {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let regs = self.inner.lock().regs.len();
         f.debug_struct("ZkDiscovery")
-            .field("config", &self.inner.config)
+            .field("config", &self.ctx.config)
             .field("session", &self.session_id().map(|s| format!("{s:#x}")))
-            .field("registrations", &regs)
+            .field("registrations", &self.keeper.len())
             .finish()
     }
 }
 
 impl ZkDiscovery {
-    /// Connects as configured; fails within [`ZkConfig::connect_timeout`] when no server
-    /// answers.
+    /// Connects as configured (opens the session); fails within
+    /// [`ZkConfig::connect_timeout`] when no server answers.
     pub async fn connect(config: ZkConfig) -> Result<Self> {
-        let client = session::open_client(&config).await?;
-        let inner = Inner::new(config, client);
-        tokio::spawn(session::session_task(
-            Arc::downgrade(&inner),
-            inner.kick.clone(),
-        ));
-        Ok(Self { inner })
+        let backoff = config.backoff();
+        let ctx = Arc::new(Ctx::new(config));
+        let session = Session::new(Driver::new(ctx.clone()), backoff);
+        session.current().await?;
+        Ok(Self {
+            keeper: Keeper::new("zookeeper", session, Store::new(ctx.clone())),
+            ctx,
+        })
     }
 
     /// Connects to the registry a `zk://` URL names.
@@ -119,68 +133,157 @@ impl ZkDiscovery {
 
     /// The configuration in use.
     pub fn config(&self) -> &ZkConfig {
-        &self.inner.config
+        &self.ctx.config
     }
 
-    /// The current ZooKeeper session id, if the client is not shut down.
+    fn session(&self) -> &Session<Driver> {
+        self.keeper.session()
+    }
+
+    fn current(&self) -> Option<session::ZkSession> {
+        if self.session().is_closed() {
+            return None;
+        }
+        self.session().current_state().handle()
+    }
+
+    /// The current ZooKeeper session id, if one is open (not shut down, not expired and
+    /// waiting for the next).
     pub fn session_id(&self) -> Option<i64> {
-        self.inner.current().ok().map(|c| c.session_id())
+        self.current().map(|s| s.id())
     }
 
     /// The negotiated session timeout of the current session.
     pub fn session_timeout(&self) -> Option<Duration> {
-        self.inner
-            .current()
-            .ok()
-            .map(|c| c.client.session_timeout())
+        self.current()?.client().ok().map(|c| c.session_timeout())
     }
 
+    /// Shuts down: every registration is `Deregistered` and the session closed (ZooKeeper
+    /// deletes its nodes at once). Later calls fail with `Closed`.
+    pub async fn shutdown(&self) -> Result<()> {
+        self.keeper.shutdown().await
+    }
+
+    /// This client as a [`Discovery`] (with its test hooks under the `test-hooks` feature).
+    pub fn into_discovery(self) -> Discovery {
+        let d = Arc::new(self);
+        let discovery = Discovery::new(d.clone(), d.clone());
+        #[cfg(feature = "test-hooks")]
+        let discovery = discovery.with_hooks(d);
+        discovery
+    }
+}
+
+#[cfg(feature = "test-hooks")]
+impl ZkDiscovery {
     /// **Test only.** The current session's id and password, to inject faults (another
     /// connection on the same session).
     #[doc(hidden)]
     pub fn session_info(&self) -> Option<zookeeper_client::SessionInfo> {
-        self.inner
-            .current()
-            .ok()
-            .map(|c| c.client.session().clone())
-    }
-
-    /// **Test only.** Simulates a crash of this process: the connection is dropped without
-    /// closing the session or deleting anything, every background task stops, later calls
-    /// fail with `Closed`. The server removes the instances when the session times out.
-    #[doc(hidden)]
-    pub fn simulate_crash(&self) {
-        self.inner
-            .crashed
-            .store(true, std::sync::atomic::Ordering::Release);
-        self.inner.conn.send_replace(None);
-        self.inner.kick.notify_waiters();
-        self.inner.kick.notify_one();
+        Some(self.current()?.client().ok()?.session().clone())
     }
 
     /// **Test only.** New watches use the fallback for servers older than 3.6 (child
     /// and data watches) even where persistent recursive watches exist.
     #[doc(hidden)]
     pub fn use_child_watches(&self) {
-        self.inner
+        self.ctx
             .child_watches
             .store(true, std::sync::atomic::Ordering::Release);
     }
 
-    /// **Test only.** How many times the session was replaced after an expiry (0 for
-    /// the first session); `None` once shut down or crashed.
+    /// **Test only.** How many sessions were opened before the current one (0 for the
+    /// first); `None` once shut down or crashed, or while a new session is being opened.
     #[doc(hidden)]
     pub fn session_generation(&self) -> Option<u64> {
-        self.inner.current().ok().map(|c| c.generation)
+        self.current().map(|s| s.generation())
     }
 
     /// **Test only.** Whether the current session is over (expired, closed or refused)
     /// and not yet replaced.
     #[doc(hidden)]
     pub fn session_lost(&self) -> bool {
-        self.inner
-            .current()
-            .map_or(true, |c| c.client.state().is_terminated())
+        self.current()
+            .and_then(|s| s.client().ok())
+            .map_or(true, |c| c.state().is_terminated())
+    }
+}
+
+#[cfg(feature = "test-hooks")]
+impl waypost_core::backend::TestHooks for ZkDiscovery {
+    /// The connection is dropped without closing the session or deleting anything, every
+    /// background task stops, later calls fail with `Closed`. The server removes the
+    /// instances when the session times out.
+    fn crash(&self) {
+        let open = self.session().current_state().handle();
+        self.keeper.crash();
+        if let Some(s) = open {
+            drop(s.take_client());
+        }
+    }
+
+    /// Another connection takes the session over for a moment: the server drops ours,
+    /// and the client reconnects by itself.
+    fn drop_connections(&self) {
+        let Some(client) = self.current().and_then(|s| s.client().ok()) else {
+            return;
+        };
+        let ctx = self.ctx.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { client::steal_connection(&ctx.config, &client).await });
+        }
+    }
+}
+
+#[async_trait]
+impl Registrar for ZkDiscovery {
+    async fn register(&self, instance: Instance) -> Result<Registration> {
+        self.keeper.register(instance).await
+    }
+}
+
+#[async_trait]
+impl Watcher for ZkDiscovery {
+    async fn instances(&self, service: &ServiceName) -> Result<Snapshot> {
+        let session = self.session().current().await?;
+        let client = session.client()?;
+        let feed = ZkFeed::new(self.session().clone(), self.ctx.clone(), service);
+        let path = self.ctx.service_path(service);
+        let listing = feed::read_service(&self.ctx, &client, service, &path, self.ctx.deadline())
+            .await
+            .map_err(|f| {
+                let e = self.ctx.error(f);
+                if matches!(e, waypost_core::Error::SessionExpired) {
+                    self.session().expired(&session);
+                }
+                e
+            })?;
+        Ok(watch::snapshot(&feed, service, listing))
+    }
+
+    /// Core's watch machine, driven by a task of its own from the first poll on: a
+    /// change is read from ZooKeeper as soon as its event arrives, not only when the
+    /// consumer asks for the next event (up to 1,024 events are buffered).
+    fn watch(&self, service: &ServiceName) -> BoxStream<'static, Result<WatchEvent>> {
+        let feed = ZkFeed::new(self.session().clone(), self.ctx.clone(), service);
+        let mut events = watch::watch_instances(feed, &self.ctx.config.backoff(), service);
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        futures::stream::once(async move {
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        ev = events.next() => match ev {
+                            Some(ev) => if tx.send(ev).await.is_err() { return },
+                            None => return,
+                        },
+                        _ = tx.closed() => return,
+                    }
+                }
+            });
+            tokio_stream::wrappers::ReceiverStream::new(rx)
+        })
+        .flatten()
+        .boxed()
     }
 }
 
@@ -199,8 +302,15 @@ impl Connector for ZkConnector {
 
     fn connect<'a>(&'a self, config: &'a Config) -> BoxFuture<'a, Result<Discovery>> {
         Box::pin(async move {
-            let d = Arc::new(ZkDiscovery::connect(ZkConfig::from_config(config)?).await?);
-            Ok(Discovery::new(d.clone(), d))
+            Ok(ZkDiscovery::connect(ZkConfig::from_config(config)?)
+                .await?
+                .into_discovery())
         })
     }
 }
+
+/// **Test only.** The raw ZooKeeper client this backend is built on, for tests that write
+/// to the registry as a foreign client would.
+#[cfg(feature = "test-hooks")]
+#[doc(hidden)]
+pub use zookeeper_client;

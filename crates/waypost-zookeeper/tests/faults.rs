@@ -57,7 +57,7 @@ async fn crashed_registrant_vanishes_after_session_timeout() {
     let mut set = InstanceSet::new();
     wait_for_set(&mut w, &mut set, T, "listed", |s| s.contains(&inst.id)).await;
     let timeout = victim.session_timeout().unwrap();
-    victim.simulate_crash();
+    waypost_core::backend::TestHooks::crash(&victim);
     std::mem::forget(reg);
     let started = Instant::now();
     // The deadline is the bound the issue states: session timeout plus one tick, plus
