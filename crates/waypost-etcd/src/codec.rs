@@ -6,6 +6,11 @@
 //!   Go programs (without our metadata) are read as instances whose id is the address
 //!   with `:` replaced by `-`.
 //!
+//! - Claims: another writer may claim an id beside its own key, under
+//!   `{prefix}/{service}/{id}@{label}` (waypost layout): it decodes as that id. When
+//!   several keys claim one id, watchers list it once: the instance's own key wins, else
+//!   the smallest key (core's watch machine).
+//!
 //! Whatever else is found under a service's prefix (not JSON, another service's
 //! instance, invalid names, oversized values) is reported as [`Malformed`] and skipped by
 //! the caller with a warning.
@@ -29,6 +34,11 @@ impl fmt::Display for Malformed {
         f.write_str(&self.0)
     }
 }
+
+/// Separates the id from a writer's label in a key that claims an id beside the
+/// instance's own key: `{prefix}/{service}/{id}@{label}`. Not allowed in ids, so a key
+/// names at most one id.
+pub const CLAIM_SEPARATOR: char = '@';
 
 /// The key prefix of a service, with the trailing `/`: `/services/greeter/`.
 pub(crate) fn service_prefix(prefix: &str, service: &ServiceName) -> String {
@@ -110,11 +120,12 @@ pub(crate) fn decode(
             instance.service
         )));
     }
-    if layout == Layout::Waypost && instance.id.as_str() != last {
+    let named = last.split_once(CLAIM_SEPARATOR).map_or(last, |(id, _)| id);
+    if layout == Layout::Waypost && instance.id.as_str() != named {
         return Err(Malformed(format!(
             "value names id `{}` but the key says `{}`",
             instance.id,
-            last.escape_debug()
+            named.escape_debug()
         )));
     }
     instance
@@ -174,6 +185,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(back, i);
+        let claim = format!("{k}{CLAIM_SEPARATOR}sidecar");
+        let back = decode(
+            Layout::Waypost,
+            &svc(),
+            &sp,
+            claim.as_bytes(),
+            &encode(Layout::Waypost, &i),
+        )
+        .unwrap();
+        assert_eq!(
+            back, i,
+            "a claim under `{{id}}@{{label}}` decodes as the id"
+        );
     }
 
     #[test]

@@ -167,14 +167,6 @@ where
     }
 }
 
-/// Whether a watch or registration should give up on this error rather than retry.
-pub(crate) fn is_fatal(e: &Error) -> bool {
-    matches!(
-        e,
-        Error::Unauthorized { .. } | Error::InvalidConfig { .. } | Error::Closed { .. }
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

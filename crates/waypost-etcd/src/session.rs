@@ -1,168 +1,153 @@
-//! The keep-alive task: one lease per client, refreshed at a third of its TTL; after a
-//! lost lease, a new one and every registration written again, with backoff, forever.
+//! The session: one etcd lease per client. Core's [`Session`](waypost_core::backend::Session)
+//! runs the keep-alive loop; this driver grants, refreshes and revokes the lease.
 
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::fmt;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use etcd_client::{LeaseKeepAliveStream, LeaseKeeper};
-use waypost_core::{Backoff, Error, RegistrationStatus, Result};
+use tokio::sync::{watch, Mutex};
+use waypost_core::backend::SessionDriver;
+use waypost_core::{Error, Result};
 
-use crate::client::Inner;
-use crate::error::{retried, timed, EtcdError};
-use crate::registrar::set_status;
+use crate::client::Conn;
+use crate::error::{timed, EtcdError};
 
-struct Keeper {
+/// The lease's keep-alive stream, opened on the first keep-alive and kept open.
+struct KeepAlive {
     lease: i64,
+    /// The connection generation it was opened in (see [`LeaseDriver::drops`]).
+    generation: u64,
     keeper: LeaseKeeper,
     stream: LeaseKeepAliveStream,
 }
 
-impl Inner {
-    /// One keep-alive round trip on the lease's stream (opening it if needed).
-    async fn keep_alive(&self, keeper: &mut Option<Keeper>, lease: i64) -> Result<()> {
-        if let Some(k) = keeper.as_mut().filter(|k| k.lease == lease) {
-            let sent = k.keeper.keep_alive().await;
-            let answer = match sent {
-                Ok(()) => timed(self.rt(), "lease keep-alive", k.stream.message()).await,
-                Err(e) => Err(EtcdError::client("lease keep-alive", e).into()),
-            };
-            match answer {
-                Ok(Some(r)) if r.ttl() > 0 => Ok(()),
-                Ok(Some(_)) => {
-                    *keeper = None;
-                    Err(Error::SessionExpired)
-                }
-                Ok(None) => {
-                    *keeper = None;
-                    Err(Error::unavailable("etcd lease keep-alive stream ended"))
-                }
-                Err(e) => {
-                    *keeper = None;
-                    Err(e)
-                }
-            }
-        } else {
-            *keeper = None;
-            let (k, stream) = retried(
-                self.rt(),
-                self.attempts(),
-                "opening the lease keep-alive stream",
-                || {
-                    let mut lc = self.client.lease_client();
-                    async move { lc.keep_alive(lease).await }
-                },
-            )
-            .await?;
-            *keeper = Some(Keeper {
-                lease,
-                keeper: k,
-                stream,
-            });
-            Ok(())
-        }
-    }
+/// Grants, keeps alive and revokes the client's lease. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct LeaseDriver {
+    conn: Conn,
+    /// The TTL etcd granted the current lease, in seconds (0 before the first grant).
+    granted: Arc<AtomicI64>,
+    stream: Arc<Mutex<Option<KeepAlive>>>,
+    /// Bumped by the `drop_connections` test hook: the keep-alive stream is reopened.
+    drops: watch::Receiver<u64>,
+}
 
-    /// One round of the session task: keep the lease alive, finish deletions, write
-    /// whatever etcd lost.
-    async fn round(&self, keeper: &mut Option<Keeper>) -> Result<()> {
-        self.check_alive()?;
-        let lease = match self.lease().await {
-            Ok(l) => l,
-            Err(e) => {
-                self.suspend_all();
-                return Err(e);
-            }
-        };
-        match self.keep_alive(keeper, lease).await {
-            Ok(()) => {}
-            Err(Error::SessionExpired) => {
-                self.lease_lost(lease);
-                return Err(Error::SessionExpired);
-            }
-            Err(e) => {
-                self.suspend_all();
-                return Err(e);
-            }
-        }
-        let pending = std::mem::take(&mut self.lock().pending_deletes);
-        let mut rest = pending.into_iter();
-        while let Some((key, l)) = rest.next() {
-            if let Err(e) = self.delete_if_ours(&key, l).await {
-                let mut s = self.lock();
-                s.pending_deletes.push((key, l));
-                s.pending_deletes.extend(rest);
-                return Err(e);
-            }
-        }
-        match self.write_pending(lease).await {
-            Ok(()) => {}
-            Err(Error::SessionExpired) => {
-                self.lease_lost(lease);
-                return Err(Error::SessionExpired);
-            }
-            Err(e) => return Err(e),
-        }
-        for reg in self.lock().regs.values() {
-            if reg.written == Some(lease) {
-                set_status(reg, RegistrationStatus::Registered);
-            }
-        }
-        Ok(())
-    }
-
-    fn tick(&self) -> Duration {
-        let ttl = match self.granted_ttl.load(Ordering::Acquire) {
-            n if n > 0 => Duration::from_secs(n as u64),
-            _ => self.config.lease_ttl,
-        };
-        (ttl / 3).max(Duration::from_millis(200))
-    }
-
-    pub(crate) fn ensure_task(self: &Arc<Self>) {
-        if self.task_started.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let weak = Arc::downgrade(self);
-        let wake = self.wake.clone();
-        let max =
-            (self.config.lease_ttl / 2).clamp(Duration::from_millis(500), Duration::from_secs(10));
-        tokio::spawn(session_task(
-            weak,
-            wake,
-            Backoff::new(Duration::from_millis(100), max),
-        ));
+impl fmt::Debug for LeaseDriver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LeaseDriver")
+            .field("conn", &self.conn)
+            .field("granted_ttl", &self.granted.load(Ordering::Relaxed))
+            .finish()
     }
 }
 
-async fn session_task(weak: Weak<Inner>, wake: Arc<tokio::sync::Notify>, mut backoff: Backoff) {
-    let mut keeper: Option<Keeper> = None;
-    loop {
-        let delay = {
-            let Some(inner) = weak.upgrade() else { return };
-            if inner.is_dead() {
-                tracing::debug!("etcd: keep-alive task stops");
-                return;
-            }
-            match inner.round(&mut keeper).await {
-                Ok(()) => {
-                    backoff.reset();
-                    inner.tick()
-                }
-                Err(Error::Closed { .. }) => return,
-                Err(Error::SessionExpired) => Duration::ZERO,
-                Err(e) => {
-                    let d = backoff.next_delay();
-                    tracing::debug!(retry_in = ?d, "etcd: keep-alive round failed: {e}");
-                    d
-                }
-            }
-        };
-        if !delay.is_zero() {
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = wake.notified() => {}
-            }
+impl LeaseDriver {
+    pub(crate) fn new(conn: Conn, drops: watch::Receiver<u64>) -> Self {
+        Self {
+            conn,
+            granted: Arc::new(AtomicI64::new(0)),
+            stream: Arc::new(Mutex::new(None)),
+            drops,
         }
+    }
+
+    /// The TTL etcd granted the last lease, once one was granted.
+    pub(crate) fn granted_ttl(&self) -> Option<Duration> {
+        match self.granted.load(Ordering::Acquire) {
+            n if n > 0 => Some(Duration::from_secs(n as u64)),
+            _ => None,
+        }
+    }
+
+    /// One keep-alive round trip on an open stream.
+    async fn round_trip(&self, k: &mut KeepAlive) -> Result<()> {
+        k.keeper
+            .keep_alive()
+            .await
+            .map_err(|e| Error::from(EtcdError::client("lease keep-alive", e)))?;
+        match timed(self.conn.rt(), "lease keep-alive", k.stream.message()).await? {
+            Some(r) if r.ttl() > 0 => Ok(()),
+            Some(_) => Err(Error::SessionExpired),
+            None => Err(Error::unavailable("etcd lease keep-alive stream ended")),
+        }
+    }
+}
+
+#[async_trait]
+impl SessionDriver for LeaseDriver {
+    type Handle = i64;
+
+    async fn open(&self) -> Result<i64> {
+        let ttl = self.conn.config.lease_ttl.as_secs().max(1) as i64;
+        let resp = self
+            .conn
+            .call("granting a lease", || {
+                let mut lc = self.conn.client.lease_client();
+                async move { lc.grant(ttl, None).await }
+            })
+            .await?;
+        if !resp.error().is_empty() {
+            return Err(EtcdError::Protocol {
+                operation: "lease grant",
+                message: resp.error().to_string(),
+            }
+            .into());
+        }
+        self.granted.store(resp.ttl(), Ordering::Release);
+        tracing::info!(
+            lease = format_args!("{:x}", resp.id()),
+            asked_ttl = ttl,
+            granted_ttl = resp.ttl(),
+            "etcd: lease granted"
+        );
+        Ok(resp.id())
+    }
+
+    async fn keep_alive(&self, lease: &i64) -> Result<()> {
+        let lease = *lease;
+        let generation = *self.drops.borrow();
+        let mut slot = self.stream.lock().await;
+        if !matches!(&*slot, Some(k) if k.lease == lease && k.generation == generation) {
+            *slot = None;
+            let (keeper, stream) = self
+                .conn
+                .call("opening the lease keep-alive stream", || {
+                    let mut lc = self.conn.client.lease_client();
+                    async move { lc.keep_alive(lease).await }
+                })
+                .await?;
+            *slot = Some(KeepAlive {
+                lease,
+                generation,
+                keeper,
+                stream,
+            });
+        }
+        let Some(k) = slot.as_mut() else {
+            return Err(Error::unavailable("etcd lease keep-alive stream not open"));
+        };
+        let r = self.round_trip(k).await;
+        if r.is_err() {
+            *slot = None;
+        }
+        r
+    }
+
+    async fn close(&self, lease: &i64) -> Result<()> {
+        let lease = *lease;
+        self.stream.lock().await.take();
+        let mut lc = self.conn.client.lease_client();
+        match timed(self.conn.rt(), "revoking the lease", lc.revoke(lease)).await {
+            Ok(_) | Err(Error::SessionExpired) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn interval(&self) -> Duration {
+        let ttl = self.granted_ttl().unwrap_or(self.conn.config.lease_ttl);
+        (ttl / 3).max(Duration::from_millis(200))
     }
 }

@@ -8,6 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use waypost_core::backend::TestHooks;
 use waypost_core::{Instance, InstanceSet, Registrar, RegistrationStatus, WatchEvent, Watcher};
 use waypost_testkit::conformance::{next_event, wait_for_set, Namespace};
 use waypost_testkit::EtcdCluster;
@@ -220,7 +221,7 @@ async fn compaction_while_watch_disconnected_resyncs_to_the_truth() {
         .unwrap()
         .revision();
     admin.compact(rev, None).await.unwrap();
-    w.drop_watch_streams_for_tests();
+    w.drop_connections();
 
     let mut seen = Vec::new();
     tokio::time::timeout(T, async {
@@ -275,7 +276,7 @@ async fn dropped_watch_stream_resumes_without_loss_or_duplicates() {
     let b = ns.instance(&svc, "b", 2);
     let _rb = d.register(b.clone()).await.unwrap();
     ra.deregister().await.unwrap();
-    w.drop_watch_streams_for_tests();
+    w.drop_connections();
     let c = ns.instance(&svc, "c", 3);
     let _rc = d.register(c.clone()).await.unwrap();
     let events = wait_for_set(&mut watch, &mut set, T, "c seen", |s| s.contains(&c.id)).await;
