@@ -73,7 +73,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
-use futures::stream::{BoxStream, StreamExt};
+use futures::stream::BoxStream;
 use waypost_core::backend::{watch, Keeper, Session};
 use waypost_core::{
     Config, Connector, Discovery, Instance, Registrar, Registration, Result, ServiceName, Snapshot,
@@ -215,11 +215,7 @@ impl waypost_core::backend::TestHooks for ZkDiscovery {
     /// background task stops, later calls fail with `Closed`. The server removes the
     /// instances when the session times out.
     fn crash(&self) {
-        let open = self.session().current_state().handle();
         self.keeper.crash();
-        if let Some(s) = open {
-            drop(s.take_client());
-        }
     }
 
     /// Another connection takes the session over for a moment: the server drops ours,
@@ -266,24 +262,12 @@ impl Watcher for ZkDiscovery {
     /// consumer asks for the next event (up to 1,024 events are buffered).
     fn watch(&self, service: &ServiceName) -> BoxStream<'static, Result<WatchEvent>> {
         let feed = ZkFeed::new(self.session().clone(), self.ctx.clone(), service);
-        let mut events = watch::watch_instances(feed, &self.ctx.config.backoff(), service);
-        let (tx, rx) = tokio::sync::mpsc::channel(1024);
-        futures::stream::once(async move {
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        ev = events.next() => match ev {
-                            Some(ev) => if tx.send(ev).await.is_err() { return },
-                            None => return,
-                        },
-                        _ = tx.closed() => return,
-                    }
-                }
-            });
-            tokio_stream::wrappers::ReceiverStream::new(rx)
-        })
-        .flatten()
-        .boxed()
+        // In its own task: a change is read while the consumer (or `register`) is busy.
+        watch::spawned(watch::watch_instances(
+            feed,
+            &self.ctx.config.backoff(),
+            service,
+        ))
     }
 }
 

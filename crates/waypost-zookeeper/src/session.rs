@@ -153,4 +153,10 @@ impl SessionDriver for Driver {
     fn interval(&self) -> Duration {
         (self.ctx.config.session_timeout / 4).min(Duration::from_secs(1))
     }
+
+    /// A crashed process: the client is dropped without closing its session (the library
+    /// would keep pinging it), so the server expires it by its timeout.
+    fn abandon(&self, handle: &Self::Handle) {
+        drop(handle.take_client());
+    }
 }

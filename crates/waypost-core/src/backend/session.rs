@@ -36,6 +36,13 @@ pub trait SessionDriver: Clone + Debug + Send + Sync + 'static {
 
     /// How long between two keep-alives while healthy (a third of a lease's TTL, say).
     fn interval(&self) -> Duration;
+
+    /// **Test hooks.** The process "crashed" ([`Session::crash`]): stop whatever keeps
+    /// `handle` alive by itself (a client library's own pings) without closing it, so the
+    /// registry expires it by its timeout. Nothing by default.
+    fn abandon(&self, handle: &Self::Handle) {
+        let _ = handle;
+    }
 }
 
 /// Where a session stands, as the client sees it.
@@ -218,6 +225,9 @@ impl<D: SessionDriver> Session<D> {
     /// timeout runs out, as for a killed process.
     pub fn crash(&self) {
         self.inner.crashed.store(true, Ordering::Release);
+        if let Some(h) = self.inner.state.borrow().handle() {
+            self.inner.driver.abandon(&h);
+        }
         self.inner.kick.notify_one();
     }
 

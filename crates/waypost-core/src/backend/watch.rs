@@ -104,6 +104,12 @@ impl<T> Change<T> {
 }
 
 /// What [`Feed::next`] found.
+///
+/// Revisions: every change a feed reports after `after` must carry a revision strictly
+/// above it (the machine ignores changes at or below the revision it holds, since a
+/// resumed stream may repeat them). A registry that sends no revision with its events
+/// numbers them itself (the last revision plus one, say); one with no revisions at all
+/// answers with [`Next::Listing`].
 #[derive(Clone, Debug, PartialEq)]
 pub enum Next<T> {
     /// Changes after the revision asked for, in registry order. Changes at or below the
@@ -264,8 +270,14 @@ struct Machine<F: Feed> {
     what: String,
 }
 
+/// How many events the machine reads ahead of a slow consumer.
+const READ_AHEAD: usize = 1024;
+
 /// Runs the watch machine over `feed`: a stream of [`Event`]s that keeps the watch
 /// contract. `what` names the watch in logs (a service, a key prefix).
+///
+/// The machine runs when the stream is polled; wrap the stream in [`spawned`] to run it
+/// in its own task instead.
 pub fn watch<F: Feed>(
     feed: F,
     backoff: &BackoffOptions,
@@ -289,6 +301,33 @@ pub fn watch<F: Feed>(
         let ev = m.next().await?;
         Some((ev, m))
     })
+    .boxed()
+}
+
+/// Runs a watch stream in its own task, started at the first poll, reading up to 1,024
+/// events ahead of the consumer: the machine follows the registry (and notices an outage)
+/// while the consumer is busy, and a change is read while `register` is still returning.
+/// Dropping the returned stream ends the task, which drops the feed and releases its
+/// registry watch. Backends whose feeds wait on the registry between polls (ZooKeeper's
+/// reads after a watch event, Consul's blocking queries) use it.
+pub fn spawned<T: Send + 'static>(events: BoxStream<'static, T>) -> BoxStream<'static, T> {
+    futures::stream::once(async move {
+        let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
+        tokio::spawn(async move {
+            let mut events = events;
+            loop {
+                tokio::select! {
+                    ev = events.next() => match ev {
+                        Some(ev) => if tx.send(ev).await.is_err() { return },
+                        None => return,
+                    },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    })
+    .flatten()
     .boxed()
 }
 
