@@ -23,17 +23,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::stream::{BoxStream, StreamExt};
+use futures::stream::BoxStream;
 use rand::Rng;
-use tokio::sync::{mpsc, oneshot, watch};
-use waypost_core::backend::{ends_watch, watch_instances, Feed, Listing, Next, Session};
+use tokio::sync::watch;
+use waypost_core::backend::watch::spawned;
+use waypost_core::backend::{watch_instances, Feed, Listing, Next, Session};
 use waypost_core::{Backoff, Error, Instance, Result, Revision, ServiceName, WatchEvent};
 
 use crate::client::{AclState, Agent};
 use crate::session::AgentDriver;
-
-/// Events buffered between the watch task and a slow consumer.
-const EVENT_BUFFER: usize = 256;
 
 /// One watch's feed.
 pub(crate) struct HealthFeed {
@@ -54,14 +52,12 @@ pub(crate) struct HealthFeed {
     generation: watch::Receiver<u64>,
     /// The client's session, to stop once it is closed.
     session: Option<Session<AgentDriver>>,
-    /// Where an error that must end the watch goes (see [`watch`]).
-    fatal: Option<oneshot::Sender<Error>>,
 }
 
 impl HealthFeed {
     /// A feed for `instances()`: only its claimant rule is used.
     pub(crate) async fn for_listing(agent: &Agent, service: &ServiceName) -> Self {
-        let mut feed = Self::new(agent, service, Duration::from_secs(1), None, None);
+        let mut feed = Self::new(agent, service, Duration::from_secs(1), None);
         feed.node = agent.node_name().await;
         feed
     }
@@ -71,7 +67,6 @@ impl HealthFeed {
         service: &ServiceName,
         wait: Duration,
         session: Option<Session<AgentDriver>>,
-        fatal: Option<oneshot::Sender<Error>>,
     ) -> Self {
         Self {
             agent: agent.clone(),
@@ -85,23 +80,6 @@ impl HealthFeed {
             non_empty: false,
             generation: agent.generation(),
             session,
-            fatal,
-        }
-    }
-
-    /// Errors that retrying cannot fix but that core's rule would retry (a wrong
-    /// datacenter, an agent that does not speak Consul's JSON) end the watch here, as they
-    /// always did on Consul: the error goes to [`watch`], and the feed stops.
-    async fn check<T>(&mut self, r: Result<T>) -> Result<T> {
-        match r {
-            Err(e) if !e.is_temporary() && !ends_watch(&e) && self.fatal.is_some() => {
-                tracing::warn!(service = %self.service, "consul: watch ends: {e}");
-                if let Some(tx) = self.fatal.take() {
-                    let _ = tx.send(e);
-                }
-                futures::future::pending().await
-            }
-            r => r,
         }
     }
 
@@ -212,13 +190,11 @@ impl Feed for HealthFeed {
     type Item = Instance;
 
     async fn list(&mut self) -> Result<Listing<Instance>> {
-        let r = self.list_once().await;
-        self.check(r).await
+        self.list_once().await
     }
 
     async fn next(&mut self, _after: Revision) -> Result<Next<Instance>> {
-        let r = self.next_once().await;
-        self.check(r).await
+        self.next_once().await
     }
 
     fn is_canonical(&self, key: &str, item: &Instance) -> bool {
@@ -235,58 +211,16 @@ impl Feed for HealthFeed {
     }
 }
 
-/// The watch of `service`: core's machine over a [`HealthFeed`], run in its own task so it
-/// notices a lost agent while the consumer is not polling (a lazy stream would find out
-/// only on its next blocking query, which a restarted agent with lower indexes holds for
-/// the whole wait). The task ends when the stream is dropped.
+/// The watch of `service`: core's machine over a [`HealthFeed`], run in its own task
+/// ([`spawned`]) so it notices a lost agent while the consumer is not polling (a lazy
+/// stream would find out only on its next blocking query, which a restarted agent with
+/// lower indexes holds for the whole wait). The task ends when the stream is dropped.
 pub(crate) fn watch(
     agent: &Agent,
     session: &Session<AgentDriver>,
     service: &ServiceName,
     wait: Duration,
 ) -> BoxStream<'static, Result<WatchEvent>> {
-    let (fatal_tx, fatal_rx) = oneshot::channel();
-    let feed = HealthFeed::new(agent, service, wait, Some(session.clone()), Some(fatal_tx));
-    let backoff = session.backoff();
-    let events = watch_instances(feed, backoff, service);
-    futures::stream::once(async move {
-        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-        tokio::spawn(run(events, fatal_rx, tx));
-        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
-    })
-    .flatten()
-    .boxed()
-}
-
-async fn run(
-    mut events: BoxStream<'static, Result<WatchEvent>>,
-    mut fatal: oneshot::Receiver<Error>,
-    tx: mpsc::Sender<Result<WatchEvent>>,
-) {
-    let mut fatal_open = true;
-    loop {
-        let item = tokio::select! {
-            biased;
-            item = events.next() => item,
-            e = &mut fatal, if fatal_open => match e {
-                Ok(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-                Err(_) => {
-                    fatal_open = false;
-                    continue;
-                }
-            },
-            _ = tx.closed() => return,
-        };
-        match item {
-            Some(item) => {
-                if tx.send(item).await.is_err() {
-                    return;
-                }
-            }
-            None => return,
-        }
-    }
+    let feed = HealthFeed::new(agent, service, wait, Some(session.clone()));
+    spawned(watch_instances(feed, session.backoff(), service))
 }

@@ -459,22 +459,13 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
                 continue;
             }
             let key = key_of(&p.instance);
-            if self.lock().regs.contains_key(&key) {
-                continue; // registered again meanwhile: the registration owns the entry
-            }
-            match self.store.inspect(session, &p.instance).await {
-                Ok(Presence::Ours { .. }) => {
-                    match self.store.delete(session, &p.instance).await {
-                        Ok(()) => tracing::info!(
-                            backend = self.backend, service = %key.0, id = %key.1,
-                            "removed an entry whose write or delete had an unknown outcome"
-                        ),
-                        Err(e) => error = Some(e),
-                    }
-                    // Kept until a later round sees it absent.
-                    keep.push(p);
-                }
-                Ok(_) => {}
+            // Under the id's lock: a `register` of the same id cannot write in between.
+            let guard = self.lock_key(&key).await;
+            let settled = self.settle_one(session, &key, &p.instance).await;
+            self.release_key(&key, guard);
+            match settled {
+                Ok(true) => keep.push(p),
+                Ok(false) => {}
                 Err(e) if e.is_temporary() => {
                     error = Some(e);
                     keep.push(p);
@@ -489,6 +480,31 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
         keep.append(&mut t.pending);
         t.pending = keep;
         error.map_or(Ok(()), Err)
+    }
+
+    /// One pending removal, under its id's lock: `Ok(true)` while it must be kept (ours was
+    /// there and was just deleted: a later round confirms it gone), `Ok(false)` once the
+    /// registry does not hold it, or a registration owns the id again.
+    async fn settle_one(
+        &self,
+        session: &D::Handle,
+        key: &Key,
+        instance: &Instance,
+    ) -> Result<bool> {
+        if self.lock().regs.contains_key(key) {
+            return Ok(false); // registered again meanwhile: the registration owns the entry
+        }
+        match self.store.inspect(session, instance).await? {
+            Presence::Ours { .. } => {
+                self.store.delete(session, instance).await?;
+                tracing::info!(
+                    backend = self.backend, service = %key.0, id = %key.1,
+                    "removed an entry whose write or delete had an unknown outcome"
+                );
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     /// Makes one registration true to the registry under `session`.

@@ -150,21 +150,16 @@ pub trait Feed: Send + 'static {
     }
 }
 
-/// Whether an error ends a watch stream (yielded as `Err`, then the stream ends): errors
-/// that retrying cannot fix. Everything else is retried with backoff, reported as `Stale`.
+/// Whether an error ends a watch stream (yielded as `Err`, then the stream ends): an error
+/// that retrying cannot fix, [`Error::is_temporary`] false — invalid input or
+/// configuration, missing permissions, a datacenter or a thing that does not exist, an
+/// unsupported operation, a registry that does not speak its protocol, a client that was
+/// shut down. Everything temporary is retried with backoff and reported as `Stale`.
 ///
-/// One rule for every backend and every watch: invalid input or configuration, missing
-/// permissions, an unsupported operation, or a client that was shut down.
+/// One rule for every backend and every watch; a backend decides by how it classifies
+/// its errors (its error enum's mapping into [`Error`]).
 pub fn ends_watch(error: &Error) -> bool {
-    matches!(
-        error,
-        Error::InvalidInput { .. }
-            | Error::InvalidConfig { .. }
-            | Error::UnknownScheme { .. }
-            | Error::Unauthorized { .. }
-            | Error::Unsupported { .. }
-            | Error::Closed { .. }
-    )
+    !error.is_temporary()
 }
 
 /// What the machine yields: the watch contract, generic over the item.
