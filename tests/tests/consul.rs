@@ -1,3 +1,4 @@
+#![cfg_attr(not(feature = "consul"), allow(missing_docs))]
 #![cfg(feature = "consul")]
 //! The conformance matrix's Consul column: every suite against a real agent
 //! (`consul agent -dev`), one agent per test so that faults (pause, restart) never reach

@@ -1,3 +1,4 @@
+#![cfg_attr(not(feature = "etcd"), allow(missing_docs))]
 #![cfg(feature = "etcd")]
 //! etcd in the matrix: every conformance suite against a real etcd started by the
 //! testkit (one server per test, so faults injected by one suite never reach another);

@@ -1,3 +1,4 @@
+#![cfg_attr(not(feature = "zookeeper"), allow(missing_docs))]
 #![cfg(feature = "zookeeper")]
 //! ZooKeeper in the matrix: every conformance suite against a real ZooKeeper started by
 //! the testkit (one server per test: faults pause the whole server), three times: the
