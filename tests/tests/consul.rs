@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use waypost_consul::{ConsulConfig, ConsulDiscovery};
-use waypost_core::{Discovery, Instance};
+use waypost_core::{Discovery, Instance, ServiceName};
 use waypost_testkit::conformance::{Faults, Settings, TestBackend};
 use waypost_testkit::ConsulServer;
 
@@ -83,6 +83,22 @@ impl TestBackend for ConsulBackend {
     fn faults(&self) -> Option<&dyn Faults> {
         Some(self)
     }
+
+    /// A second registrant of an id on one agent replaces the first (agent services).
+    fn exclusive_ids(&self) -> bool {
+        false
+    }
+
+    async fn connect_to(
+        &self,
+        endpoint: &str,
+        connect_timeout: Duration,
+    ) -> waypost_core::Result<Discovery> {
+        let config = ConsulConfig::from_url(&format!("consul://{endpoint}"))?
+            .with_timeout(connect_timeout)
+            .with_connect_timeout(connect_timeout);
+        Ok(ConsulDiscovery::connect(config).await?.into_discovery())
+    }
 }
 
 impl ConsulBackend {
@@ -148,6 +164,35 @@ impl Faults for ConsulBackend {
         self.server.lock().await.resume().expect("resume consul");
     }
 
+    /// Restarts the dev agent (it comes back empty, as for `expire_sessions`).
+    async fn restart(&self) {
+        self.expire_sessions().await;
+    }
+
+    /// Catalog entries of the service on a foreign node whose service IDs are no valid
+    /// instance ids (a space, an empty id, 200 bytes): they are listed by the agent and
+    /// must be skipped.
+    async fn write_malformed(&self, service: &ServiceName) {
+        let long = "x".repeat(200);
+        for (n, id) in [
+            format!("{service}:not an id"),
+            format!("{service}:"),
+            format!("{service}:{long}"),
+            "bad id!".to_string(),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let body = serde_json::json!({
+                "Node": format!("{FOREIGN_NODE}-junk-{n}"),
+                "Address": "127.0.0.3",
+                "Service": {"ID": id, "Service": service.as_str(), "Port": 1},
+            });
+            self.http_ok("PUT", "/v1/catalog/register", &body.to_string())
+                .await;
+        }
+    }
+
     /// `consul services deregister -id=…`: the CLI removes the agent service.
     async fn foreign_delete(&self, instance: &Instance) {
         let out = tokio::process::Command::new("consul")
@@ -203,4 +248,4 @@ impl Faults for ConsulBackend {
     }
 }
 
-waypost_testkit::conformance_tests!(named: consul);
+waypost_testkit::conformance_tests!(named: consul; network);

@@ -197,4 +197,4 @@ impl Faults for EtcdBackend {
     }
 }
 
-waypost_testkit::conformance_tests!(etcd);
+waypost_testkit::conformance_tests!(etcd; network);

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use waypost_core::{Discovery, Instance};
+use waypost_core::{Discovery, Instance, ServiceName};
 use waypost_testkit::conformance::{Faults, Settings, TestBackend};
 use waypost_testkit::server::ZooKeeperServer;
 use waypost_zookeeper::zookeeper_client::{Acls, Client, CreateMode, Error as ZkErr};
@@ -23,7 +23,9 @@ const SESSION: Duration = Duration::from_secs(2);
 const REQUEST: Duration = Duration::from_secs(1);
 
 struct ZkBackend {
-    server: ZooKeeperServer,
+    /// Behind a lock only for `restart`, which needs it mutably.
+    server: tokio::sync::Mutex<ZooKeeperServer>,
+    address: String,
     config: ZkConfig,
     child_watches: bool,
     clients: Mutex<Vec<ZkDiscovery>>,
@@ -63,10 +65,18 @@ async fn backend(f: impl FnOnce(ZkConfig) -> ZkConfig, child_watches: bool) -> O
         .with_request_timeout(REQUEST);
     Some(ZkBackend {
         config: f(config),
-        server,
+        address: server.address(),
+        server: tokio::sync::Mutex::new(server),
         child_watches,
         clients: Mutex::new(Vec::new()),
     })
+}
+
+/// A suffix that keeps one suite's foreign nodes apart from the next call's.
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Waits until `cond` holds (checked every 20 ms), at most `timeout`; whether it held.
@@ -88,7 +98,7 @@ impl ZkBackend {
     async fn raw(&self) -> Client {
         Client::connector()
             .with_session_timeout(SESSION)
-            .connect(&self.server.address())
+            .connect(&self.address)
             .await
             .expect("raw ZooKeeper client")
     }
@@ -137,6 +147,19 @@ impl TestBackend for ZkBackend {
     fn faults(&self) -> Option<&dyn Faults> {
         Some(self)
     }
+
+    async fn connect_to(
+        &self,
+        endpoint: &str,
+        connect_timeout: Duration,
+    ) -> waypost_core::Result<Discovery> {
+        let config = self
+            .config
+            .clone()
+            .with_hosts([endpoint])
+            .with_connect_timeout(connect_timeout);
+        Ok(ZkDiscovery::connect(config).await?.into_discovery())
+    }
 }
 
 #[async_trait]
@@ -150,22 +173,60 @@ impl Faults for ZkBackend {
             .iter()
             .filter_map(|c| Some((c, c.session_generation()?)))
             .collect();
-        self.server.pause().expect("pause ZooKeeper");
+        self.server.lock().await.pause().expect("pause ZooKeeper");
         let lost = wait_until(Duration::from_secs(20), || {
             live.iter()
                 .all(|(c, gen)| c.session_lost() || c.session_generation() != Some(*gen))
         })
         .await;
-        self.server.resume().expect("resume ZooKeeper");
+        self.server.lock().await.resume().expect("resume ZooKeeper");
         assert!(lost, "sessions did not expire while the server was stopped");
     }
 
     async fn make_unreachable(&self) {
-        self.server.pause().expect("pause ZooKeeper");
+        self.server.lock().await.pause().expect("pause ZooKeeper");
     }
 
     async fn make_reachable(&self) {
-        self.server.resume().expect("resume ZooKeeper");
+        self.server.lock().await.resume().expect("resume ZooKeeper");
+    }
+
+    async fn restart(&self) {
+        self.server
+            .lock()
+            .await
+            .restart()
+            .await
+            .expect("restart ZooKeeper");
+    }
+
+    /// Persistent nodes a foreign client writes beside the instances: bytes that are not
+    /// JSON, JSON of another shape, and a value larger than any instance (500 KiB, under
+    /// ZooKeeper's 1 MiB `jute.maxbuffer`).
+    async fn write_malformed(&self, service: &ServiceName) {
+        let raw = self.raw().await;
+        let dir = format!("/services/{service}");
+        let mode = CreateMode::Persistent.with_acls(Acls::anyone_all());
+        let huge = vec![b'{'; 500 * 1024];
+        for (name, data) in [
+            ("junk-bytes", &b"\xff\xfe not json"[..]),
+            ("junk-shape", &br#"{"hello":"world"}"#[..]),
+            ("junk-huge", &huge[..]),
+        ] {
+            let path = format!("{dir}/{name}-{}", rand_suffix());
+            // The service node may not exist yet: create its parents first.
+            let mut at = String::new();
+            for part in dir.trim_start_matches('/').split('/') {
+                at = format!("{at}/{part}");
+                match raw.create(&at, b"", &mode).await {
+                    Ok(_) | Err(ZkErr::NodeExists) => {}
+                    Err(e) => panic!("creating {at}: {e}"),
+                }
+            }
+            raw.create(&path, data, &mode)
+                .await
+                .unwrap_or_else(|e| panic!("creating {path}: {e}"));
+        }
     }
 
     async fn foreign_delete(&self, instance: &Instance) {
@@ -207,7 +268,7 @@ impl Faults for ZkBackend {
     }
 }
 
-waypost_testkit::conformance_tests!(zookeeper);
+waypost_testkit::conformance_tests!(zookeeper; network);
 
 /// The whole suite again with the optional layout and payload format.
 mod sequential_spring {

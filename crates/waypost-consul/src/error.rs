@@ -68,12 +68,6 @@ impl ConsulError {
         matches!(self, ConsulError::Transport { .. })
     }
 
-    /// The connection was refused or cut (an agent restarting), as opposed to an agent
-    /// that accepts connections and never answers (a timeout).
-    pub(crate) fn is_refused(&self) -> bool {
-        matches!(self, ConsulError::Transport { source, .. } if !source.is_timeout())
-    }
-
     /// Whether retrying can help.
     pub(crate) fn is_temporary(&self) -> bool {
         match self {

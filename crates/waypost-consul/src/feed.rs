@@ -2,10 +2,8 @@
 //! Each answer is a fresh listing that core's watch machine diffs; `X-Consul-Index` is the
 //! revision.
 //!
-//! - A refused or cut connection (an agent restarting) gets `timeout` to come back, with
-//!   plain listings, before the feed fails (and the machine reports `Stale`, then
-//!   `Resynced` when the agent answers). A restart shorter than that is no outage: the
-//!   fresh listing is diffed like any other.
+//! - A refused or cut connection (an agent restarting) fails the feed at once: the machine
+//!   reports `Stale`, then `Resynced` when the agent answers again.
 //! - An index that goes backwards (a restarted agent starts its indexes over) never stalls
 //!   the watch: its blocking queries follow the agent's new index, and the watch's
 //!   revisions keep growing (offset past the last one), so revisions of one watch stay
@@ -28,7 +26,7 @@ use rand::Rng;
 use tokio::sync::watch;
 use waypost_core::backend::watch::spawned;
 use waypost_core::backend::{watch_instances, Feed, Listing, Next, Session};
-use waypost_core::{Backoff, Error, Instance, Result, Revision, ServiceName, WatchEvent};
+use waypost_core::{Error, Instance, Result, Revision, ServiceName, WatchEvent};
 
 use crate::client::{AclState, Agent};
 use crate::session::AgentDriver;
@@ -109,42 +107,20 @@ impl HealthFeed {
 
     async fn next_once(&mut self) -> Result<Next<Instance>> {
         let every = self.agent.timeout().max(Duration::from_millis(500));
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
-        let mut failing_since = None;
         loop {
             self.check_open()?;
-            let answer = if failing_since.is_some() {
-                // After a refused connection: a plain listing (a restarted agent would hold
-                // a query at our old index for its whole wait).
-                self.agent.health(&self.service, None).await
-            } else {
-                let wait = self.wait.mul_f64(rand::thread_rng().gen_range(0.9..=1.0));
-                tokio::select! {
-                    r = self.agent.health(&self.service, Some((self.index, wait))) => r,
-                    e = dead_agent(&self.agent, every) => return Err(e),
-                    _ = self.generation.changed() => {
-                        return Err(Error::unavailable("consul: connections dropped (test hook)"));
-                    }
+            let wait = self.wait.mul_f64(rand::thread_rng().gen_range(0.9..=1.0));
+            // Any failure (a refused connection, an agent that does not answer) is an
+            // outage: the machine reports `Stale`, and `Resynced` once the agent answers.
+            let listing = tokio::select! {
+                r = self.agent.health(&self.service, Some((self.index, wait))) => r?,
+                e = dead_agent(&self.agent, every) => return Err(e),
+                _ = self.generation.changed() => {
+                    return Err(Error::unavailable("consul: connections dropped (test hook)"));
                 }
-            };
-            let listing = match answer {
-                Ok(l) => l,
-                // An agent restarting refuses connections for a moment: it gets `timeout`
-                // to come back before the watch reports an outage.
-                Err(e) if e.is_refused() => {
-                    let now = tokio::time::Instant::now();
-                    if now.duration_since(*failing_since.get_or_insert(now)) >= self.agent.timeout()
-                    {
-                        return Err(e.into());
-                    }
-                    tracing::debug!(service = %self.service, "consul: watch retrying: {e}");
-                    tokio::time::sleep(backoff.next_delay()).await;
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
             };
             let got = listing.index.max(1);
-            if got == self.index && failing_since.is_none() {
+            if got == self.index {
                 continue; // the wait ran out with no change
             }
             let revision = self.revision(got);

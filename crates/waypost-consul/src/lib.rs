@@ -96,10 +96,8 @@
 //!   it notices a lost agent even while the consumer is not polling. While a query
 //!   blocks, the agent is pinged every `timeout`: a paused agent (which accepts
 //!   connections and never answers) makes the watch `Stale` after at most two
-//!   `timeout`s; refused connections (an agent restarting) get `timeout` to come back
-//!   before the watch says `Stale`. A shorter restart is diffed like any other change
-//!   (the lost instances `Removed`, then `Added` as they are registered again); after
-//!   a `Stale`, the agent's next answer is `Resynced`. A restarted agent starts its
+//!   `timeout`s; a refused connection (an agent restarting) makes it `Stale` at once.
+//!   After a `Stale`, the agent's next answer is `Resynced`. A restarted agent starts its
 //!   indexes over: the watch follows them, and its revisions keep growing all the same.
 //!   An answer that retrying cannot fix (a datacenter the agent does not know, a server
 //!   that does not speak Consul's JSON) ends the watch with that error.

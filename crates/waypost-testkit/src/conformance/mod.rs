@@ -164,8 +164,19 @@ pub trait Faults: Send + Sync {
 /// `conformance_tests!(named: backend)`: the same, but `backend` takes the suite's name
 /// (`&'static str`, e.g. `"thousand_instances"`), for backends that tune a suite (a longer
 /// TTL for the scale suite, say).
+///
+/// Add `; network` (`conformance_tests!(backend; network)`) for a registry reached over
+/// the network: the suites about endpoints that refuse or never answer run too.
 #[macro_export]
 macro_rules! conformance_tests {
+    (named: $backend:path; network) => {
+        $crate::conformance_tests!(@all [named] $backend);
+        $crate::conformance_tests!(@suites [named] $backend; unreachable_and_hung_endpoints_fail_in_time);
+    };
+    ($backend:path; network) => {
+        $crate::conformance_tests!(@all [plain] $backend);
+        $crate::conformance_tests!(@suites [plain] $backend; unreachable_and_hung_endpoints_fail_in_time);
+    };
     (named: $backend:path) => {
         $crate::conformance_tests!(@all [named] $backend);
     };
@@ -193,6 +204,9 @@ macro_rules! conformance_tests {
             outcome_unknown_delete_completes,
             foreign_delete_is_healed,
             one_entry_per_id,
+            server_restart_recovers,
+            id_held_by_another_session,
+            malformed_entries_are_skipped,
         );
     };
     (@call [plain] $backend:path, $suite:ident) => {
