@@ -8,6 +8,7 @@ use crate::model::{Instance, InstanceId, Revision, ServiceName};
 
 /// The authoritative set of a service's live instances at one revision.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Snapshot {
     /// The service.
     pub service: ServiceName,
@@ -52,6 +53,7 @@ impl Snapshot {
 /// A watch yields a [`WatchEvent::Snapshot`] first, then changes. Applying them in order
 /// with [`InstanceSet::apply`] gives exactly the set the registry holds.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub enum WatchEvent {
     /// The first event of every watch: the authoritative set (possibly empty).
     Snapshot(Snapshot),

@@ -115,15 +115,9 @@ mod tests {
     #[tokio::test]
     async fn memory_urls_share_named_registries() {
         let a = connect("memory://facade-test").await.unwrap();
-        let b = connect_config(
-            &Config {
-                backend: Some("memory".into()),
-                ..Config::default()
-            }
-            .with_option("name", "facade-test"),
-        )
-        .await
-        .unwrap();
+        let b = connect_config(&Config::for_backend("memory").with_option("name", "facade-test"))
+            .await
+            .unwrap();
         let reg = a
             .registrar
             .register(Instance::parse("svc", "i", "h", 1).unwrap())

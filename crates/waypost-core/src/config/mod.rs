@@ -102,6 +102,15 @@ impl Config {
         }
     }
 
+    /// A config naming a backend (`memory`, `zookeeper`, ...) without a URL; add its
+    /// options with [`Config::with_option`].
+    pub fn for_backend(backend: impl Into<String>) -> Self {
+        Self {
+            backend: Some(backend.into()),
+            ..Self::default()
+        }
+    }
+
     /// The backend name or scheme this config selects: `backend` if given, else the URL's
     /// scheme.
     pub fn scheme(&self) -> Result<String> {

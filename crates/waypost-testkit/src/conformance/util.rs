@@ -121,6 +121,7 @@ pub(crate) fn describe(ev: &WatchEvent) -> String {
         }
         WatchEvent::Removed { id, revision } => format!("Removed({id} @{revision})"),
         WatchEvent::Stale { .. } => "Stale".into(),
+        other => format!("{other:?}"),
     }
 }
 
