@@ -9,6 +9,9 @@ use waypost_core::{Error, Instance, Result};
 use crate::client::Conn;
 use crate::codec;
 
+/// How many registrations one transaction reads back.
+const INSPECT_BATCH: usize = 64;
+
 /// Writes, inspects and deletes instance keys.
 #[derive(Clone, Debug)]
 pub(crate) struct KeyStore {
@@ -119,23 +122,50 @@ impl RegistryStore for KeyStore {
     }
 
     async fn inspect(&self, lease: &i64, instance: &Instance) -> Result<Presence> {
-        let key = self.key(instance);
-        let resp = self
-            .conn
-            .call("reading a registration", || {
-                let mut kv = self.conn.client.kv_client();
-                let key = key.clone();
-                async move { kv.get(key, None).await }
-            })
-            .await?;
-        Ok(match resp.kvs().first() {
-            None => Presence::Missing,
-            Some(kv) if kv.lease() == *lease => Presence::Ours {
-                current: kv.value() == codec::encode(self.conn.config.layout, instance),
-            },
-            Some(kv) if kv.lease() == 0 => Presence::Unowned,
-            Some(_) => Presence::Foreign,
-        })
+        Ok(self
+            .inspect_many(lease, std::slice::from_ref(instance))
+            .await?
+            .pop()
+            .unwrap_or(Presence::Missing))
+    }
+
+    /// One transaction of up to [`INSPECT_BATCH`] gets per request (etcd allows 128
+    /// operations per transaction by default), in place of one request per registration.
+    async fn inspect_many(&self, lease: &i64, instances: &[Instance]) -> Result<Vec<Presence>> {
+        let mut out = Vec::with_capacity(instances.len());
+        for chunk in instances.chunks(INSPECT_BATCH) {
+            let gets: Vec<TxnOp> = chunk
+                .iter()
+                .map(|i| TxnOp::get(self.key(i), None))
+                .collect();
+            let resp = self
+                .conn
+                .txn("reading registrations", Txn::new().and_then(gets))
+                .await?;
+            let answers = resp.op_responses();
+            if answers.len() != chunk.len() {
+                return Err(Error::unavailable(format!(
+                    "etcd answered {} of {} reads of registrations",
+                    answers.len(),
+                    chunk.len()
+                )));
+            }
+            for (instance, answer) in chunk.iter().zip(answers) {
+                let kv = match &answer {
+                    TxnOpResponse::Get(g) => g.kvs().first(),
+                    _ => None,
+                };
+                out.push(match kv {
+                    None => Presence::Missing,
+                    Some(kv) if kv.lease() == *lease => Presence::Ours {
+                        current: kv.value() == codec::encode(self.conn.config.layout, instance),
+                    },
+                    Some(kv) if kv.lease() == 0 => Presence::Unowned,
+                    Some(_) => Presence::Foreign,
+                });
+            }
+        }
+        Ok(out)
     }
 
     async fn delete(&self, lease: &i64, instance: &Instance) -> Result<()> {

@@ -74,6 +74,22 @@ pub trait RegistryStore: Debug + Send + Sync + 'static {
     /// Deletes `instance`'s entry if it is ours (bound to `session`); never another
     /// party's. Absent is success.
     async fn delete(&self, session: &Self::Handle, instance: &Instance) -> Result<()>;
+
+    /// [`RegistryStore::inspect`] for many instances at once, answers in the same order:
+    /// what the keeper calls once per keep-alive round for every registration written
+    /// under `session`. The default asks one by one; a registry that reads many entries in
+    /// one request (an etcd prefix range) overrides it.
+    async fn inspect_many(
+        &self,
+        session: &Self::Handle,
+        instances: &[Instance],
+    ) -> Result<Vec<Presence>> {
+        let mut out = Vec::with_capacity(instances.len());
+        for i in instances {
+            out.push(self.inspect(session, i).await?);
+        }
+        Ok(out)
+    }
 }
 
 type Key = (ServiceName, InstanceId);
@@ -426,9 +442,39 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
     /// registration true to the registry.
     async fn round(&self, session: &D::Handle) -> Result<()> {
         self.settle_pending(session).await?;
-        let keys: Vec<Key> = self.lock().regs.keys().cloned().collect();
+        // One batched read of every entry written under this session; the others (written
+        // under an earlier session, or never) are written again below.
+        let mut written: Vec<(Key, Instance)> = Vec::new();
+        let mut todo: Vec<Key> = Vec::new();
+        for (key, reg) in &self.lock().regs {
+            if reg.written.as_ref() == Some(session) {
+                written.push((key.clone(), reg.instance.clone()));
+            } else {
+                todo.push(key.clone());
+            }
+        }
+        let instances: Vec<Instance> = written.iter().map(|(_, i)| i.clone()).collect();
+        let presence = match self.store.inspect_many(session, &instances).await {
+            Ok(p) => p,
+            Err(Error::SessionExpired) => {
+                self.session.expired(session);
+                return Err(Error::SessionExpired);
+            }
+            Err(e) => return Err(e),
+        };
+        for ((key, instance), p) in written.into_iter().zip(presence) {
+            if p == (Presence::Ours { current: true }) {
+                self.with_reg(&key, |reg| {
+                    if reg.instance == instance {
+                        set_status(&reg.status, RegistrationStatus::Registered);
+                    }
+                });
+            } else {
+                todo.push(key);
+            }
+        }
         let mut first_error = None;
-        for key in keys {
+        for key in todo {
             let guard = self.lock_key(&key).await;
             let r = self.heal(&key, session).await;
             self.release_key(&key, guard);
