@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::fmt::{self, Debug};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use async_trait::async_trait;
@@ -235,18 +235,13 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Keeper<D, S> {
     }
 
     fn ensure_task(&self) {
-        if self.inner.task_started.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            self.inner.task_started.store(false, Ordering::Release);
-            return;
-        };
-        rt.spawn(keep(
-            Arc::downgrade(&self.inner),
-            self.inner.kick.clone(),
-            self.inner.session.state(),
-        ));
+        super::spawn_once(&self.inner.task_started, || {
+            keep(
+                Arc::downgrade(&self.inner),
+                self.inner.kick.clone(),
+                self.inner.session.state(),
+            )
+        });
     }
 }
 

@@ -26,3 +26,21 @@ pub use keeper::{Keeper, Presence, RegistryStore};
 pub use options::BackoffOptions;
 pub use session::{Session, SessionDriver, SessionState};
 pub use watch::{ends_watch, watch_instances, Change, Entry, Event, Feed, Item, Listing, Next};
+
+/// Spawns the background task `task()` builds, once per `started` flag, on the current
+/// runtime. Without a runtime nothing is spawned and the next call tries again.
+pub(crate) fn spawn_once<F>(started: &std::sync::atomic::AtomicBool, task: impl FnOnce() -> F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    use std::sync::atomic::Ordering;
+    if started.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            rt.spawn(task());
+        }
+        Err(_) => started.store(false, Ordering::Release),
+    }
+}

@@ -232,18 +232,13 @@ impl<D: SessionDriver> Session<D> {
     }
 
     fn ensure_task(&self) {
-        if self.inner.task_started.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            self.inner.task_started.store(false, Ordering::Release);
-            return;
-        };
-        rt.spawn(drive(
-            Arc::downgrade(&self.inner),
-            self.inner.kick.clone(),
-            self.inner.backoff.backoff(),
-        ));
+        super::spawn_once(&self.inner.task_started, || {
+            drive(
+                Arc::downgrade(&self.inner),
+                self.inner.kick.clone(),
+                self.inner.backoff.backoff(),
+            )
+        });
     }
 }
 
