@@ -64,7 +64,7 @@ impl TestBackend for ConsulBackend {
         let config = ConsulConfig::from_url(&self.url)
             .unwrap()
             .with_ttl(self.ttl)
-            .with_timeout(self.timeout)
+            .with_request_timeout(self.timeout)
             .with_connect_timeout(Duration::from_secs(2));
         let client = Arc::new(ConsulDiscovery::connect(config).await.expect("connect"));
         Discovery::new(client.clone(), client.clone()).with_hooks(client)
@@ -95,7 +95,7 @@ impl TestBackend for ConsulBackend {
         connect_timeout: Duration,
     ) -> waypost_core::Result<Discovery> {
         let config = ConsulConfig::from_url(&format!("consul://{endpoint}"))?
-            .with_timeout(connect_timeout)
+            .with_request_timeout(connect_timeout)
             .with_connect_timeout(connect_timeout);
         Ok(ConsulDiscovery::connect(config).await?.into_discovery())
     }

@@ -156,7 +156,7 @@ impl TestBackend for ZkBackend {
         let config = self
             .config
             .clone()
-            .with_hosts([endpoint])
+            .with_endpoints([endpoint])
             .with_connect_timeout(connect_timeout);
         Ok(ZkDiscovery::connect(config).await?.into_discovery())
     }

@@ -92,7 +92,7 @@ impl Agent {
             base: config.base_url().into(),
             datacenter: config.datacenter.as_deref().map(Arc::from),
             has_token: config.token.is_some(),
-            timeout: config.timeout,
+            timeout: config.request_timeout,
             connect_timeout: config.connect_timeout,
             limit: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             learnt: Arc::new(Learnt {
@@ -129,7 +129,7 @@ impl Agent {
 fn build_http(config: &ConsulConfig) -> Result<reqwest::Client> {
     let mut headers = HeaderMap::new();
     if let Some(token) = &config.token {
-        let mut v = HeaderValue::from_str(token).map_err(|_| {
+        let mut v = HeaderValue::from_str(token.expose()).map_err(|_| {
             Error::invalid_config("consul option `token` is not a valid header value")
         })?;
         v.set_sensitive(true);

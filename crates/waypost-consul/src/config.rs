@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use waypost_core::config::{self, de, Config};
-use waypost_core::{Error, Result};
+use waypost_core::backend::BackoffOptions;
+use waypost_core::config::{self, de, Config, UrlParts};
+use waypost_core::{Error, Result, Secret};
 
 /// The default agent port.
 pub const DEFAULT_PORT: u16 = 8500;
@@ -24,17 +25,19 @@ pub const MAX_WAIT: Duration = Duration::from_secs(600);
 ///
 /// | option | default | meaning |
 /// | --- | --- | --- |
-/// | `address` | `127.0.0.1:8500` | the agent's HTTP(S) address (the URL's host and port) |
+/// | `address` (or `endpoints`) | `127.0.0.1:8500` | the agent's HTTP(S) address (the URL's host and port); `endpoints` takes one `host:port` or a list of one |
 /// | `tls` | `false` (`true` for `consuls://`) | HTTPS |
-/// | `datacenter` | the agent's | `dc` of every query and registration |
+/// | `datacenter` (or `dc`) | the agent's | `dc` of every query and registration |
 /// | `token` | none | ACL token, sent as `X-Consul-Token`; never logged or shown |
 /// | `ca_file` | OS trust store | PEM CA certificate(s) trusted for the agent |
 /// | `cert_file`, `key_file` | none | PEM client certificate and key (both or neither) |
 /// | `ttl` | `10s` | TTL of each instance's check; heartbeats every third of it |
 /// | `deregister_critical_after` | `1m` | `DeregisterCriticalServiceAfter` (Consul's floor is 1m) |
 /// | `wait` | `60s` | blocking-query wait (at most 10m), jittered down by up to 10 % |
-/// | `timeout` | `10s` | every non-blocking request; also how often a blocking watch checks the agent is alive |
+/// | `request_timeout` (or `timeout`) | `10s` | every non-blocking request; also how often a blocking watch checks the agent is alive |
 /// | `connect_timeout` | `5s` | TCP/TLS connect |
+/// | `backoff_initial` | `100ms` | first delay before a retry (heartbeat, re-registration, watch) |
+/// | `backoff_max` | a third of `ttl`, at most `5s` | longest delay between two retries (jittered, doubling, no cap on attempts) |
 /// | `http_check` | none | an HTTP check the agent runs beside the TTL check: a path (`/health`, checked at `http://{host}:{port}{path}` of the instance) or an `http(s)://` URL template (`{host}`, `{port}` are replaced) |
 /// | `tcp_check` | `false` | a TCP check the agent runs beside the TTL check: connects to the instance's `host:port` |
 /// | `check_interval` | `10s` | how often the agent runs `http_check` / `tcp_check` |
@@ -43,11 +46,18 @@ pub const MAX_WAIT: Duration = Duration::from_secs(600);
 /// Agent-run checks start **passing** when an instance is registered (so `register`
 /// returning still means a watcher lists it) and leave watches at the first failing run,
 /// within `check_interval` + `check_timeout`; see the crate docs for the trade-off.
+///
+/// The options every backend shares have the same names on every registry: `endpoints`
+/// (here: the one agent), `connect_timeout`, `request_timeout`, `backoff_initial`,
+/// `backoff_max`, `tls`, `ca_file`, `cert_file`, `key_file`. The old names `timeout` and
+/// `dc` are still accepted.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct ConsulConfig {
-    /// The agent's `host:port`.
+    /// The agent's `host:port`. Also read from the key `endpoints` (one `host:port`, or a
+    /// list of one: a client talks to one agent).
+    #[serde(alias = "endpoints", deserialize_with = "de_address")]
     pub address: String,
     /// HTTPS instead of HTTP.
     #[serde(deserialize_with = "de::boolean")]
@@ -55,9 +65,9 @@ pub struct ConsulConfig {
     /// The datacenter; the agent's own when `None`.
     #[serde(alias = "dc")]
     pub datacenter: Option<String>,
-    /// The ACL token. Never shown by `Debug`, logs or errors.
+    /// The ACL token. Never shown by `Debug`, logs or errors, and never serialized.
     #[serde(skip_serializing)]
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// PEM file of CA certificates to trust (besides the OS store).
     pub ca_file: Option<PathBuf>,
     /// PEM client certificate, for agents with `verify_incoming`.
@@ -74,12 +84,23 @@ pub struct ConsulConfig {
     /// Blocking-query wait.
     #[serde(with = "waypost_core::config::duration")]
     pub wait: Duration,
-    /// Timeout of every non-blocking request.
-    #[serde(with = "waypost_core::config::duration")]
-    pub timeout: Duration,
+    /// Timeout of every non-blocking request. Also read from the old key `timeout`.
+    #[serde(alias = "timeout", with = "waypost_core::config::duration")]
+    pub request_timeout: Duration,
     /// Connect timeout.
     #[serde(with = "waypost_core::config::duration")]
     pub connect_timeout: Duration,
+    /// The first delay before retrying after a failure (a heartbeat, re-registration,
+    /// reconnecting a watch). 100 ms by default.
+    #[serde(with = "waypost_core::config::duration")]
+    pub backoff_initial: Duration,
+    /// The longest delay between two retries (jittered, doubling, no cap on attempts).
+    /// When unset: a third of `ttl`, at most 5 s.
+    #[serde(
+        with = "waypost_core::config::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backoff_max: Option<Duration>,
     /// An HTTP check the agent runs on each instance, beside the TTL check: a path such
     /// as `/health` (the agent requests `http://{host}:{port}{path}` of the instance) or
     /// a full `http://`/`https://` URL in which `{host}` and `{port}` are replaced by the
@@ -111,8 +132,10 @@ impl Default for ConsulConfig {
             ttl: Duration::from_secs(10),
             deregister_critical_after: MIN_DEREGISTER_CRITICAL_AFTER,
             wait: Duration::from_secs(60),
-            timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: None,
             http_check: None,
             tcp_check: false,
             check_interval: Duration::from_secs(10),
@@ -121,21 +144,25 @@ impl Default for ConsulConfig {
     }
 }
 
+// Hand-written only to redact credentials inside `http_check` URLs; the token is a
+// `Secret`.
 impl fmt::Debug for ConsulConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConsulConfig")
             .field("address", &self.address)
             .field("tls", &self.tls)
             .field("datacenter", &self.datacenter)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token", &self.token)
             .field("ca_file", &self.ca_file)
             .field("cert_file", &self.cert_file)
             .field("key_file", &self.key_file)
             .field("ttl", &self.ttl)
             .field("deregister_critical_after", &self.deregister_critical_after)
             .field("wait", &self.wait)
-            .field("timeout", &self.timeout)
+            .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("backoff_initial", &self.backoff_initial)
+            .field("backoff_max", &self.backoff_max)
             .field(
                 "http_check",
                 &self.http_check.as_deref().map(config::redact_url),
@@ -158,8 +185,15 @@ impl ConsulConfig {
 
     /// Builds from a [`Config`]: a URL and/or options (options win over the URL's).
     pub fn from_config(config: &Config) -> Result<Self> {
-        let (url, mut options) =
-            config::url_options("consul", SCHEMES, config, config::UrlParts::default())?;
+        let (url, mut options) = config::url_options(
+            "consul",
+            SCHEMES,
+            config,
+            UrlParts {
+                renamed: RENAMED,
+                ..UrlParts::default()
+            },
+        )?;
         if let Some(u) = &url {
             if u.hosts.len() > 1 {
                 return Err(Error::invalid_config(
@@ -222,14 +256,20 @@ impl ConsulConfig {
             ));
         }
         for (k, d) in [
-            ("timeout", self.timeout),
+            ("request_timeout", self.request_timeout),
             ("connect_timeout", self.connect_timeout),
+            ("backoff_initial", self.backoff_initial),
         ] {
             if d.is_zero() {
                 return Err(Error::invalid_config(format!(
                     "consul option `{k}` may not be zero"
                 )));
             }
+        }
+        if self.backoff_max.is_some_and(|m| m < self.backoff_initial) {
+            return Err(Error::invalid_config(
+                "consul option `backoff_max` must be at least `backoff_initial`",
+            ));
         }
         self.validate_checks()?;
         if let Some(dc) = &self.datacenter {
@@ -244,7 +284,7 @@ impl ConsulConfig {
                 )));
             }
         }
-        if let Some(t) = &self.token {
+        if let Some(t) = self.token.as_ref().map(Secret::expose) {
             if t.is_empty() || t.chars().any(|c| c.is_control() || c.is_whitespace()) {
                 // Never echo the token.
                 return Err(Error::invalid_config(
@@ -298,6 +338,16 @@ impl ConsulConfig {
         Ok(())
     }
 
+    /// The retry backoff of heartbeats, re-registrations and watches: `backoff_initial`
+    /// up to `backoff_max`, or up to a third of `ttl` (at most 5 s) when that is unset.
+    pub fn backoff(&self) -> BackoffOptions {
+        BackoffOptions::new(
+            self.backoff_initial,
+            self.backoff_max
+                .unwrap_or((self.ttl / 3).min(Duration::from_secs(5))),
+        )
+    }
+
     /// Whether the agent runs checks of its own (`http_check`, `tcp_check`) on each
     /// instance, beside the TTL check.
     pub fn has_agent_checks(&self) -> bool {
@@ -333,7 +383,7 @@ impl ConsulConfig {
 
     /// Sets the ACL token.
     pub fn with_token(mut self, token: impl Into<String>) -> Self {
-        self.token = Some(token.into());
+        self.token = Some(Secret::new(token));
         self
     }
 
@@ -368,9 +418,22 @@ impl ConsulConfig {
         self
     }
 
-    /// Sets the request timeout.
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+    /// Sets the timeout of every non-blocking request.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Sets the request timeout: the old name of
+    /// [`with_request_timeout`](Self::with_request_timeout).
+    pub fn with_timeout(self, timeout: Duration) -> Self {
+        self.with_request_timeout(timeout)
+    }
+
+    /// Sets the retry backoff bounds (`backoff_initial`, `backoff_max`).
+    pub fn with_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff_initial = initial;
+        self.backoff_max = Some(max.max(initial));
         self
     }
 
@@ -406,6 +469,40 @@ impl ConsulConfig {
     }
 }
 
+/// Other option names accepted, `(other, ours)`: old names, and shared names of ours.
+const RENAMED: &[(&str, &str)] = &[
+    ("endpoints", "address"),
+    ("timeout", "request_timeout"),
+    ("dc", "datacenter"),
+];
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AddressRepr {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The agent's address: `host:port`, or (as `endpoints`, shared with the other backends)
+/// a list of one.
+fn de_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let all: Vec<String> = match AddressRepr::deserialize(d)? {
+        AddressRepr::One(s) => s
+            .split(',')
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .collect(),
+        AddressRepr::Many(v) => v,
+    };
+    match <[String; 1]>::try_from(all) {
+        Ok([one]) => Ok(one),
+        Err(all) => Err(serde::de::Error::custom(format!(
+            "a Consul client talks to one agent: give one `host:port` as `address` or `endpoints`, got {}",
+            all.len()
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,12 +532,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.ttl, Duration::from_secs(5));
-        assert_eq!(c.timeout, Duration::from_millis(250));
+        assert_eq!(c.request_timeout, Duration::from_millis(250));
         let c: Config =
             serde_json::from_str(r#"{"backend":"consul","address":"h:2","token":"t"}"#).unwrap();
         let c = ConsulConfig::from_config(&c).unwrap();
         assert_eq!(c.address, "h:2");
-        assert_eq!(c.token.as_deref(), Some("t"));
+        assert_eq!(c.token.as_ref().map(Secret::expose), Some("t"));
     }
 
     #[test]
@@ -541,7 +638,7 @@ mod tests {
     #[test]
     fn the_token_never_shows() {
         let c = ConsulConfig::from_url("consul://h:1?token=hunter2").unwrap();
-        assert_eq!(c.token.as_deref(), Some("hunter2"));
+        assert_eq!(c.token.as_ref().map(Secret::expose), Some("hunter2"));
         let dbg = format!("{c:?}");
         assert!(
             !dbg.contains("hunter2") && dbg.contains("redacted"),
@@ -557,5 +654,115 @@ mod tests {
         assert!(!e.to_string().contains("hunter2"), "{e}");
         let json = serde_json::to_string(&c).unwrap();
         assert!(!json.contains("hunter2"), "{json}");
+    }
+
+    fn options(json: serde_json::Value) -> Config {
+        Config::for_backend("consul").with_options(json.as_object().unwrap().clone())
+    }
+
+    #[test]
+    fn shared_names_and_old_names_both_parse() {
+        let new = ConsulConfig::from_config(&options(serde_json::json!({
+            "endpoints": ["h:2"], "token": "t", "datacenter": "dc1",
+            "connect_timeout": "1s", "request_timeout": "2s",
+            "backoff_initial": "10ms", "backoff_max": "3s",
+            "tls": true, "ca_file": "/ca.pem", "cert_file": "/c.pem", "key_file": "/k.pem",
+        })))
+        .unwrap();
+        assert_eq!(new.address, "h:2");
+        assert_eq!(new.request_timeout, Duration::from_secs(2));
+        assert_eq!(
+            new.backoff(),
+            BackoffOptions::new(Duration::from_millis(10), Duration::from_secs(3))
+        );
+        let old = ConsulConfig::from_config(&options(serde_json::json!({
+            "address": "h:2", "token": "t", "dc": "dc1",
+            "connect_timeout": "1s", "timeout": "2s",
+            "backoff_initial": "10ms", "backoff_max": "3s",
+            "tls": true, "ca_file": "/ca.pem", "cert_file": "/c.pem", "key_file": "/k.pem",
+        })))
+        .unwrap();
+        assert_eq!(old, new);
+        for one in [r#""h:3""#, r#"["h:3"]"#] {
+            let c: ConsulConfig =
+                serde_json::from_str(&format!(r#"{{"endpoints":{one}}}"#)).unwrap();
+            assert_eq!(c.address, "h:3");
+        }
+        let c = ConsulConfig::from_url("consul://h:1?endpoints=o:2&timeout=3s").unwrap();
+        assert_eq!(
+            (c.address.as_str(), c.request_timeout),
+            ("o:2", Duration::from_secs(3))
+        );
+        // Explicit options win over the query, whichever name each uses.
+        let c = ConsulConfig::from_config(
+            &Config::from_url("consul://h:1?timeout=3s")
+                .with_option("request_timeout", "4s")
+                .with_option("endpoints", "x:9"),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.address.as_str(), c.request_timeout),
+            ("x:9", Duration::from_secs(4))
+        );
+        assert_eq!(
+            ConsulConfig::default().with_timeout(Duration::from_secs(1)),
+            ConsulConfig::default().with_request_timeout(Duration::from_secs(1))
+        );
+    }
+
+    #[test]
+    fn backoff_default_follows_ttl_unless_given() {
+        let c = ConsulConfig::default();
+        assert_eq!(
+            c.backoff(),
+            BackoffOptions::new(Duration::from_millis(100), Duration::from_secs(10) / 3)
+        );
+        let c = ConsulConfig::from_url("consul://h:1?ttl=60s").unwrap();
+        assert_eq!(c.backoff().backoff_max, Duration::from_secs(5));
+        let c = ConsulConfig::from_url("consul://h:1?ttl=60s&backoff_max=20s").unwrap();
+        assert_eq!(c.backoff().backoff_max, Duration::from_secs(20));
+        let back: ConsulConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn bad_shared_options_name_the_key() {
+        for (cfg, part) in [
+            (
+                serde_json::json!({"endpoints": ["a:1", "b:1"]}),
+                "`address`",
+            ),
+            (serde_json::json!({"endpoints": "a:1,b:1"}), "one agent"),
+            (
+                serde_json::json!({"endpoints": "a:1", "address": "b:1"}),
+                "`endpoints`",
+            ),
+            (
+                serde_json::json!({"timeout": "1s", "request_timeout": "1s"}),
+                "`timeout`",
+            ),
+            (
+                serde_json::json!({"request_timeout": "0s"}),
+                "`request_timeout`",
+            ),
+            (
+                serde_json::json!({"backoff_initial": "0s"}),
+                "`backoff_initial`",
+            ),
+            (
+                serde_json::json!({"backoff_initial": "2s", "backoff_max": "1s"}),
+                "`backoff_max`",
+            ),
+            (serde_json::json!({"tls_domain": "x"}), "tls_domain"),
+        ] {
+            let e = ConsulConfig::from_config(&options(cfg.clone())).unwrap_err();
+            assert!(matches!(e, Error::InvalidConfig { .. }), "{cfg}: {e:?}");
+            assert!(e.to_string().contains(part), "{cfg}: {e}");
+        }
+        let e = ConsulConfig::from_url("consul://h:1?timeout=1s&request_timeout=2s").unwrap_err();
+        assert!(e.to_string().contains("`timeout`"), "{e}");
+        let e =
+            ConsulConfig::from_config(&options(serde_json::json!({"token": 12345}))).unwrap_err();
+        assert!(!format!("{e} {e:?}").contains("12345"), "{e:?}");
     }
 }

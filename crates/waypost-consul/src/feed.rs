@@ -8,9 +8,9 @@
 //!   the watch: its blocking queries follow the agent's new index, and the watch's
 //!   revisions keep growing (offset past the last one), so revisions of one watch stay
 //!   comparable.
-//! - While a query blocks, the agent is pinged every `timeout`: a paused agent (which
-//!   accepts connections and never answers) fails the query after at most two
-//!   `timeout`s.
+//! - While a query blocks, the agent is pinged every `request_timeout`: a paused agent
+//!   (which accepts connections and never answers) fails the query after at most two
+//!   `request_timeout`s.
 //! - ACLs: before trusting a listing the token is checked once (`/v1/acl/token/self`);
 //!   a set that suddenly becomes empty checks it again, since a revoked token makes
 //!   Consul answer `200 []`.

@@ -94,9 +94,10 @@
 //!   up to 10 %); core's watch machine diffs each answer into `Added` / `Updated` /
 //!   `Removed`, with `X-Consul-Index` as the revision. The watch runs in its own task, so
 //!   it notices a lost agent even while the consumer is not polling. While a query
-//!   blocks, the agent is pinged every `timeout`: a paused agent (which accepts
-//!   connections and never answers) makes the watch `Stale` after at most two
-//!   `timeout`s; a refused connection (an agent restarting) makes it `Stale` at once.
+//!   blocks, the agent is pinged every `request_timeout`: a paused agent (which
+//!   accepts connections and never answers) makes the watch `Stale` after at most two
+//!   `request_timeout`s; a refused connection (an agent restarting) makes it `Stale` at
+//!   once.
 //!   After a `Stale`, the agent's next answer is `Resynced`. A restarted agent starts its
 //!   indexes over: the watch follows them, and its revisions keep growing all the same.
 //!   An answer that retrying cannot fix (a datacenter the agent does not know, a server
@@ -131,12 +132,11 @@ mod store;
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use waypost_core::backend::{watch, BackoffOptions, Keeper, Listing, Session};
+use waypost_core::backend::{watch, Keeper, Listing, Session};
 use waypost_core::{
     Config, Connector, Discovery, Error, Instance, Registrar, Registration, Result, ServiceName,
     Snapshot, WatchEvent, Watcher,
@@ -197,15 +197,12 @@ impl ConsulDiscovery {
         config.validate()?;
         let agent = Agent::new(&config)?;
         let written = Written::default();
-        // Retries (keep-alives, re-registrations, watches) back off from 100 ms up to a
-        // third of the TTL, and at most 5 s.
-        let backoff = BackoffOptions::new(
-            Duration::from_millis(100),
-            (config.ttl / 3).min(Duration::from_secs(5)),
-        );
+        // Retries (keep-alives, re-registrations, watches) back off within
+        // `backoff_initial..backoff_max` (by default 100 ms up to a third of the TTL, at
+        // most 5 s).
         let session = Session::new(
             AgentDriver::new(agent.clone(), config.ttl, written.clone()),
-            backoff,
+            config.backoff(),
         );
         let store = AgentStore {
             agent: agent.clone(),

@@ -16,7 +16,7 @@ const T: Duration = Duration::from_secs(15);
 fn config(url: &str) -> ConsulConfig {
     ConsulConfig::from_url(url)
         .unwrap()
-        .with_timeout(Duration::from_secs(2))
+        .with_request_timeout(Duration::from_secs(2))
         .with_connect_timeout(Duration::from_secs(1))
 }
 

@@ -19,7 +19,7 @@ const T: Duration = Duration::from_secs(20);
 async fn client(server: &ConsulServer, options: &str) -> Arc<ConsulDiscovery> {
     let config = ConsulConfig::from_url(&format!("{}?{options}", server.url()))
         .unwrap()
-        .with_timeout(Duration::from_secs(3));
+        .with_request_timeout(Duration::from_secs(3));
     Arc::new(ConsulDiscovery::connect(config).await.expect("connect"))
 }
 

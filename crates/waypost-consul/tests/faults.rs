@@ -19,7 +19,7 @@ async fn client(server: &ConsulServer) -> Arc<ConsulDiscovery> {
     let config = ConsulConfig::from_url(&server.url())
         .unwrap()
         .with_ttl(TTL)
-        .with_timeout(Duration::from_secs(2))
+        .with_request_timeout(Duration::from_secs(2))
         .with_connect_timeout(Duration::from_secs(1));
     Arc::new(ConsulDiscovery::connect(config).await.expect("connect"))
 }

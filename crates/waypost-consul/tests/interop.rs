@@ -15,7 +15,7 @@ const T: Duration = Duration::from_secs(15);
 async fn client(server: &ConsulServer) -> Arc<ConsulDiscovery> {
     let config = ConsulConfig::from_url(&server.url())
         .unwrap()
-        .with_timeout(Duration::from_secs(3));
+        .with_request_timeout(Duration::from_secs(3));
     Arc::new(ConsulDiscovery::connect(config).await.expect("connect"))
 }
 

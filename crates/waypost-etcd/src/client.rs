@@ -128,9 +128,9 @@ fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions> {
         // often than every 5 s, and pings without streams.
         .with_keep_alive(Duration::from_secs(10), config.request_timeout)
         .with_keep_alive_while_idle(false);
-    if let (Some(user), Some(password)) = (&config.user, &config.password) {
+    if let (Some(user), Some(password)) = (&config.username, &config.password) {
         opts = opts
-            .with_user(user.clone(), password.clone())
+            .with_user(user.clone(), password.expose())
             .with_auto_token_refresh(true);
     }
     if config.uses_tls() {

@@ -1,12 +1,12 @@
 //! Configuration: `etcd://host:port[,host:port...]/prefix[?options]` or the serde form.
 
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use waypost_core::config::{self, Config};
-use waypost_core::{Error, Result};
+use waypost_core::backend::BackoffOptions;
+use waypost_core::config::{self, de, Config, UrlParts};
+use waypost_core::{Error, Result, Secret};
 
 use crate::SCHEMES;
 
@@ -32,10 +32,15 @@ pub enum Layout {
 ///
 /// From a URL: `etcd://[user:password@]host:port[,host:port...]/prefix?lease_ttl=10s`
 /// (default port 2379, default prefix `/services`); every field below except
-/// `endpoints`, `prefix`, `user` and `password` is a query option of the same name. In
+/// `endpoints`, `prefix`, `username` and `password` is a query option of the same name. In
 /// serde form (TOML, JSON...): `backend = "etcd"` and the fields by name. Unknown keys
 /// are an error naming them. `Debug` never shows the password.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// The options every backend shares have the same names on every registry: `endpoints`,
+/// `username`, `password`, `connect_timeout`, `request_timeout`, `backoff_initial`,
+/// `backoff_max`, and the TLS options `tls`, `ca_file`, `cert_file`, `key_file`,
+/// `tls_domain`. The old name `user` is still accepted for `username`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct EtcdConfig {
@@ -59,10 +64,29 @@ pub struct EtcdConfig {
     /// must be answered within `request_timeout`). 5 s by default.
     #[serde(with = "waypost_core::config::duration")]
     pub probe_interval: Duration,
-    /// User name, when etcd has authentication enabled.
-    pub user: Option<String>,
-    /// Password of `user`. Never printed.
-    pub password: Option<String>,
+    /// The first delay before retrying after a failure (a new lease, re-registration,
+    /// reconnecting a watch). 100 ms by default.
+    #[serde(with = "waypost_core::config::duration")]
+    pub backoff_initial: Duration,
+    /// The longest delay between two retries (jittered, doubling, no cap on attempts).
+    /// When unset: half of `lease_ttl` for the lease and re-registrations, and
+    /// `request_timeout` for watches, each within 500 ms..10 s (5 s with the defaults).
+    #[serde(
+        with = "waypost_core::config::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backoff_max: Option<Duration>,
+    /// User name, when etcd has authentication enabled. Also read from the old key
+    /// `user`.
+    #[serde(alias = "user")]
+    pub username: Option<String>,
+    /// Password of `username`. Never shown by `Debug` or errors, and serialized as
+    /// `<redacted>`.
+    pub password: Option<Secret>,
+    /// TLS (needs `ca_file`: this client does not read the OS trust store). Also
+    /// enabled by `ca_file` or `cert_file` alone.
+    #[serde(deserialize_with = "de::boolean")]
+    pub tls: bool,
     /// PEM file of the CA that signed the servers' certificates; enables TLS.
     pub ca_file: Option<PathBuf>,
     /// PEM client certificate for mutual TLS (with `key_file`); enables TLS.
@@ -84,34 +108,17 @@ impl Default for EtcdConfig {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
             probe_interval: Duration::from_secs(5),
-            user: None,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: None,
+            username: None,
             password: None,
+            tls: false,
             ca_file: None,
             cert_file: None,
             key_file: None,
             tls_domain: None,
             layout: Layout::Waypost,
         }
-    }
-}
-
-impl fmt::Debug for EtcdConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EtcdConfig")
-            .field("endpoints", &self.endpoints)
-            .field("prefix", &self.prefix)
-            .field("lease_ttl", &self.lease_ttl)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("request_timeout", &self.request_timeout)
-            .field("probe_interval", &self.probe_interval)
-            .field("user", &self.user)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("ca_file", &self.ca_file)
-            .field("cert_file", &self.cert_file)
-            .field("key_file", &self.key_file)
-            .field("tls_domain", &self.tls_domain)
-            .field("layout", &self.layout)
-            .finish()
     }
 }
 
@@ -127,12 +134,13 @@ impl EtcdConfig {
             "etcd",
             SCHEMES,
             config,
-            config::UrlParts {
+            UrlParts {
                 hosts: Some("endpoints"),
                 default_port: DEFAULT_PORT,
                 path: Some("prefix"),
-                username: Some("user"),
+                username: Some("username"),
                 password: Some("password"),
+                renamed: RENAMED,
             },
         )?;
         let c: Self = config::options_into("etcd", options)?;
@@ -173,9 +181,21 @@ impl EtcdConfig {
                 )));
             }
         }
-        if self.password.is_some() && self.user.is_none() {
+        if self.backoff_initial.is_zero()
+            || self.backoff_max.is_some_and(|m| m < self.backoff_initial)
+        {
             return Err(Error::invalid_config(
-                "etcd option `password` is given without `user`",
+                "etcd options `backoff_initial` (more than 0) and `backoff_max` (at least `backoff_initial`)",
+            ));
+        }
+        if self.password.is_some() && self.username.is_none() {
+            return Err(Error::invalid_config(
+                "etcd option `password` is given without `username`",
+            ));
+        }
+        if self.tls && self.ca_file.is_none() {
+            return Err(Error::invalid_config(
+                "etcd option `tls` needs `ca_file` (the CA of the servers' certificates): this client does not read the OS trust store",
             ));
         }
         if self.cert_file.is_some() != self.key_file.is_some() {
@@ -188,7 +208,30 @@ impl EtcdConfig {
 
     /// Whether TLS is configured.
     pub fn uses_tls(&self) -> bool {
-        self.ca_file.is_some() || self.cert_file.is_some()
+        self.tls || self.ca_file.is_some() || self.cert_file.is_some()
+    }
+
+    /// The retry backoff of the lease's keep-alive, new leases and re-registrations:
+    /// `backoff_max`, or half of `lease_ttl` within 500 ms..10 s when unset.
+    pub fn backoff(&self) -> BackoffOptions {
+        BackoffOptions::new(
+            self.backoff_initial,
+            self.backoff_max.unwrap_or(
+                (self.lease_ttl / 2).clamp(Duration::from_millis(500), Duration::from_secs(10)),
+            ),
+        )
+    }
+
+    /// The retry backoff of watches: `backoff_max`, or `request_timeout` within
+    /// 500 ms..10 s when unset.
+    pub fn watch_backoff(&self) -> BackoffOptions {
+        BackoffOptions::new(
+            self.backoff_initial,
+            self.backoff_max.unwrap_or(
+                self.request_timeout
+                    .clamp(Duration::from_millis(500), Duration::from_secs(10)),
+            ),
+        )
     }
 
     /// The key prefix without a trailing `/` (possibly empty: keys start at `/{service}`).
@@ -235,10 +278,33 @@ impl EtcdConfig {
         self
     }
 
-    /// Sets user and password.
-    pub fn with_user(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
-        self.user = Some(user.into());
-        self.password = Some(password.into());
+    /// Sets the retry backoff bounds (`backoff_initial`, `backoff_max`).
+    pub fn with_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff_initial = initial;
+        self.backoff_max = Some(max.max(initial));
+        self
+    }
+
+    /// Sets user name and password.
+    pub fn with_credentials(
+        mut self,
+        username: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
+        self.username = Some(username.into());
+        self.password = Some(Secret::new(password));
+        self
+    }
+
+    /// Sets user name and password: the old name of
+    /// [`with_credentials`](Self::with_credentials).
+    pub fn with_user(self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.with_credentials(user, password)
+    }
+
+    /// Enables TLS (give the CA with [`with_ca_file`](Self::with_ca_file)).
+    pub fn with_tls(mut self, tls: bool) -> Self {
+        self.tls = tls;
         self
     }
 
@@ -255,12 +321,21 @@ impl EtcdConfig {
         self
     }
 
+    /// Sets the TLS server name to verify.
+    pub fn with_tls_domain(mut self, domain: impl Into<String>) -> Self {
+        self.tls_domain = Some(domain.into());
+        self
+    }
+
     /// Sets the key layout.
     pub fn with_layout(mut self, layout: Layout) -> Self {
         self.layout = layout;
         self
     }
 }
+
+/// Other option names accepted, `(other, ours)`: old names, and shared names of ours.
+const RENAMED: &[(&str, &str)] = &[("user", "username")];
 
 #[cfg(test)]
 mod tests {
@@ -274,8 +349,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.endpoints, ["10.0.0.1:2379", "10.0.0.2:2379"]);
         assert_eq!(c.prefix, "/prod/services");
-        assert_eq!(c.user.as_deref(), Some("root"));
-        assert_eq!(c.password.as_deref(), Some("s3cr@t"));
+        assert_eq!(c.username.as_deref(), Some("root"));
+        assert_eq!(c.password.as_ref().map(Secret::expose), Some("s3cr@t"));
         assert_eq!(c.lease_ttl, Duration::from_secs(3));
         assert_eq!(c.request_timeout, Duration::from_millis(250));
         assert_eq!(c.layout, Layout::Grpc);
@@ -330,5 +405,93 @@ mod tests {
         let cfg = Config::from_url("etcd://h/p").with_option("password", 12345);
         let e = EtcdConfig::from_config(&cfg).unwrap_err();
         assert!(!e.to_string().contains("12345"), "{e}");
+    }
+
+    fn options(json: serde_json::Value) -> Config {
+        Config::for_backend("etcd").with_options(json.as_object().unwrap().clone())
+    }
+
+    #[test]
+    fn shared_names_and_old_names_both_parse() {
+        let shared = serde_json::json!({
+            "endpoints": ["a:1"], "username": "u", "password": "p",
+            "connect_timeout": "1s", "request_timeout": "2s",
+            "backoff_initial": "10ms", "backoff_max": "3s",
+            "tls": true, "ca_file": "/ca.pem", "cert_file": "/c.pem", "key_file": "/k.pem",
+            "tls_domain": "etcd.local",
+        });
+        let new = EtcdConfig::from_config(&options(shared.clone())).unwrap();
+        assert_eq!(new.username.as_deref(), Some("u"));
+        assert_eq!(new.password.as_ref().map(Secret::expose), Some("p"));
+        assert_eq!(new.request_timeout, Duration::from_secs(2));
+        assert!(new.tls && new.uses_tls());
+        assert_eq!(new.tls_domain.as_deref(), Some("etcd.local"));
+        let want = BackoffOptions::new(Duration::from_millis(10), Duration::from_secs(3));
+        assert_eq!((new.backoff(), new.watch_backoff()), (want, want));
+        let mut old = shared;
+        let user = old.as_object_mut().unwrap().remove("username").unwrap();
+        old.as_object_mut().unwrap().insert("user".into(), user);
+        assert_eq!(EtcdConfig::from_config(&options(old)).unwrap(), new);
+        let direct: EtcdConfig = serde_json::from_str(r#"{"user":"x"}"#).unwrap();
+        assert_eq!(direct.username.as_deref(), Some("x"));
+        // The URL's user info fills `username`; an explicit old name wins over it.
+        let c = EtcdConfig::from_url("etcd://a:b@h/p").unwrap();
+        assert_eq!(c.username.as_deref(), Some("a"));
+        let c =
+            EtcdConfig::from_config(&Config::from_url("etcd://a:b@h/p").with_option("user", "o"))
+                .unwrap();
+        assert_eq!(c.username.as_deref(), Some("o"));
+        assert_eq!(
+            EtcdConfig::default().with_user("u", "p"),
+            EtcdConfig::default().with_credentials("u", "p")
+        );
+    }
+
+    #[test]
+    fn backoff_defaults_follow_lease_ttl_and_request_timeout_unless_given() {
+        let c = EtcdConfig::default();
+        let five = BackoffOptions::new(Duration::from_millis(100), Duration::from_secs(5));
+        assert_eq!((c.backoff(), c.watch_backoff()), (five, five));
+        let c = EtcdConfig::from_url("etcd://h/p?lease_ttl=3s&request_timeout=200ms").unwrap();
+        assert_eq!(c.backoff().backoff_max, Duration::from_millis(1500));
+        assert_eq!(c.watch_backoff().backoff_max, Duration::from_millis(500));
+        let c = EtcdConfig::from_url("etcd://h/p?lease_ttl=60s&backoff_max=2s").unwrap();
+        assert_eq!(c.backoff().backoff_max, Duration::from_secs(2));
+        assert_eq!(c.watch_backoff().backoff_max, Duration::from_secs(2));
+        let back: EtcdConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        for (url, needle) in [
+            ("etcd://h/p?backoff_initial=0s", "backoff_initial"),
+            (
+                "etcd://h/p?backoff_initial=2s&backoff_max=1s",
+                "backoff_max",
+            ),
+            ("etcd://h/p?backoff_max=soon", "backoff_max"),
+            ("etcd://h/p?tls=true", "ca_file"),
+            ("etcd://h/p?user=u", "belongs in the URL"),
+            ("etcd://h/p?username=u", "belongs in the URL"),
+        ] {
+            let e = EtcdConfig::from_url(url).unwrap_err();
+            assert!(matches!(e, Error::InvalidConfig { .. }), "{url}: {e:?}");
+            assert!(e.to_string().contains(needle), "{url}: {e}");
+        }
+        let e =
+            EtcdConfig::from_config(&options(serde_json::json!({"user": "a", "username": "b"})))
+                .unwrap_err();
+        assert!(e.to_string().contains("`user`"), "{e}");
+    }
+
+    #[test]
+    fn the_password_never_shows() {
+        let c = EtcdConfig::default().with_credentials("root", "hunter2");
+        for shown in [format!("{c:?}"), serde_json::to_string(&c).unwrap()] {
+            assert!(
+                !shown.contains("hunter2") && shown.contains("<redacted>"),
+                "{shown}"
+            );
+        }
+        let e = EtcdConfig::from_config(&options(serde_json::json!({"password": "hunter2"})))
+            .unwrap_err();
+        assert!(!format!("{e} {e:?}").contains("hunter2"), "{e:?}");
     }
 }

@@ -131,20 +131,11 @@ impl EtcdDiscovery {
     pub async fn connect(config: EtcdConfig) -> Result<Self> {
         let conn = Conn::connect(config).await?;
         let drops = Arc::new(tokio::sync::watch::Sender::new(0));
-        let ttl = conn.config.lease_ttl;
         let session = Session::new(
             LeaseDriver::new(conn.clone(), drops.subscribe()),
-            BackoffOptions::new(
-                Duration::from_millis(100),
-                (ttl / 2).clamp(Duration::from_millis(500), Duration::from_secs(10)),
-            ),
+            conn.config.backoff(),
         );
-        let watch_backoff = BackoffOptions::new(
-            Duration::from_millis(100),
-            conn.config
-                .request_timeout
-                .clamp(Duration::from_millis(500), Duration::from_secs(10)),
-        );
+        let watch_backoff = conn.config.watch_backoff();
         Ok(Self {
             keeper: Keeper::new("etcd", session, KeyStore::new(conn.clone())),
             conn,

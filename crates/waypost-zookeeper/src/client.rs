@@ -186,7 +186,7 @@ pub(crate) async fn open(config: &ZkConfig) -> Result<Client> {
         .with_detached()
         .with_fail_eagerly();
     if let (Some(u), Some(p)) = (&config.username, &config.password) {
-        c = c.with_auth("digest", format!("{u}:{p}").as_bytes());
+        c = c.with_auth("digest", format!("{u}:{}", p.expose()).as_bytes());
     }
     let hosts = config.connect_string();
     match tokio::time::timeout(config.connect_timeout, c.connect(&hosts)).await {

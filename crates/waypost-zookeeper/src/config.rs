@@ -1,13 +1,12 @@
 //! Configuration: `zk://[user:password@]host:port[,host:port...]/root[?options]` or the
 //! same as a serde [`ZkConfig`].
 
-use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use waypost_core::backend::BackoffOptions;
-use waypost_core::config::{self, Config};
-use waypost_core::{Error, Result};
+use waypost_core::config::{self, Config, UrlParts};
+use waypost_core::{Error, Result, Secret};
 
 use crate::SCHEMES;
 
@@ -66,16 +65,21 @@ fn de_hosts<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Er
 ///
 /// As a URL: `zk://[user:password@]h1:2181[,h2:2181...][/root][?session_timeout=10s&...]`
 /// (scheme `zk` or `zookeeper`; the root defaults to `/services`; user and password are
-/// digest credentials). As a serde config: `backend = "zookeeper"`, `hosts = "h1:2181,h2"`
-/// (or a list), and the options below by name. Unknown options are an error naming them.
-/// `Debug` never shows the password.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// digest credentials). As a serde config: `backend = "zookeeper"`,
+/// `endpoints = "h1:2181,h2"` (or a list), and the options below by name. Unknown options
+/// are an error naming them. `Debug` never shows the password.
+///
+/// The options every backend shares have the same names on every registry: `endpoints`,
+/// `username`, `password`, `connect_timeout`, `request_timeout`, `backoff_initial`,
+/// `backoff_max`. The old name `hosts` is still accepted for `endpoints`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct ZkConfig {
-    /// The servers, `host:port` (port 2181 when omitted).
-    #[serde(deserialize_with = "de_hosts")]
-    pub hosts: Vec<String>,
+    /// The servers, `host:port` (port 2181 when omitted). Also read from the old key
+    /// `hosts`.
+    #[serde(alias = "hosts", deserialize_with = "de_hosts")]
+    pub endpoints: Vec<String>,
     /// The node under which services live, e.g. `/services` (also a way to chroot).
     pub root: String,
     /// The session timeout asked of the server (it clamps it to its
@@ -104,8 +108,8 @@ pub struct ZkConfig {
     /// with scheme `digest` and our nodes get the ACL "everyone reads, only this user
     /// writes and deletes".
     pub username: Option<String>,
-    /// Digest password. Never shown by `Debug`.
-    pub password: Option<String>,
+    /// Digest password. Never shown by `Debug` or errors, and serialized as `<redacted>`.
+    pub password: Option<Secret>,
     /// The payload format of the node data.
     pub payload: PayloadFormat,
     /// The node layout.
@@ -118,7 +122,7 @@ pub struct ZkConfig {
 impl Default for ZkConfig {
     fn default() -> Self {
         Self {
-            hosts: vec![format!("127.0.0.1:{DEFAULT_PORT}")],
+            endpoints: vec![format!("127.0.0.1:{DEFAULT_PORT}")],
             root: DEFAULT_ROOT.into(),
             session_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
@@ -131,25 +135,6 @@ impl Default for ZkConfig {
             layout: NodeLayout::Plain,
             readonly: false,
         }
-    }
-}
-
-impl fmt::Debug for ZkConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ZkConfig")
-            .field("hosts", &self.hosts)
-            .field("root", &self.root)
-            .field("session_timeout", &self.session_timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("request_timeout", &self.request_timeout)
-            .field("backoff_initial", &self.backoff_initial)
-            .field("backoff_max", &self.backoff_max)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("payload", &self.payload)
-            .field("layout", &self.layout)
-            .field("readonly", &self.readonly)
-            .finish()
     }
 }
 
@@ -166,17 +151,18 @@ impl ZkConfig {
             "zookeeper",
             SCHEMES,
             config,
-            config::UrlParts {
-                hosts: Some("hosts"),
+            UrlParts {
+                hosts: Some("endpoints"),
                 default_port: DEFAULT_PORT,
                 path: Some("root"),
                 username: Some("username"),
                 password: Some("password"),
+                renamed: RENAMED,
             },
         )?;
         let mut c: Self = config::options_into("zookeeper", options)?;
-        c.hosts = c
-            .hosts
+        c.endpoints = c
+            .endpoints
             .iter()
             .map(|h| {
                 if h.rsplit_once(':')
@@ -193,16 +179,18 @@ impl ZkConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.hosts.is_empty() {
-            return Err(Error::invalid_config("zookeeper option `hosts` is empty"));
+        if self.endpoints.is_empty() {
+            return Err(Error::invalid_config(
+                "zookeeper option `endpoints` is empty",
+            ));
         }
         if let Some(h) = self
-            .hosts
+            .endpoints
             .iter()
             .find(|h| h.is_empty() || h.contains(['/', ' ', '@']))
         {
             return Err(Error::invalid_config(format!(
-                "zookeeper option `hosts`: `{}` is not host:port",
+                "zookeeper option `endpoints`: `{}` is not host:port",
                 h.escape_debug()
             )));
         }
@@ -256,13 +244,21 @@ impl ZkConfig {
 
     /// The connection string the client is given: `h1:2181,h2:2181`.
     pub fn connect_string(&self) -> String {
-        self.hosts.join(",")
+        self.endpoints.join(",")
     }
 
-    /// Sets the servers.
-    pub fn with_hosts(mut self, hosts: impl IntoIterator<Item = impl Into<String>>) -> Self {
-        self.hosts = hosts.into_iter().map(Into::into).collect();
+    /// Sets the servers (`host:port`).
+    pub fn with_endpoints(
+        mut self,
+        endpoints: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        self.endpoints = endpoints.into_iter().map(Into::into).collect();
         self
+    }
+
+    /// Sets the servers: the old name of [`with_endpoints`](Self::with_endpoints).
+    pub fn with_hosts(self, hosts: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.with_endpoints(hosts)
     }
 
     /// Sets the root node.
@@ -301,11 +297,21 @@ impl ZkConfig {
         BackoffOptions::new(self.backoff_initial, self.backoff_max)
     }
 
-    /// Sets digest credentials.
-    pub fn with_digest(mut self, username: impl Into<String>, password: impl Into<String>) -> Self {
+    /// Sets digest credentials (the same as [`with_digest`](Self::with_digest); the
+    /// name every backend shares).
+    pub fn with_credentials(
+        mut self,
+        username: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
         self.username = Some(username.into());
-        self.password = Some(password.into());
+        self.password = Some(Secret::new(password));
         self
+    }
+
+    /// Sets digest credentials.
+    pub fn with_digest(self, username: impl Into<String>, password: impl Into<String>) -> Self {
+        self.with_credentials(username, password)
     }
 
     /// Sets the payload format.
@@ -327,6 +333,9 @@ impl ZkConfig {
     }
 }
 
+/// Other option names accepted, `(other, ours)`: old names, and shared names of ours.
+const RENAMED: &[(&str, &str)] = &[("hosts", "endpoints")];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,7 +346,10 @@ mod tests {
             "zk://10.0.0.1:2181,10.0.0.2,[::1]:2182/disco/svc?session_timeout=3s&connect_timeout=250ms&request_timeout=750ms&backoff_max=1s&payload=spring-cloud&layout=protected-sequential&readonly=true",
         )
         .unwrap();
-        assert_eq!(c.hosts, ["10.0.0.1:2181", "10.0.0.2:2181", "[::1]:2182"]);
+        assert_eq!(
+            c.endpoints,
+            ["10.0.0.1:2181", "10.0.0.2:2181", "[::1]:2182"]
+        );
         assert_eq!(c.root, "/disco/svc");
         assert_eq!(c.session_timeout, Duration::from_secs(3));
         assert_eq!(c.connect_timeout, Duration::from_millis(250));
@@ -355,7 +367,7 @@ mod tests {
     #[test]
     fn defaults_and_scheme_alias() {
         let c = ZkConfig::from_url("zookeeper://h").unwrap();
-        assert_eq!(c.hosts, ["h:2181"]);
+        assert_eq!(c.endpoints, ["h:2181"]);
         assert_eq!(c.root, "/services");
         assert_eq!(c.session_timeout, Duration::from_secs(10));
     }
@@ -364,7 +376,7 @@ mod tests {
     fn digest_credentials_are_hidden() {
         let c = ZkConfig::from_url("zk://app:s3cr%40t@h:2181/services").unwrap();
         assert_eq!(c.username.as_deref(), Some("app"));
-        assert_eq!(c.password.as_deref(), Some("s3cr@t"));
+        assert_eq!(c.password.as_ref().map(Secret::expose), Some("s3cr@t"));
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("s3cr"), "{dbg}");
         assert!(dbg.contains("<redacted>"));
@@ -387,10 +399,8 @@ mod tests {
 
     #[test]
     fn serde_config_with_options_beside_url() {
-        let cfg = Config {
-            backend: Some("zookeeper".into()),
-            url: None,
-            options: serde_json::json!({
+        let cfg = Config::for_backend("zookeeper").with_options(
+            serde_json::json!({
                 "hosts": ["a:1", "b"],
                 "root": "/x",
                 "session_timeout": 2500,
@@ -400,9 +410,9 @@ mod tests {
             .as_object()
             .unwrap()
             .clone(),
-        };
+        );
         let c = ZkConfig::from_config(&cfg).unwrap();
-        assert_eq!(c.hosts, ["a:1", "b:2181"]);
+        assert_eq!(c.endpoints, ["a:1", "b:2181"]);
         assert_eq!(c.root, "/x");
         assert_eq!(c.session_timeout, Duration::from_millis(2500));
         let over = Config::from_url("zk://h/services?session_timeout=1s")
@@ -413,5 +423,88 @@ mod tests {
         );
         let half = Config::from_url("zk://h/services").with_option("username", "u");
         assert!(ZkConfig::from_config(&half).is_err());
+    }
+
+    fn options(json: serde_json::Value) -> Config {
+        Config::for_backend("zookeeper").with_options(json.as_object().unwrap().clone())
+    }
+
+    #[test]
+    fn shared_names_and_old_names_both_parse() {
+        let new = ZkConfig::from_config(&options(serde_json::json!({
+            "endpoints": "a:1,b",
+            "username": "u",
+            "password": "p",
+            "connect_timeout": "1s",
+            "request_timeout": "2s",
+            "backoff_initial": "10ms",
+            "backoff_max": "3s",
+        })))
+        .unwrap();
+        assert_eq!(new.endpoints, ["a:1", "b:2181"]);
+        assert_eq!(new.connect_timeout, Duration::from_secs(1));
+        assert_eq!(new.request_timeout, Duration::from_secs(2));
+        assert_eq!(
+            new.backoff(),
+            BackoffOptions::new(Duration::from_millis(10), Duration::from_secs(3))
+        );
+        let old = ZkConfig::from_config(&options(serde_json::json!({
+            "hosts": ["a:1", "b"], "username": "u", "password": "p",
+            "connect_timeout": "1s", "request_timeout": "2s",
+            "backoff_initial": "10ms", "backoff_max": "3s",
+        })))
+        .unwrap();
+        assert_eq!(old, new);
+        // Straight serde (a config file read by the application) takes both names too.
+        let direct: ZkConfig = serde_json::from_str(r#"{"hosts":"x:1"}"#).unwrap();
+        assert_eq!(direct.endpoints, ["x:1"]);
+        let direct: ZkConfig = serde_json::from_str(r#"{"endpoints":["x:1"]}"#).unwrap();
+        assert_eq!(direct.endpoints, ["x:1"]);
+        // An explicit old name still wins over the URL's hosts.
+        let over = Config::from_url("zk://h/services").with_option("hosts", "o:7");
+        assert_eq!(ZkConfig::from_config(&over).unwrap().endpoints, ["o:7"]);
+        // Builders: the old and the shared name.
+        assert_eq!(
+            ZkConfig::default().with_hosts(["a:1"]),
+            ZkConfig::default().with_endpoints(["a:1"])
+        );
+        assert_eq!(
+            ZkConfig::default().with_digest("u", "p"),
+            ZkConfig::default().with_credentials("u", "p")
+        );
+    }
+
+    #[test]
+    fn both_names_at_once_or_in_the_query_are_errors_naming_them() {
+        let e = ZkConfig::from_config(&options(serde_json::json!({
+            "hosts": "a:1", "endpoints": "b:1",
+        })))
+        .unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
+        assert!(e.to_string().contains("`hosts`"), "{e}");
+        for url in ["zk://h/services?hosts=a:1", "zk://h/services?endpoints=a:1"] {
+            let e = ZkConfig::from_url(url).unwrap_err();
+            assert!(e.to_string().contains("belongs in the URL"), "{url}: {e}");
+        }
+        let e = ZkConfig::from_url("zk://h/services?endpoint=a:1").unwrap_err();
+        assert!(e.to_string().contains("`endpoint`"), "{e}");
+    }
+
+    #[test]
+    fn the_password_never_shows() {
+        let c = ZkConfig::default().with_credentials("app", "hunter2");
+        assert_eq!(c.password.as_ref().map(Secret::expose), Some("hunter2"));
+        for shown in [format!("{c:?}"), serde_json::to_string(&c).unwrap()] {
+            assert!(
+                !shown.contains("hunter2") && shown.contains("<redacted>"),
+                "{shown}"
+            );
+        }
+        let e = ZkConfig::from_config(&options(serde_json::json!({"password": "hunter2"})))
+            .unwrap_err();
+        assert!(!format!("{e} {e:?}").contains("hunter2"), "{e:?}");
+        let e =
+            ZkConfig::from_config(&options(serde_json::json!({"password": 12345}))).unwrap_err();
+        assert!(!format!("{e} {e:?}").contains("12345"), "{e:?}");
     }
 }

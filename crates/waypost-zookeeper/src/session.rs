@@ -83,7 +83,7 @@ pub(crate) struct Driver {
 impl fmt::Debug for Driver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ZkDriver")
-            .field("hosts", &self.ctx.config.hosts)
+            .field("endpoints", &self.ctx.config.endpoints)
             .field("session_timeout", &self.ctx.config.session_timeout)
             .finish()
     }

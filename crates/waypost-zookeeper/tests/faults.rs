@@ -201,7 +201,7 @@ async fn connection_loss_during_create_leaves_one_node() {
         let svc_path = format!("/services/{svc}");
         let d = ZkDiscovery::connect(
             common::config(&server)
-                .with_hosts([proxy.addr.to_string()])
+                .with_endpoints([proxy.addr.to_string()])
                 .with_layout(layout),
         )
         .await

@@ -17,6 +17,27 @@ pub mod duration {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         super::de::duration(d)
     }
+
+    /// The same for an optional duration (absent is `None`; use with
+    /// `#[serde(default, with = "waypost_core::config::duration::option")]`).
+    pub mod option {
+        use std::time::Duration;
+
+        use serde::{Deserializer, Serializer};
+
+        /// Writes `"10s"`, or nothing.
+        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => super::serialize(d, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// Reads `"10s"`, `"250ms"` or milliseconds.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            super::super::de::duration(d).map(Some)
+        }
+    }
 }
 
 /// Serde helpers for options that arrive as strings from URLs but as native values from

@@ -56,6 +56,7 @@ fn is_secret_key(k: &str) -> bool {
 /// key is an error naming it. `Debug` hides secret values (keys containing `password`,
 /// `token`, `secret`, `key` or `credential`).
 #[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Config {
     /// The backend's name or URL scheme; may be omitted when `url` is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -109,6 +110,12 @@ impl Config {
             backend: Some(backend.into()),
             ..Self::default()
         }
+    }
+
+    /// With these options added (they replace options of the same name).
+    pub fn with_options(mut self, options: serde_json::Map<String, serde_json::Value>) -> Self {
+        self.options.extend(options);
+        self
     }
 
     /// The backend name or scheme this config selects: `backend` if given, else the URL's

@@ -48,6 +48,11 @@ pub struct UrlParts {
     pub username: Option<&'static str>,
     /// Option filled with the password of the userinfo part.
     pub password: Option<&'static str>,
+    /// Other names the backend accepts for its options, `(other, ours)`: old names kept
+    /// working, and names shared with other backends. They are turned into ours before
+    /// anything else, so explicit options still win over the URL's whichever name each
+    /// uses; one option under both names in one place is an error naming both.
+    pub renamed: &'static [(&'static str, &'static str)],
 }
 
 /// The common first step of a backend's `from_config`: parses the config's URL (if any),
@@ -56,8 +61,58 @@ pub struct UrlParts {
 /// hosts, path and userinfo, unless the config sets them explicitly. A query option that
 /// names one of those parts is an error: it belongs in the URL itself.
 ///
+/// Other option names in [`UrlParts::renamed`] are turned into the backend's own first.
+///
 /// Returns the parsed URL too, for checks of the backend's own.
 pub fn url_options(
+    backend: &str,
+    schemes: &[&str],
+    config: &Config,
+    parts: UrlParts,
+) -> Result<(
+    Option<RegistryUrl>,
+    serde_json::Map<String, serde_json::Value>,
+)> {
+    let twice = |old: &str, new: &str| {
+        Error::invalid_config(format!(
+            "{backend} options `{new}` and `{old}` name the same option; give it once"
+        ))
+    };
+    let mut explicit = config.clone();
+    for &(old, new) in parts.renamed {
+        if let Some(v) = explicit.options.remove(old) {
+            if explicit.options.contains_key(new) {
+                return Err(twice(old, new));
+            }
+            explicit.options.insert(new.into(), v);
+        }
+    }
+    let (url, mut options) = url_options_exact(backend, schemes, &explicit, parts)?;
+    let in_query = |k: &str| {
+        url.as_ref()
+            .is_some_and(|u| u.query.iter().any(|(q, _)| q == k))
+    };
+    let url_parts = [parts.hosts, parts.path, parts.username, parts.password];
+    for &(old, new) in parts.renamed {
+        // Explicit options were renamed above: an other name here came from the query.
+        let Some(v) = options.remove(old) else {
+            continue;
+        };
+        if url_parts.contains(&Some(new)) {
+            return Err(Error::invalid_config(format!(
+                "{backend} URL option `{old}` belongs in the URL itself (scheme://user:password@host:port/path)"
+            )));
+        }
+        if in_query(new) {
+            return Err(twice(old, new));
+        }
+        options.entry(new).or_insert(v);
+    }
+    Ok((url, options))
+}
+
+/// [`url_options`] without the renaming.
+fn url_options_exact(
     backend: &str,
     schemes: &[&str],
     config: &Config,

@@ -100,6 +100,7 @@ fn url_options_fill_parts_unless_set_and_check_the_scheme() {
         path: Some("prefix"),
         username: Some("user"),
         password: Some("password"),
+        renamed: &[],
     };
     let c = Config::from_url("etcd://u:p@a,b:1/svc?ttl=1s").with_option("prefix", "/mine");
     let (url, o) = url_options("etcd", &["etcd"], &c, parts).unwrap();
