@@ -19,12 +19,14 @@ pub mod hooks;
 pub mod keeper;
 pub mod options;
 pub mod session;
+pub mod store;
 pub mod watch;
 
 pub use hooks::TestHooks;
-pub use keeper::{Keeper, Presence, RegistryStore};
+pub use keeper::Keeper;
 pub use options::BackoffOptions;
 pub use session::{Session, SessionDriver, SessionState};
+pub use store::{Presence, RegistryStore};
 pub use watch::{ends_watch, watch_instances, Change, Entry, Event, Feed, Item, Listing, Next};
 
 /// Spawns the background task `task()` builds, once per `started` flag, on the current

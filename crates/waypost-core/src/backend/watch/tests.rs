@@ -1,0 +1,207 @@
+//! The watch machine against scripted feeds.
+
+use super::*;
+use std::sync::Mutex;
+
+/// A scripted feed: each call pops the next answer.
+struct Script {
+    lists: Arc<Mutex<VecDeque<Result<Listing<Instance>>>>>,
+    nexts: Arc<Mutex<VecDeque<Result<Next<Instance>>>>>,
+}
+
+#[async_trait]
+impl Feed for Script {
+    type Item = Instance;
+    async fn list(&mut self) -> Result<Listing<Instance>> {
+        let next = self.lists.lock().unwrap().pop_front();
+        match next {
+            Some(r) => r,
+            None => futures::future::pending().await,
+        }
+    }
+    async fn next(&mut self, _after: Revision) -> Result<Next<Instance>> {
+        let next = self.nexts.lock().unwrap().pop_front();
+        match next {
+            Some(r) => r,
+            None => futures::future::pending().await,
+        }
+    }
+    fn is_canonical(&self, key: &str, item: &Instance) -> bool {
+        key == format!("/s/{}", item.id)
+    }
+}
+
+fn inst(id: &str, port: u16) -> Instance {
+    Instance::parse("s", id, "h", port).unwrap()
+}
+
+fn entry(key: &str, i: Instance) -> Entry<Instance> {
+    Entry {
+        key: key.into(),
+        item: i,
+    }
+}
+
+fn put(key: &str, i: Instance, revision: Revision) -> Change<Instance> {
+    Change::Put {
+        key: key.into(),
+        item: Some(i),
+        revision,
+    }
+}
+
+async fn take(s: &mut BoxStream<'static, Result<WatchEvent>>, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let ev = tokio::time::timeout(std::time::Duration::from_secs(30), s.next())
+            .await
+            .expect("event in time")
+            .expect("stream open");
+        out.push(match ev {
+            Ok(WatchEvent::Snapshot(s)) => format!("snapshot{:?}", ports(&s)),
+            Ok(WatchEvent::Resynced(s)) => format!("resynced{:?}", ports(&s)),
+            Ok(WatchEvent::Added { instance, revision }) => {
+                format!("+{}:{}@{revision}", instance.id, instance.endpoint.port)
+            }
+            Ok(WatchEvent::Updated { instance, revision }) => {
+                format!("~{}:{}@{revision}", instance.id, instance.endpoint.port)
+            }
+            Ok(WatchEvent::Removed { id, revision }) => format!("-{id}@{revision}"),
+            Ok(WatchEvent::Stale { .. }) => "stale".into(),
+            Err(e) => format!("err {e}"),
+        });
+    }
+    out
+}
+
+fn ports(s: &Snapshot) -> Vec<String> {
+    s.instances
+        .iter()
+        .map(|i| format!("{}:{}", i.id, i.endpoint.port))
+        .collect()
+}
+
+fn run(
+    lists: Vec<Result<Listing<Instance>>>,
+    nexts: Vec<Result<Next<Instance>>>,
+) -> BoxStream<'static, Result<WatchEvent>> {
+    let feed = Script {
+        lists: Arc::new(Mutex::new(lists.into())),
+        nexts: Arc::new(Mutex::new(nexts.into())),
+    };
+    watch_instances(feed, &BackoffOptions::default(), &"s".parse().unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn snapshot_first_then_changes_without_repeats() {
+    let mut s = run(
+        vec![Ok(Listing {
+            entries: vec![entry("/s/a", inst("a", 1))],
+            revision: 5,
+        })],
+        vec![Ok(Next::Changes(vec![
+            put("/s/a", inst("a", 1), 4), // at or below the listing: ignored
+            put("/s/b", inst("b", 1), 6),
+            put("/s/b", inst("b", 1), 7), // same value: nothing to report
+            put("/s/b", inst("b", 2), 8),
+            Change::Delete {
+                key: "/s/a".into(),
+                revision: 9,
+            },
+        ]))],
+    );
+    assert_eq!(
+        take(&mut s, 4).await,
+        ["snapshot[\"a:1\"]", "+b:1@6", "~b:2@8", "-a@9"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_are_stale_once_then_resynced_and_fatal_errors_end_the_stream() {
+    let mut s = run(
+        vec![
+            Err(Error::unavailable("down before the first snapshot")),
+            Ok(Listing {
+                entries: vec![entry("/s/a", inst("a", 1))],
+                revision: 1,
+            }),
+            Err(Error::unavailable("still down")),
+            Err(Error::unavailable("still down")),
+            Ok(Listing {
+                entries: vec![],
+                revision: 3,
+            }),
+        ],
+        vec![
+            Err(Error::unavailable("lost")),
+            Err(Error::Unauthorized {
+                message: "revoked".into(),
+                source: None,
+            }),
+        ],
+    );
+    let got = take(&mut s, 4).await;
+    assert_eq!(got[..3], ["snapshot[\"a:1\"]", "stale", "resynced[]"]);
+    assert!(got[3].starts_with("err unauthorized"), "{got:?}");
+    assert!(
+        s.next().await.is_none(),
+        "the stream ends after a fatal error"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_entry_per_id_ours_wins_and_removal_reexposes_the_other() {
+    let mut s = run(
+        vec![Ok(Listing {
+            entries: vec![
+                entry("/s/zz-foreign", inst("a", 9)),
+                entry("/s/a", inst("a", 1)),
+            ],
+            revision: 1,
+        })],
+        vec![
+            Ok(Next::Changes(vec![Change::Delete {
+                key: "/s/a".into(),
+                revision: 2,
+            }])),
+            Ok(Next::Changes(vec![put("/s/a", inst("a", 1), 3)])),
+            Ok(Next::Changes(vec![Change::Put {
+                key: "/s/zz-foreign".into(),
+                item: None,
+                revision: 4,
+            }])),
+            Ok(Next::Listing(Listing {
+                entries: vec![entry("/s/x", inst("a", 7)), entry("/s/y", inst("a", 8))],
+                revision: 10,
+            })),
+        ],
+    );
+    assert_eq!(
+        take(&mut s, 4).await,
+        ["snapshot[\"a:1\"]", "~a:9@2", "~a:1@3", "~a:7@10"]
+    );
+}
+
+#[tokio::test]
+async fn resolve_lists_an_id_once() {
+    let feed = Script {
+        lists: Default::default(),
+        nexts: Default::default(),
+    };
+    let snap = snapshot(
+        &feed,
+        &"s".parse().unwrap(),
+        Listing {
+            entries: vec![
+                entry("/s/b-foreign", inst("a", 2)),
+                entry("/s/a-foreign", inst("a", 3)),
+            ],
+            revision: 4,
+        },
+    );
+    assert_eq!(
+        ports(&snap),
+        ["a:3"],
+        "the smallest key wins among foreign ones"
+    );
+}
