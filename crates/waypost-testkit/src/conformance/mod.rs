@@ -159,7 +159,8 @@ pub trait Faults: Send + Sync {
 ///
 /// `conformance_tests!(backend)`: `backend` is an async function returning
 /// `Option<impl TestBackend>`; `None` means the registry is not installed, and the
-/// harness has already said so loudly (or panicked, under `CI`).
+/// harness has already said so loudly (only with `WAYPOST_SKIP_MISSING_SERVERS=1` outside
+/// CI; otherwise it panicked).
 ///
 /// `conformance_tests!(named: backend)`: the same, but `backend` takes the suite's name
 /// (`&'static str`, e.g. `"thousand_instances"`), for backends that tune a suite (a longer
