@@ -181,6 +181,25 @@ impl<S: ServerSpec> ManagedProcess<S> {
         })
     }
 
+    /// SIGSTOP, then waits (at most 2 s) until every thread of the process is stopped: a
+    /// signal takes effect asynchronously, and a request sent right after `pause()`
+    /// returns must not be served (a Go or Java server runs many threads).
+    pub(crate) fn pause(&self) -> Result<(), HarnessError> {
+        self.signal(Signal::SIGSTOP)?;
+        let Some(pid) = self.pid() else {
+            return Ok(());
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while !all_threads_stopped(pid) {
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!(kind = %S::KIND, pid, "not every server thread stopped within 2 s");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
     /// SIGKILLs the process (a stopped one too) and reaps it. Idempotent.
     pub(crate) fn kill(&self) -> Result<(), HarnessError> {
         let kind = S::KIND;
@@ -389,7 +408,7 @@ macro_rules! common_server_methods {
             /// Freezes the server process (SIGSTOP): its ports still accept connections,
             /// but nothing answers, as with a hung server or a long GC pause.
             pub fn pause(&self) -> Result<(), $crate::server::HarnessError> {
-                self.process.signal(::nix::sys::signal::Signal::SIGSTOP)
+                self.process.pause()
             }
 
             /// Thaws a paused server process (SIGCONT).
@@ -443,3 +462,19 @@ macro_rules! common_server_methods {
 }
 
 pub(crate) use common_server_methods;
+
+/// Whether every thread of `pid` is stopped (state `T` or `t` in `/proc/PID/task/*/stat`).
+/// Where `/proc` cannot be read, it cannot tell and says yes.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).map_or(true, |stat| {
+            // `pid (comm) state ...`: the state follows the last `)`.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+                .is_some_and(|state| state == 'T' || state == 't')
+        })
+    })
+}
