@@ -61,6 +61,9 @@ enum Step {
 
 type Key = (ServiceName, InstanceId);
 
+/// How many registrations one keep-alive round reads back.
+const INSPECT_PER_ROUND: usize = 64;
+
 /// Writes, inspects and deletes instance nodes.
 pub(crate) struct Store {
     ctx: Arc<Ctx>,
@@ -365,6 +368,13 @@ impl Store {
 #[async_trait]
 impl RegistryStore for Store {
     type Handle = ZkSession;
+
+    /// One `getData` per registration: a process with many registrations reads back at
+    /// most [`INSPECT_PER_ROUND`] of them per keep-alive round (each within
+    /// `ceil(n / 64)` rounds), not all of them every second.
+    fn inspect_per_round(&self) -> usize {
+        INSPECT_PER_ROUND
+    }
 
     async fn write(&self, session: &ZkSession, instance: &Instance, takeover: bool) -> Result<()> {
         let client = session.client()?;

@@ -54,6 +54,15 @@ pub trait RegistryStore: Debug + Send + Sync + 'static {
     /// party's. Absent is success.
     async fn delete(&self, session: &Self::Handle, instance: &Instance) -> Result<()>;
 
+    /// How many registrations one keep-alive round reads back at most (in rotation, so
+    /// each is read within `ceil(n / this)` rounds); all of them by default. A store whose
+    /// `inspect` is also the entries' heartbeat (Consul's TTL checks) must keep the
+    /// default; one that reads entry by entry (ZooKeeper) bounds it, so a process with
+    /// many registrations does not load the registry every round.
+    fn inspect_per_round(&self) -> usize {
+        usize::MAX
+    }
+
     /// [`RegistryStore::inspect`] for many instances at once, answers in the same order:
     /// what the keeper calls once per keep-alive round for every registration written
     /// under `session`. The default asks one by one; a registry that reads many entries in

@@ -21,7 +21,7 @@
 //! # Ok(()) }
 //! ```
 
-mod backend;
+pub(crate) mod backend;
 mod client;
 mod registry;
 

@@ -1,6 +1,7 @@
 //! The keeper's loop: every keep-alive round, settle pending removals and make every
 //! registration true to the registry; mark statuses while the session is not live.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
 use tokio::sync::{watch, Notify};
@@ -34,6 +35,23 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
                 written.push((key.clone(), reg.instance.clone()));
             } else {
                 todo.push(key.clone());
+            }
+        }
+        // At most `inspect_per_round` of them, in rotation: every entry is read back within
+        // ceil(n / budget) rounds, and the others count as held (their session is live).
+        written.sort_by(|a, b| a.0.cmp(&b.0));
+        let budget = self.store.inspect_per_round().max(1);
+        if written.len() > budget {
+            let start = self.cursor.fetch_add(budget, Ordering::Relaxed) % written.len();
+            written.rotate_left(start);
+            for (key, instance) in written.split_off(budget) {
+                self.with_reg(&key, |reg| {
+                    if reg.instance == instance
+                        && *reg.status.borrow() == RegistrationStatus::Suspended
+                    {
+                        set_status(&reg.status, RegistrationStatus::Registered);
+                    }
+                });
             }
         }
         let instances: Vec<Instance> = written.iter().map(|(_, i)| i.clone()).collect();

@@ -80,6 +80,8 @@ struct Inner<D: SessionDriver, S> {
     table: Mutex<Table<D::Handle>>,
     kick: Arc<Notify>,
     task_started: AtomicBool,
+    /// Where the next round's read-back starts (see [`RegistryStore::inspect_per_round`]).
+    cursor: std::sync::atomic::AtomicUsize,
     backend: &'static str,
 }
 
@@ -125,6 +127,7 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Keeper<D, S> {
                 }),
                 kick: Arc::new(Notify::new()),
                 task_started: AtomicBool::new(false),
+                cursor: Default::default(),
                 backend,
             }),
         }
@@ -472,3 +475,6 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Registrar for Keepe
         ))
     }
 }
+
+#[cfg(test)]
+mod tests;
