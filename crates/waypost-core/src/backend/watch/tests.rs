@@ -1,5 +1,7 @@
 //! The watch machine against scripted feeds.
 
+use std::time::Duration;
+
 use super::*;
 use std::sync::Mutex;
 
@@ -85,11 +87,57 @@ fn run(
     lists: Vec<Result<Listing<Instance>>>,
     nexts: Vec<Result<Next<Instance>>>,
 ) -> BoxStream<'static, Result<WatchEvent>> {
+    run_with(lists, nexts, BackoffOptions::default())
+}
+
+fn run_with(
+    lists: Vec<Result<Listing<Instance>>>,
+    nexts: Vec<Result<Next<Instance>>>,
+    backoff: BackoffOptions,
+) -> BoxStream<'static, Result<WatchEvent>> {
     let feed = Script {
         lists: Arc::new(Mutex::new(lists.into())),
         nexts: Arc::new(Mutex::new(nexts.into())),
     };
-    watch_instances(feed, &BackoffOptions::default(), &"s".parse().unwrap())
+    watch_instances(feed, &backoff, &"s".parse().unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_registry_without_revisions_still_delivers_changes() {
+    // Revision 0 everywhere: nothing is taken for a repeat.
+    let mut s = run(
+        vec![Ok(Listing {
+            entries: vec![],
+            revision: 0,
+        })],
+        vec![Ok(Next::Changes(vec![put("/s/a", inst("a", 1), 0)]))],
+    );
+    assert_eq!(take(&mut s, 2).await, ["snapshot[]", "+a:1@0"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_registry_is_retried_after_a_backoff_not_at_once() {
+    let second = Duration::from_secs(1);
+    let mut s = run_with(
+        vec![
+            Ok(Listing {
+                entries: vec![],
+                revision: 1,
+            }),
+            Ok(Listing {
+                entries: vec![],
+                revision: 2,
+            }),
+        ],
+        vec![Err(Error::unavailable("lost"))],
+        BackoffOptions::new(second, second),
+    );
+    assert_eq!(take(&mut s, 2).await, ["snapshot[]", "stale"]);
+    let stale_at = tokio::time::Instant::now();
+    assert_eq!(take(&mut s, 1).await, ["resynced[]"]);
+    // Jittered between half and all of the 1 s bound.
+    let waited = stale_at.elapsed();
+    assert!(waited >= second / 2 && waited <= second, "{waited:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -100,7 +148,8 @@ async fn snapshot_first_then_changes_without_repeats() {
             revision: 5,
         })],
         vec![Ok(Next::Changes(vec![
-            put("/s/a", inst("a", 1), 4), // at or below the listing: ignored
+            put("/s/a", inst("a", 7), 4), // below the listing (a repeat): ignored
+            put("/s/a", inst("a", 8), 5), // at the listing: ignored
             put("/s/b", inst("b", 1), 6),
             put("/s/b", inst("b", 1), 7), // same value: nothing to report
             put("/s/b", inst("b", 2), 8),
