@@ -227,15 +227,6 @@ impl ConsulDiscovery {
         self.keeper.shutdown().await
     }
 
-    /// **Test-only fault injection**: this client "crashes". Its heartbeats stop and
-    /// nothing is deregistered, so Consul marks its instances critical after their TTL
-    /// (they leave `passing` watches) and removes them after `deregister_critical_after`;
-    /// every later call fails with [`Error::Closed`]. Not for production use.
-    #[doc(hidden)]
-    pub fn crash_for_tests(&self) {
-        self.keeper.crash();
-    }
-
     /// This client as a [`Discovery`] (with its test hooks under the `test-hooks`
     /// feature).
     pub fn into_discovery(self) -> Discovery {

@@ -77,7 +77,7 @@ async fn crashed_registrant_leaves_within_the_ttl() {
     let mut set = InstanceSet::new();
     wait_for_set(&mut watch, &mut set, T, "both", |s| s.len() == 2).await;
 
-    victim.crash_for_tests();
+    waypost_core::backend::TestHooks::crash(&*victim);
     std::mem::forget(dead_reg);
     let crashed = Instant::now();
     wait_for_set(
