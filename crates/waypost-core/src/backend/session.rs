@@ -202,11 +202,6 @@ impl<D: SessionDriver> Session<D> {
         }
     }
 
-    /// Wakes the driver loop now (after an outage a backend noticed first, say).
-    pub fn kick(&self) {
-        self.inner.kick.notify_one();
-    }
-
     /// Closes the session: the registry releases everything bound to it. Final.
     pub async fn close(&self) -> Result<()> {
         let old = self.inner.state.send_replace(SessionState::Closed);

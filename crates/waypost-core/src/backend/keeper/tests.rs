@@ -96,3 +96,103 @@ async fn a_budget_reads_back_in_rotation_and_heals_every_entry() {
         "read back more than the budget: {batches:?}"
     );
 }
+
+fn keeper_over(registry: &MemoryRegistry, ttl: Duration) -> Keeper<Driver, Store> {
+    let session = Session::new(
+        Driver {
+            registry: registry.clone(),
+            ttl,
+        },
+        BackoffOptions::default(),
+    );
+    Keeper::new(
+        "memory",
+        session,
+        Store {
+            registry: registry.clone(),
+        },
+    )
+}
+
+fn inst(id: &str) -> Instance {
+    Instance::parse("svc", id, "h", 1).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_that_lands_or_is_refused_leaves_nothing_to_remove() {
+    let registry = MemoryRegistry::new("refused");
+    let keeper = keeper_over(&registry, Duration::from_secs(10));
+    let other = keeper_over(&registry, Duration::from_secs(10));
+    assert!(keeper.is_empty());
+    let _a = keeper.register(inst("a")).await.unwrap();
+    assert_eq!((keeper.len(), keeper.is_empty()), (1, false));
+    assert_eq!(
+        keeper.pending_removals(),
+        0,
+        "a write that landed is no unknown"
+    );
+    let refused = other.register(inst("a")).await.unwrap_err();
+    assert!(
+        matches!(refused, crate::Error::AlreadyExists { .. }),
+        "{refused}"
+    );
+    assert_eq!(other.pending_removals(), 0, "a refusal is no unknown");
+    registry.set_reachable(false);
+    assert!(keeper.register(inst("b")).await.is_err());
+    assert_eq!(
+        keeper.pending_removals(),
+        1,
+        "a failed write's outcome is unknown"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_register_that_finds_its_session_expired_retries_on_a_new_one() {
+    let registry = MemoryRegistry::new("expired");
+    // A long TTL: the keep-alive loop does not notice the expiry before `register` does.
+    let keeper = keeper_over(&registry, Duration::from_secs(60));
+    let _a = keeper.register(inst("a")).await.unwrap();
+    let first = keeper.session().current_state().handle().unwrap();
+    assert_eq!(registry.expire_session(first), 1);
+    let b = keeper
+        .register(inst("b"))
+        .await
+        .expect("registered on a new session");
+    let now = keeper.session().current_state().handle().unwrap();
+    assert_ne!(now, first);
+    assert_eq!(b.current_status(), crate::RegistrationStatus::Registered);
+    assert!(registry
+        .peek(&"svc".parse().unwrap())
+        .get(&"b".parse().unwrap())
+        .is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashed_client_deletes_nothing_and_shutdown_removes_everything() {
+    let registry = MemoryRegistry::new("crash");
+    let svc: ServiceName = "svc".parse().unwrap();
+    let crashed = keeper_over(&registry, Duration::from_secs(10));
+    let reg = crashed.register(inst("a")).await.unwrap();
+    crashed.crash();
+    assert!(crashed.session().is_closed());
+    reg.deregister().await.unwrap();
+    assert_eq!(
+        registry.peek(&svc).len(),
+        1,
+        "a crashed process deletes nothing"
+    );
+
+    let clean = keeper_over(&registry, Duration::from_secs(10));
+    let reg = clean.register(inst("b")).await.unwrap();
+    let status = reg.status();
+    clean.shutdown().await.unwrap();
+    assert_eq!(*status.borrow(), crate::RegistrationStatus::Deregistered);
+    assert!(
+        registry.peek(&svc).get(&"b".parse().unwrap()).is_none(),
+        "closing the session removed its entries"
+    );
+    assert!(matches!(
+        clean.register(inst("c")).await,
+        Err(crate::Error::Closed { .. })
+    ));
+}
