@@ -178,8 +178,20 @@ pub async fn one_entry_per_id(b: &dyn TestBackend) {
         Some(&a),
         "ours must win over a foreign claimant"
     );
-    let fresh = set_after(w.watcher.as_ref(), &svc, Duration::from_millis(300)).await;
-    assert_eq!(fresh.get(&a.id), Some(&a), "a fresh watch lists ours");
+    // The first event of a fresh watch is its authoritative snapshot: the id once, ours.
+    let mut fresh = w.watcher.watch(&svc);
+    match super::util::next_event(&mut fresh, s.timeout).await {
+        WatchEvent::Snapshot(snap) => {
+            assert_eq!(
+                snap.instances.iter().filter(|i| i.id == a.id).count(),
+                1,
+                "a fresh snapshot lists the id once"
+            );
+            assert_eq!(snap.get(&a.id), Some(&a), "a fresh watch lists ours");
+        }
+        other => panic!("first event must be a Snapshot, got {other:?}"),
+    }
+    drop(fresh);
 
     f.foreign_remove(&foreign, &key).await;
     assert_eq!(listed_times(w.watcher.as_ref(), &svc, &a.id).await, 1);
