@@ -93,6 +93,18 @@ pub enum Error {
         source: Option<BoxError>,
     },
 
+    /// A conditional write ([`ConfigStore::put_if`](crate::kv::ConfigStore::put_if),
+    /// [`ConfigStore::delete_if`](crate::kv::ConfigStore::delete_if)) found the key in
+    /// another state than expected: nothing was written. Read the key again and decide.
+    #[error("conflict: {what} (current version: {})", match .current { Some(v) => v.to_string(), None => "absent".into() })]
+    Conflict {
+        /// What was expected, naming the key.
+        what: String,
+        /// The key's current version, `None` when it does not exist (as far as the
+        /// registry told).
+        current: Option<u64>,
+    },
+
     /// This backend does not implement the operation.
     #[error("unsupported: {what}")]
     Unsupported {

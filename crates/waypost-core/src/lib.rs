@@ -15,6 +15,7 @@ pub mod config;
 pub mod discover;
 pub mod error;
 pub mod event;
+pub mod kv;
 pub mod memory;
 pub mod model;
 pub mod registrar;

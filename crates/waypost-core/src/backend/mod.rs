@@ -9,6 +9,7 @@
 //! | --- | --- |
 //! | [`Session`]: opened on first use, kept alive, reopened after expiry, observable [`SessionState`] | [`SessionDriver`]: `open`, `keep_alive`, `close`, `interval` |
 //! | [`Keeper`]: the [`Registrar`](crate::Registrar) contract — statuses, re-registration, outcome-unknown writes, retried deletes, healing foreign deletes and overwrites | [`RegistryStore`]: `write`, `inspect`, `delete` one entry |
+//! | [`Kv`]: the [`ConfigStore`](crate::kv::ConfigStore) contract — validation, reconciled writes, watches of a key or a prefix | [`KvDriver`]: `get`, conditional `put` and `delete`, `list`, a [`Feed`] per key or prefix |
 //! | [`watch()`](watch::watch) / [`watch_instances`]: the [`Watcher`](crate::Watcher) contract — snapshot first, changes, `Stale` once, `Resynced`, de-duplication, one entry per id, backoff, one rule for fatal errors | [`Feed`]: `list` at a revision, `next` changes after one (or a fresh listing) |
 //!
 //! The memory backend ([`crate::memory`]) is the worked example: `memory/backend.rs`
@@ -17,6 +18,7 @@
 
 pub mod hooks;
 pub mod keeper;
+pub mod kv;
 pub mod options;
 pub mod session;
 pub mod store;
@@ -24,6 +26,7 @@ pub mod watch;
 
 pub use hooks::TestHooks;
 pub use keeper::Keeper;
+pub use kv::{Kv, KvDriver, KvOptions, Scope};
 pub use options::BackoffOptions;
 pub use session::{Session, SessionDriver, SessionState};
 pub use store::{Presence, RegistryStore};

@@ -32,6 +32,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::kv::ConfigStore;
 use crate::registrar::Registrar;
 use crate::watcher::Watcher;
 
@@ -185,6 +186,9 @@ pub struct Discovery {
     /// Fault injection for tests ([`TestHooks`](crate::backend::TestHooks)), where the
     /// backend offers it.
     pub hooks: Option<Arc<dyn crate::backend::TestHooks>>,
+    /// Configuration keys and values, where the backend offers them; see
+    /// [`Discovery::kv`].
+    pub config_store: Option<Arc<dyn ConfigStore>>,
 }
 
 impl Discovery {
@@ -194,7 +198,22 @@ impl Discovery {
             registrar,
             watcher,
             hooks: None,
+            config_store: None,
         }
+    }
+
+    /// With the backend's configuration store.
+    pub fn with_config_store(mut self, store: Arc<dyn ConfigStore>) -> Self {
+        self.config_store = Some(store);
+        self
+    }
+
+    /// The registry's configuration store ([`ConfigStore`]): keys and values beside the
+    /// instances, on the same connection. [`Error::Unsupported`] for a backend without one.
+    pub fn kv(&self) -> Result<Arc<dyn ConfigStore>> {
+        self.config_store
+            .clone()
+            .ok_or_else(|| Error::unsupported("configuration keys on this backend"))
     }
 
     /// With the backend's test hooks.

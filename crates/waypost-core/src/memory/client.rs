@@ -9,8 +9,9 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 
 use super::backend::{Driver, Store, WatchFeed};
+use super::kv::MemoryKv;
 use super::registry::{MemoryRegistry, SessionId};
-use crate::backend::{watch, BackoffOptions, Keeper, Session, TestHooks};
+use crate::backend::{watch, BackoffOptions, Keeper, Kv, KvOptions, Session, TestHooks};
 use crate::error::Result;
 use crate::event::{Snapshot, WatchEvent};
 use crate::model::{Instance, ServiceName};
@@ -27,6 +28,7 @@ use crate::watcher::Watcher;
 pub struct MemoryClient {
     registry: MemoryRegistry,
     keeper: Keeper<Driver, Store>,
+    kv: Kv<MemoryKv>,
     backoff: BackoffOptions,
 }
 
@@ -58,8 +60,22 @@ impl MemoryClient {
         Self {
             registry: registry.clone(),
             keeper: Keeper::new("memory", session, store),
+            kv: Kv::new(
+                MemoryKv {
+                    registry: registry.clone(),
+                },
+                KvOptions {
+                    backoff,
+                    ..KvOptions::default()
+                },
+            ),
             backoff,
         }
+    }
+
+    /// The client's configuration store.
+    pub fn kv(&self) -> &Kv<MemoryKv> {
+        &self.kv
     }
 
     /// The registry this client talks to.
@@ -127,6 +143,8 @@ impl MemoryClient {
     /// This client as a [`Discovery`](crate::Discovery), with its test hooks.
     pub fn into_discovery(self) -> crate::Discovery {
         let c = Arc::new(self);
-        crate::Discovery::new(c.clone(), c.clone()).with_hooks(c)
+        crate::Discovery::new(c.clone(), c.clone())
+            .with_config_store(Arc::new(c.kv.clone()))
+            .with_hooks(c)
     }
 }

@@ -23,6 +23,7 @@
 
 pub(crate) mod backend;
 mod client;
+mod kv;
 mod registry;
 
 use std::collections::HashMap;
@@ -33,6 +34,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 pub use client::MemoryClient;
+pub use kv::{KvFeed as MemoryKvFeed, MemoryKv, MAX_VALUE_LEN};
 pub use registry::{MemoryRegistry, SessionId};
 
 use crate::config::{self, Config, Connector, Discovery, RegistryUrl};

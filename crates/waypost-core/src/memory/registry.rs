@@ -29,13 +29,15 @@ struct Session {
 }
 
 #[derive(Default)]
-struct State {
-    revision: Revision,
+pub(super) struct State {
+    pub(super) revision: Revision,
     next_session: SessionId,
     sessions: HashMap<SessionId, Session>,
     /// Per service, its entries by key.
     services: HashMap<ServiceName, BTreeMap<String, Entry>>,
     subscribers: HashMap<ServiceName, Vec<mpsc::UnboundedSender<Change<Instance>>>>,
+    /// Configuration keys.
+    pub(super) kv: super::kv::KvState,
 }
 
 /// Every later change of one service.
@@ -175,7 +177,7 @@ impl Default for MemoryRegistry {
 }
 
 impl Inner {
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave State half-updated in a way that
         // matters more than losing the registry; keep serving.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -194,7 +196,7 @@ impl Inner {
 
     /// Locks the state for an operation of a client: fails when unreachable, reaps
     /// expired sessions first.
-    fn op(&self) -> Result<MutexGuard<'_, State>> {
+    pub(super) fn op(&self) -> Result<MutexGuard<'_, State>> {
         self.check_reachable()?;
         let mut st = self.lock();
         st.reap(Instant::now());
@@ -277,7 +279,7 @@ impl Inner {
     }
 
     /// The answer to an applied write: `Ok`, unless a lost reply was injected.
-    fn reply(&self, operation: &'static str) -> Result<()> {
+    pub(super) fn reply(&self, operation: &'static str) -> Result<()> {
         use std::sync::atomic::Ordering;
         let lose = self
             .lose_replies
@@ -443,7 +445,9 @@ impl MemoryRegistry {
     /// Fault injection: the registry "restarts", keeping its data and sessions (as
     /// ZooKeeper and etcd do): every watch connection is dropped and must list again.
     pub fn restart(&self) {
-        self.inner.lock().subscribers.clear();
+        let mut st = self.inner.lock();
+        st.subscribers.clear();
+        st.kv.subscribers.clear();
     }
 
     /// Fault injection: the next `n` writes and deletes of clients are applied, but their

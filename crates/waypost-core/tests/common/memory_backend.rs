@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use waypost_core::kv::ConfigKey;
 use waypost_core::memory::MemoryRegistry;
 use waypost_core::{Discovery, Instance, ServiceName};
 use waypost_testkit::conformance::{Faults, Settings, TestBackend};
@@ -83,6 +84,26 @@ impl Faults for MemoryBackend {
     async fn foreign_remove(&self, instance: &Instance, key: &str) {
         assert!(self.registry.delete_foreign(&instance.service, key));
     }
+
+    async fn kv_foreign_put(&self, key: &ConfigKey, value: &str) {
+        self.registry.kv_put_foreign(key, value.as_bytes());
+    }
+
+    async fn kv_foreign_get(&self, key: &ConfigKey) -> Option<String> {
+        self.registry
+            .kv_peek(key)
+            .map(|v| String::from_utf8(v).expect("UTF-8 value"))
+    }
+
+    async fn kv_foreign_delete(&self, key: &ConfigKey) {
+        self.registry.kv_delete_foreign(key);
+    }
+
+    async fn kv_write_malformed(&self, _prefix: &ConfigKey) {
+        // The memory registry holds validated keys only: nothing malformed can be
+        // written to it.
+    }
 }
 
 waypost_testkit::conformance_tests!(memory);
+waypost_testkit::kv_conformance_tests!(memory);

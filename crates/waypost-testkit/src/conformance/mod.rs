@@ -13,6 +13,7 @@ mod faults;
 mod heal;
 mod hostile;
 mod input;
+mod kv;
 mod scale;
 mod util;
 
@@ -26,6 +27,7 @@ pub use faults::*;
 pub use heal::*;
 pub use hostile::*;
 pub use input::*;
+pub use kv::*;
 pub use scale::*;
 pub use util::{assert_stale_before_resynced, next_event, wait_for_event, wait_for_set, Namespace};
 
@@ -149,10 +151,59 @@ pub trait Faults: Send + Sync {
         panic!("this backend offers no foreign writer: cannot write malformed entries for {service} (never skipped silently)")
     }
 
+    /// The registry's own tool (`zkCli.sh`, `consul kv`, `etcdctl`) writes the UTF-8
+    /// `value` at configuration key `key`, where the backend under test stores it.
+    async fn kv_foreign_put(&self, key: &waypost_core::kv::ConfigKey, value: &str) {
+        panic!("this backend offers no foreign writer: cannot put {key} = {value:?} (never skipped silently)")
+    }
+
+    /// The registry's own tool reads configuration key `key` (`None`: absent).
+    async fn kv_foreign_get(&self, key: &waypost_core::kv::ConfigKey) -> Option<String> {
+        panic!("this backend offers no foreign reader: cannot get {key} (never skipped silently)")
+    }
+
+    /// The registry's own tool deletes configuration key `key`.
+    async fn kv_foreign_delete(&self, key: &waypost_core::kv::ConfigKey) {
+        panic!(
+            "this backend offers no foreign writer: cannot delete {key} (never skipped silently)"
+        )
+    }
+
+    /// A foreign writer puts entries below `prefix` whose keys are not configuration keys
+    /// (a space or another character outside the rule, an empty segment), with some value.
+    async fn kv_write_malformed(&self, prefix: &waypost_core::kv::ConfigKey) {
+        panic!("this backend offers no foreign writer: cannot write malformed keys below {prefix} (never skipped silently)")
+    }
+
     /// The foreign writer removes the entry [`Faults::foreign_claim`] added at `key`.
     async fn foreign_remove(&self, instance: &Instance, key: &str) {
         panic!("this backend offers no foreign writer: cannot remove {key} of {instance:?} (never skipped silently)")
     }
+}
+
+/// Generates one `#[tokio::test]` per configuration-key suite (`kv_*`), for a backend
+/// that offers a [`ConfigStore`](waypost_core::kv::ConfigStore): the same forms as
+/// [`conformance_tests!`](crate::conformance_tests) (`backend` or `named: backend`).
+#[macro_export]
+macro_rules! kv_conformance_tests {
+    (named: $backend:path) => {
+        $crate::kv_conformance_tests!(@each [named] $backend);
+    };
+    ($backend:path) => {
+        $crate::kv_conformance_tests!(@each [plain] $backend);
+    };
+    (@each [$how:ident] $backend:path) => {
+        $crate::conformance_tests!(@suites [$how] $backend;
+            kv_get_put_cas_delete,
+            kv_values_round_trip,
+            kv_watch_key,
+            kv_watch_prefix_thousand,
+            kv_unreachable_then_resync,
+            kv_server_restart,
+            kv_foreign_writer,
+            kv_live_config,
+        );
+    };
 }
 
 /// Generates one `#[tokio::test]` per conformance suite.

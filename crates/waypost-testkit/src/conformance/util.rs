@@ -27,6 +27,11 @@ impl Namespace {
         }
     }
 
+    /// The namespace's random prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// A service name in this namespace.
     pub fn service(&self, name: &str) -> ServiceName {
         ServiceName::new(format!("{}-{name}", self.prefix)).expect("valid test service name")
