@@ -17,3 +17,5 @@ echo "== cargo test: facade without backends (scheme errors name the feature)"
 cargo test -p waypost --no-default-features --lib
 echo "== quickstart"
 cargo run --quiet --example quickstart
+echo "== config_manager"
+cargo run --quiet --example config_manager

@@ -391,7 +391,12 @@ impl<T: Send + Sync + 'static> Shared<T> {
         options: &LiveOptions<T>,
         entry: ConfigEntry,
     ) {
-        if st.version == Some(entry.version) && !st.deleted {
+        let known = st.version == Some(entry.version)
+            || st
+                .rejected
+                .as_ref()
+                .is_some_and(|r| r.version == entry.version);
+        if known && !st.deleted {
             return;
         }
         let decoded = (options.decode)(&entry.value).and_then(|v| match &options.validate {

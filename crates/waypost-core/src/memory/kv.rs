@@ -253,6 +253,11 @@ impl MemoryRegistry {
         self.inner.lock().kv_delete(key)
     }
 
+    /// How many configuration watches are subscribed (for assertions).
+    pub fn kv_subscribers(&self) -> usize {
+        self.inner.lock().kv.subscribers.len()
+    }
+
     /// What the registry holds at `key`, ignoring reachability (for assertions).
     pub fn kv_peek(&self, key: &ConfigKey) -> Option<Vec<u8>> {
         self.inner

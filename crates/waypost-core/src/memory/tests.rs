@@ -241,3 +241,142 @@ fn config_from_urls() {
     let e = MemoryConfig::from_url("memory://?nme=x").unwrap_err();
     assert!(e.to_string().contains("nme"), "{e}");
 }
+
+mod kv {
+    use super::*;
+    use crate::kv::{ConfigKey, ConfigStore, Expected};
+    use crate::Error;
+
+    fn key(s: &str) -> ConfigKey {
+        s.parse().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_reply_is_reconciled_not_reported_as_a_conflict() {
+        let r = MemoryRegistry::new("kv-lost");
+        let c = r.client(Duration::from_secs(10));
+        let kv = c.kv();
+        let k = key("app/config");
+
+        // Create-only whose reply is lost: the retry meets our own value and succeeds.
+        r.lose_replies(1);
+        let v1 = kv
+            .put_if(&k, b"one".to_vec(), Expected::Absent)
+            .await
+            .unwrap();
+        assert_eq!(r.kv_peek(&k).as_deref(), Some(&b"one"[..]));
+        assert_eq!(kv.get(&k).await.unwrap().unwrap().version, v1);
+
+        // A CAS whose reply is lost: the same.
+        r.lose_replies(1);
+        let v2 = kv
+            .put_if(&k, b"two".to_vec(), Expected::Version(v1))
+            .await
+            .unwrap();
+        assert!(v2 > v1);
+        assert_eq!(kv.get(&k).await.unwrap().unwrap().version, v2);
+
+        // A conditional delete whose reply is lost: done, not a conflict.
+        r.lose_replies(1);
+        kv.delete_if(&k, v2).await.unwrap();
+        assert_eq!(r.kv_peek(&k), None);
+
+        // A real conflict is still a conflict, and writes nothing.
+        let v3 = kv.put(&k, b"three".to_vec()).await.unwrap();
+        let stale = kv
+            .put_if(&k, b"mine".to_vec(), Expected::Version(v3 - 1))
+            .await;
+        assert!(
+            matches!(stale, Err(Error::Conflict { current: Some(v), .. }) if v == v3),
+            "{stale:?}"
+        );
+        assert_eq!(
+            r.kv_peek(&k).as_deref(),
+            Some(&b"three"[..]),
+            "nothing written"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_during_an_outage_waits_for_the_registry_within_its_budget() {
+        let r = MemoryRegistry::new("kv-outage");
+        let c = r.client(Duration::from_secs(10));
+        let kv = c.kv().clone();
+        let k = key("app/flag");
+
+        r.set_reachable(false);
+        let started = tokio::time::Instant::now();
+        let write = tokio::spawn({
+            let kv = kv.clone();
+            let k = k.clone();
+            async move { kv.put(&k, b"on".to_vec()).await }
+        });
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            r.kv_peek(&k),
+            None,
+            "nothing can be written while unreachable"
+        );
+        r.set_reachable(true);
+        write
+            .await
+            .unwrap()
+            .expect("completed once the registry answered");
+        assert_eq!(r.kv_peek(&k).as_deref(), Some(&b"on"[..]));
+
+        // Past the budget (10 s) the temporary error is returned: the caller knows the
+        // outcome is unknown, the call does not hang.
+        r.set_reachable(false);
+        let started_again = tokio::time::Instant::now();
+        let e = kv.put(&k, b"off".to_vec()).await.unwrap_err();
+        assert!(e.is_temporary(), "{e}");
+        let took = started_again.elapsed();
+        assert!(
+            took <= Duration::from_secs(11) && took >= Duration::from_secs(5),
+            "gave up after {took:?}"
+        );
+        assert!(started.elapsed() > took);
+    }
+
+    #[tokio::test]
+    async fn oversized_values_and_bad_keys_write_nothing() {
+        let r = MemoryRegistry::new("kv-input");
+        let c = r.client(Duration::from_secs(10));
+        let kv = c.kv();
+        let k = key("big");
+        let e = kv.put(&k, vec![0; MAX_VALUE_LEN + 1]).await.unwrap_err();
+        assert!(matches!(e, Error::InvalidInput { .. }), "{e}");
+        assert!(
+            e.to_string().contains(&format!("{}", MAX_VALUE_LEN + 1)),
+            "{e}"
+        );
+        assert_eq!(r.kv_peek(&k), None);
+        assert!("a//b".parse::<ConfigKey>().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_dropped_watch_releases_its_subscription() {
+        let r = MemoryRegistry::new("kv-drop");
+        let c = r.client(Duration::from_secs(10));
+        let kv = c.kv();
+        let k = key("watched");
+        let mut w = kv.watch(&k);
+        assert!(w.next().await.is_some());
+        assert_eq!(r.kv_subscribers(), 1);
+        drop(w);
+        // The watch's task ends on its own once the stream is gone; the registry notices
+        // the closed subscription at the next change of the key.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            kv.put(&k, b"x".to_vec()).await.unwrap();
+            if r.kv_subscribers() == 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "subscription never released"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
