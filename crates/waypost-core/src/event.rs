@@ -271,6 +271,29 @@ mod tests {
     }
 
     #[test]
+    fn metadata_weight_and_tag_only_changes_are_updates() {
+        let base = inst("a", 1);
+        for changed in [
+            base.clone().with_metadata("k", "v"),
+            base.clone().with_weight(7),
+            base.clone().with_tag("blue"),
+            base.clone().with_zone("eu-1a"),
+        ] {
+            let mut set = InstanceSet::new();
+            set.diff_replace(vec![base.clone()], 1);
+            let ev = set.diff_replace(vec![changed.clone()], 2);
+            assert!(
+                matches!(ev.as_slice(), [WatchEvent::Updated { instance, revision: 2 }] if *instance == changed),
+                "{ev:?}"
+            );
+            assert!(
+                set.diff_replace(vec![changed.clone()], 3).is_empty(),
+                "no change, no event"
+            );
+        }
+    }
+
+    #[test]
     fn stale_keeps_the_set() {
         let mut set = InstanceSet::new();
         set.diff_replace(vec![inst("a", 1)], 1);

@@ -177,12 +177,14 @@ impl<T> Clone for LiveState<T> {
 struct Shared<T> {
     state: ArcSwap<LiveState<T>>,
     notify: watch::Sender<Arc<LiveState<T>>>,
-    task: tokio::task::AbortHandle,
+    task: std::sync::OnceLock<tokio::task::AbortHandle>,
 }
 
 impl<T> Drop for Shared<T> {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = self.task.get() {
+            task.abort();
+        }
     }
 }
 
@@ -269,24 +271,22 @@ impl<T: Send + Sync + 'static> LiveConfig<T> {
             failed: None,
         });
         let (notify, _) = watch::channel(initial.clone());
-        let state = ArcSwap::new(initial);
-        let events = store.watch(&key);
-        let shared = Arc::new_cyclic(|weak: &std::sync::Weak<Shared<T>>| {
-            let weak = weak.clone();
-            let key = key.clone();
-            let task = tokio::spawn(async move {
-                let mut events = events;
-                while let Some(ev) = events.next().await {
-                    let Some(shared) = weak.upgrade() else { return };
-                    shared.apply(&key, &options, ev);
-                }
-            });
-            Shared {
-                state,
-                notify,
-                task: task.abort_handle(),
+        let shared = Arc::new(Shared {
+            state: ArcSwap::new(initial),
+            notify,
+            task: std::sync::OnceLock::new(),
+        });
+        let mut events = store.watch(&key);
+        // The task holds the state weakly: it ends when the last handle is dropped.
+        let weak = Arc::downgrade(&shared);
+        let watched = key.clone();
+        let task = tokio::spawn(async move {
+            while let Some(ev) = events.next().await {
+                let Some(shared) = weak.upgrade() else { return };
+                shared.apply(&watched, &options, ev);
             }
         });
+        let _ = shared.task.set(task.abort_handle());
         Self { shared, key }
     }
 

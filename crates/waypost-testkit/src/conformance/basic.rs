@@ -380,12 +380,39 @@ pub async fn update_and_drain(b: &dyn TestBackend) {
     let mut set = InstanceSet::new();
     wait_for_set(&mut w, &mut set, t, "listed", |s| s.contains(&inst.id)).await;
 
-    let moved = inst.clone().with_metadata("moved", "yes");
-    reg.update(moved.clone()).await.expect("update");
-    wait_for_set(&mut w, &mut set, t, "updated", |s| {
-        s.get(&inst.id) == Some(&moved)
-    })
-    .await;
+    // Metadata-, weight- and tag-only changes are each one `Updated` (never a removal
+    // and a re-addition).
+    let mut current = inst.clone();
+    for (what, next) in [
+        ("metadata", inst.clone().with_metadata("moved", "yes")),
+        (
+            "weight",
+            inst.clone().with_metadata("moved", "yes").with_weight(7),
+        ),
+        (
+            "tags",
+            inst.clone()
+                .with_metadata("moved", "yes")
+                .with_weight(7)
+                .with_tag("blue"),
+        ),
+    ] {
+        reg.update(next.clone()).await.expect("update");
+        let events = wait_for_set(&mut w, &mut set, t, what, |s| {
+            s.get(&inst.id) == Some(&next)
+        })
+        .await;
+        assert!(
+            events.iter().all(
+                |e| matches!(e, WatchEvent::Updated { instance, .. } if instance.id == inst.id)
+            ),
+            "a {what}-only change is reported as Updated only: {:?}",
+            events.iter().map(describe).collect::<Vec<_>>()
+        );
+        assert_ne!(current, next);
+        current = next;
+    }
+    let moved = current;
     assert_eq!(reg.instance(), &moved);
 
     let mut other_id = moved.clone();
@@ -398,7 +425,9 @@ pub async fn update_and_drain(b: &dyn TestBackend) {
         "update may not change the id"
     );
 
-    let drain = tokio::spawn(reg.drain(Duration::from_millis(300)));
+    let grace = Duration::from_millis(500);
+    let started = std::time::Instant::now();
+    let drain = tokio::spawn(reg.drain(grace));
     wait_for_set(&mut w, &mut set, t, "weight 0", |s| {
         s.get(&inst.id).is_some_and(|i| i.weight == 0)
     })
@@ -407,5 +436,10 @@ pub async fn update_and_drain(b: &dyn TestBackend) {
         s.is_empty()
     })
     .await;
+    let took = started.elapsed();
+    assert!(
+        took >= grace,
+        "drain removed the instance after {took:?}, before its grace of {grace:?}"
+    );
     drain.await.unwrap().expect("drain");
 }

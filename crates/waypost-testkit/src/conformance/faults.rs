@@ -4,7 +4,9 @@ use std::time::Instant;
 
 use waypost_core::{Instance, InstanceSet, RegistrationStatus, WatchEvent};
 
-use super::util::{assert_stale_before_resynced, wait_for_event, wait_for_set, Namespace};
+use super::util::{
+    assert_stale_before_resynced, wait_for_event, wait_for_set, Namespace, StatusLog,
+};
 use super::{Faults, TestBackend};
 
 pub(crate) fn faults(b: &dyn TestBackend) -> &dyn Faults {
@@ -116,6 +118,7 @@ pub async fn session_expiry_reregisters(b: &dyn TestBackend) {
         ..
     } = listed(b, "expiry", true).await;
     let mut status = reg.status();
+    let statuses = StatusLog::start(reg.status());
 
     f.expire_sessions().await;
     // The registry dropped `a`: the watcher sees it removed, or (if the watcher lost the
@@ -142,6 +145,9 @@ pub async fn session_expiry_reregisters(b: &dyn TestBackend) {
     .await
     .expect("status back to Registered")
     .expect("status channel open");
+    // (A re-registration can be quicker than a poll of the status channel: Reregistering
+    // may coalesce away; what is asserted is that every step seen is allowed.)
+    statuses.assert_recovered();
     // Another client's listing converges too (a registry may lag by a moment): poll it
     // until it lists `a`, with a deadline.
     let deadline = tokio::time::Instant::now() + s.liveness;
@@ -182,6 +188,7 @@ pub async fn unreachable_then_resync(b: &dyn TestBackend) {
         mut set,
     } = listed(b, "partition", false).await;
     let mut status = reg.status();
+    let statuses = StatusLog::start(reg.status());
 
     f.make_unreachable().await;
     let mut log = wait_for_event(
@@ -198,10 +205,10 @@ pub async fn unreachable_then_resync(b: &dyn TestBackend) {
     );
     tokio::time::timeout(
         s.liveness,
-        status.wait_for(|x| *x != RegistrationStatus::Registered),
+        status.wait_for(|x| *x == RegistrationStatus::Suspended),
     )
     .await
-    .expect("registration stayed Registered while the registry was unreachable")
+    .expect("registration never Suspended while the registry was unreachable")
     .expect("status channel open");
 
     f.make_reachable().await;
@@ -223,6 +230,7 @@ pub async fn unreachable_then_resync(b: &dyn TestBackend) {
     .await
     .expect("registration back to Registered")
     .expect("status channel open");
+    statuses.assert_recovered();
     // Converge to the truth: `a` is registered again if the registry dropped it meanwhile.
     wait_for_set(
         &mut watch,
@@ -240,6 +248,11 @@ pub async fn unreachable_then_resync(b: &dyn TestBackend) {
         set.iter().collect::<Vec<_>>(),
         "resynced set differs from the registry"
     );
+    let stale = log
+        .iter()
+        .filter(|e| matches!(e, WatchEvent::Stale { .. }))
+        .count();
+    assert_eq!(stale, 1, "exactly one Stale for one outage");
     let b2 = Instance::new(svc.clone(), "b".parse().unwrap(), a.endpoint.clone());
     let _rb = d.registrar.register(b2.clone()).await.unwrap();
     wait_for_set(&mut watch, &mut set, s.timeout, "b after resync", |x| {

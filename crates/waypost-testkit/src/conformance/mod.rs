@@ -14,6 +14,7 @@ mod heal;
 mod hostile;
 mod input;
 mod kv;
+mod kv_view;
 mod scale;
 mod util;
 
@@ -28,8 +29,11 @@ pub use heal::*;
 pub use hostile::*;
 pub use input::*;
 pub use kv::*;
+pub use kv_view::{first_snapshot, wait_for_config, ConfigView};
 pub use scale::*;
-pub use util::{assert_stale_before_resynced, next_event, wait_for_event, wait_for_set, Namespace};
+pub use util::{
+    assert_stale_before_resynced, next_event, wait_for_event, wait_for_set, Namespace, StatusLog,
+};
 
 /// How long a suite waits for things to happen on this backend.
 #[derive(Clone, Debug)]

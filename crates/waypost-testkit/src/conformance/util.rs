@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use futures::stream::{BoxStream, StreamExt};
 use rand::Rng;
-use waypost_core::{Instance, InstanceSet, Result, ServiceName, WatchEvent};
+use waypost_core::{Instance, InstanceSet, RegistrationStatus, Result, ServiceName, WatchEvent};
 
 /// Fresh random names for one suite run, so runs never see each other.
 #[derive(Clone, Debug)]
@@ -109,10 +109,61 @@ async fn apply_until(
                 seen.iter().map(describe).collect::<Vec<_>>()
             ),
         };
+        check_change(set, &ev, &seen);
         set.apply(&ev);
         seen.push(ev);
     }
     seen
+}
+
+/// The watch contract on one event against the set it applies to (what the consumer
+/// holds): a change's revision rises strictly above the last one applied; `Added` is an
+/// id the set does not hold, `Updated` one it holds with other contents (no no-op
+/// events), `Removed` one it holds.
+pub(crate) fn check_change(set: &InstanceSet, ev: &WatchEvent, before: &[WatchEvent]) {
+    let log = || before.iter().map(describe).collect::<Vec<_>>();
+    let (id, revision) = match ev {
+        WatchEvent::Added { instance, revision } => {
+            assert!(
+                !set.contains(&instance.id),
+                "Added {} which is already held; events before: {:?}",
+                instance.id,
+                log()
+            );
+            (&instance.id, *revision)
+        }
+        WatchEvent::Updated { instance, revision } => {
+            let held = set.get(&instance.id);
+            assert!(
+                held.is_some(),
+                "Updated {} which is not held; events before: {:?}",
+                instance.id,
+                log()
+            );
+            assert!(
+                held != Some(instance),
+                "Updated {} to what is already held (a no-op event); events before: {:?}",
+                instance.id,
+                log()
+            );
+            (&instance.id, *revision)
+        }
+        WatchEvent::Removed { id, revision } => {
+            assert!(
+                set.contains(id),
+                "Removed {id} which is not held; events before: {:?}",
+                log()
+            );
+            (id, *revision)
+        }
+        _ => return,
+    };
+    assert!(
+        revision > set.revision(),
+        "the change of {id} at revision {revision} does not rise above {}; events before: {:?}",
+        set.revision(),
+        log()
+    );
 }
 
 /// The id of an event, for messages.
@@ -154,5 +205,68 @@ pub fn assert_stale_before_resynced(events: &[WatchEvent]) {
             }
             _ => {}
         }
+    }
+}
+
+/// Records every status a registration publishes, from now on (a fast flip between two
+/// polls may coalesce, as `tokio::sync::watch` does).
+#[derive(Debug)]
+pub struct StatusLog {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<RegistrationStatus>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StatusLog {
+    /// Starts recording `status`, beginning with its current value.
+    pub fn start(mut status: tokio::sync::watch::Receiver<RegistrationStatus>) -> Self {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(vec![*status.borrow_and_update()]));
+        let log = seen.clone();
+        let task = tokio::spawn(async move {
+            while status.changed().await.is_ok() {
+                let s = *status.borrow_and_update();
+                let mut log = log.lock().expect("status log");
+                if log.last() != Some(&s) {
+                    log.push(s);
+                }
+            }
+        });
+        Self { seen, task }
+    }
+
+    /// The statuses seen so far, consecutive repeats merged.
+    pub fn seen(&self) -> Vec<RegistrationStatus> {
+        self.seen.lock().expect("status log").clone()
+    }
+
+    /// Checks the sequence a registration may go through while its guard is held: it
+    /// starts `Registered`, every step is a transition the contract allows (`Registered` →
+    /// `Suspended` | `Reregistering`; `Suspended` → `Registered` | `Reregistering`;
+    /// `Reregistering` → `Registered` | `Suspended`), never `Deregistered`, and it ends
+    /// `Registered`. Returns the sequence.
+    pub fn assert_recovered(&self) -> Vec<RegistrationStatus> {
+        use RegistrationStatus::*;
+        let seen = self.seen();
+        assert_eq!(seen.first(), Some(&Registered), "statuses: {seen:?}");
+        assert_eq!(seen.last(), Some(&Registered), "statuses: {seen:?}");
+        for pair in seen.windows(2) {
+            let ok = matches!(
+                (pair[0], pair[1]),
+                (Registered, Suspended | Reregistering)
+                    | (Suspended, Registered | Reregistering)
+                    | (Reregistering, Registered | Suspended)
+            );
+            assert!(
+                ok,
+                "status {:?} → {:?} is not allowed; statuses: {seen:?}",
+                pair[0], pair[1]
+            );
+        }
+        seen
+    }
+}
+
+impl Drop for StatusLog {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
