@@ -213,12 +213,14 @@ pub fn assert_stale_before_resynced(events: &[WatchEvent]) {
 #[derive(Debug)]
 pub struct StatusLog {
     seen: std::sync::Arc<std::sync::Mutex<Vec<RegistrationStatus>>>,
+    current: tokio::sync::watch::Receiver<RegistrationStatus>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl StatusLog {
     /// Starts recording `status`, beginning with its current value.
     pub fn start(mut status: tokio::sync::watch::Receiver<RegistrationStatus>) -> Self {
+        let current = status.clone();
         let seen = std::sync::Arc::new(std::sync::Mutex::new(vec![*status.borrow_and_update()]));
         let log = seen.clone();
         let task = tokio::spawn(async move {
@@ -230,12 +232,22 @@ impl StatusLog {
                 }
             }
         });
-        Self { seen, task }
+        Self {
+            seen,
+            current,
+            task,
+        }
     }
 
-    /// The statuses seen so far, consecutive repeats merged.
+    /// The statuses seen so far, consecutive repeats merged, ending with the current one
+    /// (which the recording task may not have read yet).
     pub fn seen(&self) -> Vec<RegistrationStatus> {
-        self.seen.lock().expect("status log").clone()
+        let mut log = self.seen.lock().expect("status log");
+        let now = *self.current.borrow();
+        if log.last() != Some(&now) {
+            log.push(now);
+        }
+        log.clone()
     }
 
     /// Checks the sequence a registration may go through while its guard is held: it
