@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
+use waypost_core::kv::ConfigKey;
 use waypost_core::{Discovery, Instance, ServiceName};
 use waypost_etcd::{EtcdConfig, EtcdDiscovery, CLAIM_SEPARATOR, MAX_VALUE_LEN};
 use waypost_testkit::conformance::{Faults, Settings, TestBackend};
@@ -76,6 +77,11 @@ impl EtcdBackend {
     /// The key waypost writes `instance` at (the default layout and prefix).
     fn key(instance: &Instance) -> String {
         format!("/services/{}/{}", instance.service, instance.id)
+    }
+
+    /// The etcd key of configuration key `key` (the default `config_prefix`).
+    fn config_key(key: &ConfigKey) -> String {
+        format!("/config/{key}")
     }
 }
 
@@ -195,6 +201,38 @@ impl Faults for EtcdBackend {
         let deleted = self.etcdctl(&["del", key]).await;
         assert_eq!(deleted.trim(), "1", "etcdctl deleted {deleted:?}");
     }
+
+    async fn kv_foreign_put(&self, key: &ConfigKey, value: &str) {
+        // The value on standard input, as is.
+        self.etcdctl_with(&["put", &Self::config_key(key)], value.as_bytes())
+            .await;
+    }
+
+    async fn kv_foreign_get(&self, key: &ConfigKey) -> Option<String> {
+        // `get` prints the key's line, then the value and a newline; nothing if absent.
+        let out = self.etcdctl(&["get", &Self::config_key(key)]).await;
+        let (_key, value) = out.split_once('\n')?;
+        Some(value.strip_suffix('\n').unwrap_or(value).to_string())
+    }
+
+    async fn kv_foreign_delete(&self, key: &ConfigKey) {
+        let deleted = self.etcdctl(&["del", &Self::config_key(key)]).await;
+        assert_eq!(deleted.trim(), "1", "etcdctl deleted {deleted:?}");
+    }
+
+    async fn kv_write_malformed(&self, prefix: &ConfigKey) {
+        let p = Self::config_key(prefix);
+        for key in [
+            format!("{p}/with space"),
+            format!("{p}//empty-segment"),
+            format!("{p}/folder/"),
+            format!("{p}/caf\u{e9}"),
+        ] {
+            self.etcdctl_with(&["put", &key], b"not a configuration key")
+                .await;
+        }
+    }
 }
 
 waypost_testkit::conformance_tests!(etcd; network);
+waypost_testkit::kv_conformance_tests!(etcd);

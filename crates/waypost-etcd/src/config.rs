@@ -97,6 +97,10 @@ pub struct EtcdConfig {
     pub tls_domain: Option<String>,
     /// The key layout; `waypost` by default.
     pub layout: Layout,
+    /// The key prefix under which configuration keys live, `/config` by default:
+    /// configuration key `app/db` is the etcd key `/config/app/db`. Empty: keys start at
+    /// `/` (`/app/db`).
+    pub config_prefix: String,
 }
 
 impl Default for EtcdConfig {
@@ -118,6 +122,7 @@ impl Default for EtcdConfig {
             key_file: None,
             tls_domain: None,
             layout: Layout::Waypost,
+            config_prefix: "/config".into(),
         }
     }
 }
@@ -165,6 +170,7 @@ impl EtcdConfig {
                 self.prefix.escape_debug()
             )));
         }
+        self.validate_config_prefix()?;
         if self.lease_ttl < Duration::from_secs(1) {
             return Err(Error::invalid_config(
                 "etcd option `lease_ttl` must be at least 1s (etcd leases count whole seconds)",
@@ -204,6 +210,48 @@ impl EtcdConfig {
             ));
         }
         Ok(())
+    }
+
+    fn validate_config_prefix(&self) -> Result<()> {
+        let cp = self.config_key_prefix();
+        let bad = |why: &str| {
+            Err(Error::invalid_config(format!(
+                "etcd option `config_prefix` {why}, got `{}`",
+                self.config_prefix.escape_debug()
+            )))
+        };
+        if !cp.is_empty() && !cp.starts_with('/') {
+            return bad("must start with `/`");
+        }
+        if cp.len() > 1024 {
+            return bad(
+                "must be at most 1024 bytes long (the value size limit leaves room for that)",
+            );
+        }
+        if cp.contains("//") {
+            return bad("must not contain an empty segment (`//`)");
+        }
+        if cp.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return bad("must not contain spaces or control characters");
+        }
+        // Services and configuration must not share keys: the prefixes differ, and
+        // neither lies within the other. (An empty prefix is the root; beside it the other
+        // prefix is allowed, and naming no service like its first segment is the user's
+        // part.)
+        let sp = self.key_prefix();
+        let within = |inner: &str, outer: &str| inner.starts_with(&format!("{outer}/"));
+        if cp == sp || (!cp.is_empty() && !sp.is_empty() && (within(cp, sp) || within(sp, cp))) {
+            return bad(&format!(
+                "must differ from the service prefix `{}` and neither may lie within the other",
+                self.prefix
+            ));
+        }
+        Ok(())
+    }
+
+    /// The configuration key prefix without a trailing `/` (possibly empty).
+    pub(crate) fn config_key_prefix(&self) -> &str {
+        self.config_prefix.trim_end_matches('/')
     }
 
     /// Whether TLS is configured.
@@ -330,6 +378,12 @@ impl EtcdConfig {
     /// Sets the key layout.
     pub fn with_layout(mut self, layout: Layout) -> Self {
         self.layout = layout;
+        self
+    }
+
+    /// Sets the prefix of configuration keys (`/config` by default).
+    pub fn with_config_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.config_prefix = prefix.into();
         self
     }
 }
@@ -479,6 +533,45 @@ mod tests {
             EtcdConfig::from_config(&options(serde_json::json!({"user": "a", "username": "b"})))
                 .unwrap_err();
         assert!(e.to_string().contains("`user`"), "{e}");
+    }
+
+    #[test]
+    fn config_prefix_default_url_serde_and_validation() {
+        let c = EtcdConfig::from_url("etcd://h").unwrap();
+        assert_eq!(c.config_prefix, "/config");
+        assert_eq!(c.config_key_prefix(), "/config");
+        let c = EtcdConfig::from_url("etcd://h/svc?config_prefix=/prod/config/").unwrap();
+        assert_eq!(c.config_key_prefix(), "/prod/config");
+        let c = EtcdConfig::from_url("etcd://h/svc?config_prefix=").unwrap();
+        assert_eq!(c.config_key_prefix(), "", "empty: keys at the root");
+        let cfg: Config =
+            serde_json::from_str(r#"{"backend":"etcd","config_prefix":"/cfg"}"#).unwrap();
+        assert_eq!(EtcdConfig::from_config(&cfg).unwrap().config_prefix, "/cfg");
+        assert_eq!(
+            EtcdConfig::default().with_config_prefix("/x").config_prefix,
+            "/x"
+        );
+        let long = format!("/{}", "a".repeat(1024));
+        for (url, needle) in [
+            ("etcd://h/svc?config_prefix=cfg", "start with `/`"),
+            ("etcd://h/svc?config_prefix=/a//b", "empty segment"),
+            ("etcd://h/svc?config_prefix=/a%20b", "spaces"),
+            ("etcd://h/svc?config_prefix=/svc", "service prefix"),
+            ("etcd://h/svc?config_prefix=/svc/", "service prefix"),
+            ("etcd://h/svc?config_prefix=/svc/cfg", "service prefix"),
+            ("etcd://h/svc/x?config_prefix=/svc", "service prefix"),
+            (&format!("etcd://h/svc?config_prefix={long}"), "1024"),
+        ] {
+            let e = EtcdConfig::from_url(url).unwrap_err();
+            assert!(matches!(e, Error::InvalidConfig { .. }), "{url}: {e:?}");
+            assert!(
+                e.to_string().contains("config_prefix") && e.to_string().contains(needle),
+                "{url}: {e}"
+            );
+        }
+        // Beside services at the root, or a sibling of the service prefix: allowed.
+        EtcdConfig::from_url("etcd://h/svc?config_prefix=/svc-config").unwrap();
+        EtcdConfig::from_config(&Config::from_url("etcd://h").with_option("prefix", "")).unwrap();
     }
 
     #[test]

@@ -45,7 +45,7 @@
 //!   or detached from the lease (a foreign `etcdctl put`), it is written again
 //!   (`Reregistering` → `Registered`); after a lost lease, every key is. A write whose
 //!   outcome is unknown (a timeout) is removed once etcd answers again.
-//! - **Watching** (`feed.rs`): a prefix `get` gives the snapshot and its revision; a
+//! - **Watching** (`feed.rs`, the stream handling in `stream.rs`): a prefix `get` gives the snapshot and its revision; a
 //!   prefix watch from the next revision gives each change (O(1) per change whatever the
 //!   service's size). A stream etcd cancels is resumed from the last revision + 1 (no
 //!   loss, no duplicate). If that revision was compacted, the stream's connection is lost,
@@ -56,6 +56,56 @@
 //! - **Shutdown**: `deregister()` deletes the key (only if still bound to our lease);
 //!   [`EtcdDiscovery::shutdown`], or dropping the last handle and every guard, revokes the
 //!   lease.
+//!
+//! # Configuration keys
+//!
+//! [`EtcdDiscovery::kv`] (or [`Discovery::kv`](waypost_core::Discovery::kv) through the
+//! facade) is waypost's [`ConfigStore`] on etcd: plain keys that `etcdctl` reads and
+//! writes as they are.
+//!
+//! ```no_run
+//! # async fn run() -> waypost_core::Result<()> {
+//! use waypost_core::kv::{ConfigKey, Expected};
+//!
+//! let etcd = waypost_etcd::EtcdDiscovery::from_url("etcd://127.0.0.1:2379").await?;
+//! let kv = etcd.kv();
+//! let key: ConfigKey = "my_app/db".parse()?;
+//! let v = kv.put(&key, b"postgres://db:5432".to_vec()).await?; // etcd key /config/my_app/db
+//! kv.put_if(&key, b"postgres://db2:5432".to_vec(), Expected::Version(v)).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! - **Keys**: configuration key `a/b` is the etcd key `{config_prefix}/a/b`,
+//!   `/config/a/b` by default (option `config_prefix`, URL `?config_prefix=/my/config`;
+//!   empty puts keys at the root). It must start with `/`, be at most 1 KiB, and differ
+//!   from the service `prefix` with neither inside the other, so instances and
+//!   configuration never share keys. The value is stored as is (any bytes):
+//!   `etcdctl get /config/a/b` prints what waypost wrote, and `etcdctl put` is seen by
+//!   waypost watchers.
+//! - **Versions**: a key's version is its `mod_revision`, etcd's cluster-wide revision
+//!   of its last write, so it rises across a delete and a re-creation.
+//! - **Writes**: `put` is a plain put (its response's header revision is the new
+//!   version); `put_if` is a transaction comparing `mod_revision == v` (and
+//!   `create_revision > 0`, since etcd compares a missing key as zeros), or
+//!   `create_revision == 0` for [`Expected::Absent`](waypost_core::kv::Expected::Absent);
+//!   `delete_if` the same compare around a delete. A failed compare reads the key in the
+//!   same transaction and answers [`Error::Conflict`](waypost_core::Error::Conflict) with
+//!   its version. A write whose reply is lost is reconciled by core (retried, or found
+//!   already applied).
+//! - **Values**: at most [`MAX_CONFIG_VALUE_LEN`] bytes (1.5 MiB − 8 KiB: etcd's default
+//!   `--max-request-bytes` less room for the key and the transaction, measured); larger is
+//!   [`Error::InvalidInput`](waypost_core::Error::InvalidInput), nothing is sent.
+//! - **Listing and watching**: `list(p)` is a prefix get of `{config_prefix}/p/` (so it
+//!   covers keys strictly below `p`, never `p` itself nor `pq`), at the response's header
+//!   revision. A watch reads its key (or prefix) at a revision, then watches from the next
+//!   revision with the same stream handling as service watches (`stream.rs`: resumed
+//!   after a cancelled stream, progress probes, `Stale` on a lost connection). If the
+//!   revision to resume from was compacted, the watch reports `Stale`, reads again and
+//!   reports `Resynced` with what etcd holds: no change is lost, none is reported twice.
+//! - **Foreign keys**: a key below the prefix that is not a
+//!   [`ConfigKey`](waypost_core::kv::ConfigKey) (a space, an empty segment, a trailing
+//!   `/`, a non-ASCII character, not UTF-8) is skipped with a warning in listings and
+//!   watches; its value never reaches a consumer.
 //!
 //! # Dependencies
 //!
@@ -69,8 +119,10 @@ mod codec;
 mod config;
 mod error;
 mod feed;
+mod kv;
 mod session;
 mod store;
+mod stream;
 
 use std::fmt;
 use std::sync::Arc;
@@ -79,7 +131,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use waypost_core::backend::{watch, BackoffOptions, Keeper, Session};
+use waypost_core::backend::{watch, BackoffOptions, Keeper, Kv, KvOptions, Session};
+use waypost_core::kv::ConfigStore;
 use waypost_core::{
     Config, Connector, Discovery, Instance, Registrar, Registration, Result, ServiceName, Snapshot,
     WatchEvent, Watcher,
@@ -87,11 +140,13 @@ use waypost_core::{
 
 use crate::client::Conn;
 use crate::feed::WatchFeed;
+use crate::kv::EtcdKv;
 use crate::session::LeaseDriver;
 use crate::store::KeyStore;
 
 pub use codec::{CLAIM_SEPARATOR, MAX_VALUE_LEN};
 pub use config::{EtcdConfig, Layout, DEFAULT_PORT};
+pub use kv::MAX_CONFIG_VALUE_LEN;
 
 /// The URL schemes (and `backend` names) of this backend.
 pub const SCHEMES: &[&str] = &["etcd"];
@@ -109,6 +164,7 @@ pub struct EtcdDiscovery {
     conn: Conn,
     keeper: Keeper<LeaseDriver, KeyStore>,
     watch_backoff: BackoffOptions,
+    kv: Kv<EtcdKv>,
     /// Bumped by the `drop_connections` test hook.
     drops: Arc<tokio::sync::watch::Sender<u64>>,
 }
@@ -136,10 +192,18 @@ impl EtcdDiscovery {
             conn.config.backoff(),
         );
         let watch_backoff = conn.config.watch_backoff();
+        let kv = Kv::new(
+            EtcdKv::new(conn.clone(), drops.subscribe()),
+            KvOptions {
+                backoff: watch_backoff,
+                ..KvOptions::default()
+            },
+        );
         Ok(Self {
             keeper: Keeper::new("etcd", session, KeyStore::new(conn.clone())),
             conn,
             watch_backoff,
+            kv,
             drops,
         })
     }
@@ -167,6 +231,12 @@ impl EtcdDiscovery {
     /// The underlying `etcd-client` client, for anything waypost does not cover.
     pub fn etcd_client(&self) -> etcd_client::Client {
         self.conn.client.clone()
+    }
+
+    /// The configuration store: keys under `config_prefix` (see the crate docs,
+    /// "Configuration keys"). Shares this client's connection; cheap to clone.
+    pub fn kv(&self) -> Arc<dyn ConfigStore> {
+        Arc::new(self.kv.clone())
     }
 
     /// Shuts down: revokes the lease (etcd deletes every key bound to it at once), marks
@@ -225,7 +295,8 @@ impl EtcdDiscovery {
     /// feature).
     pub fn into_discovery(self) -> Discovery {
         let d = Arc::new(self);
-        let discovery = Discovery::new(d.clone(), d.clone());
+        let discovery =
+            Discovery::new(d.clone(), d.clone()).with_config_store(Arc::new(d.kv.clone()));
         #[cfg(feature = "test-hooks")]
         let discovery = discovery.with_hooks(d);
         discovery
