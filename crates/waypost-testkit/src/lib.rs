@@ -3,6 +3,7 @@
 //! backend passes.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod conformance;
 pub mod server;
 

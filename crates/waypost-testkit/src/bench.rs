@@ -1,0 +1,107 @@
+//! What the backends' latency benchmarks share: percentiles, the README table writer, and
+//! the waypost side of the configuration benchmark (put → a watch sees it).
+//!
+//! Each backend's bench supplies the raw-client side itself (its registry's own client),
+//! and interleaves raw and waypost samples in one run against one server, so both see the
+//! same machine.
+
+use std::time::{Duration, Instant};
+
+use futures::stream::{BoxStream, StreamExt};
+use waypost_core::backend::watch::Event;
+use waypost_core::kv::{ConfigEvent, ConfigKey, ConfigStore};
+use waypost_core::Result;
+
+/// The `p` quantile (0.0–1.0) of `samples` (sorted in place).
+pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[i]
+}
+
+/// A duration in milliseconds, two decimals.
+pub fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+/// Replaces the text between `<!-- bench:{marker}:start -->` and
+/// `<!-- bench:{marker}:end -->` in the README at `path` with `table` (nothing happens
+/// if the markers are missing).
+pub fn write_readme_section(path: &str, marker: &str, table: &str) {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return;
+    };
+    let start = format!("<!-- bench:{marker}:start -->");
+    let end = format!("<!-- bench:{marker}:end -->");
+    if let (Some(a), Some(b)) = (text.find(&start), text.find(&end)) {
+        let new = format!("{}{start}\n{table}{}", &text[..a], &text[b..]);
+        std::fs::write(path, new).expect("write the README");
+    }
+}
+
+/// Puts `value` at `key` through waypost and waits until `watch` (a watch of the key or
+/// of a prefix above it, past its snapshot) reports that value: the latency a user sees
+/// from the start of `put` to the event.
+pub async fn kv_put_seen(
+    kv: &dyn ConfigStore,
+    watch: &mut BoxStream<'static, Result<ConfigEvent>>,
+    key: &ConfigKey,
+    value: Vec<u8>,
+) -> Duration {
+    let started = Instant::now();
+    let seen = async {
+        loop {
+            match watch.next().await {
+                Some(Ok(Event::Added(e, _) | Event::Updated(e, _)))
+                    if e.key == *key && e.value == value =>
+                {
+                    return Instant::now();
+                }
+                Some(Ok(_)) => {}
+                other => panic!("the watch failed during the benchmark: {other:?}"),
+            }
+        }
+    };
+    let (put, seen) = tokio::join!(kv.put(key, value.clone()), seen);
+    put.expect("put");
+    seen - started
+}
+
+/// One row of the configuration benchmark's table.
+#[derive(Clone, Debug)]
+pub struct KvRow {
+    /// What was watched: "one key", "a prefix with 1,000 other keys".
+    pub scenario: String,
+    /// Raw client samples.
+    pub raw: Vec<Duration>,
+    /// waypost samples.
+    pub waypost: Vec<Duration>,
+}
+
+/// The markdown table of `rows`: p50 and p99 of both sides and their ratios, then `note`.
+pub fn kv_table(rows: &mut [KvRow], note: &str) -> String {
+    let mut table = String::from(
+        "| watched | raw p50 | raw p99 | waypost p50 | waypost p99 | waypost / raw p50 | waypost / raw p99 |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for row in rows.iter_mut() {
+        let (r50, r99) = (
+            percentile(&mut row.raw, 0.5),
+            percentile(&mut row.raw, 0.99),
+        );
+        let (w50, w99) = (
+            percentile(&mut row.waypost, 0.5),
+            percentile(&mut row.waypost, 0.99),
+        );
+        table.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {:.2}x | {:.2}x |\n",
+            row.scenario,
+            ms(r50),
+            ms(r99),
+            ms(w50),
+            ms(w99),
+            w50.as_secs_f64() / r50.as_secs_f64(),
+            w99.as_secs_f64() / r99.as_secs_f64(),
+        ));
+    }
+    format!("{table}\n{note}\n")
+}
