@@ -4,12 +4,16 @@
 //! the testkit (one server per test: faults pause the whole server), three times: the
 //! default layout, protected sequential nodes with the Spring Cloud payload, and the
 //! fallback watch for servers older than 3.6. The foreign writer is a raw
-//! `zookeeper-client` session.
+//! `zookeeper-client` session; for configuration keys it is ZooKeeper's own CLI,
+//! `zkCli.sh` (`$WAYPOST_ZKCLI`, else on `PATH`, else Debian's
+//! `/usr/share/zookeeper/bin/zkCli.sh`).
 
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use waypost_core::kv::ConfigKey;
 use waypost_core::{Discovery, Instance, ServiceName};
 use waypost_testkit::conformance::{Faults, Settings, TestBackend};
 use waypost_testkit::server::ZooKeeperServer;
@@ -93,7 +97,106 @@ async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// ZooKeeper's CLI.
+fn zkcli() -> PathBuf {
+    if let Some(p) = std::env::var_os("WAYPOST_ZKCLI").filter(|p| !p.is_empty()) {
+        return p.into();
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("zkCli.sh"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| "/usr/share/zookeeper/bin/zkCli.sh".into())
+}
+
+/// What `zkCli.sh` printed.
+struct CliOutput {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+/// The node of configuration key `key` (the default `config_prefix`).
+fn config_node(key: &ConfigKey) -> String {
+    format!("/config/{key}")
+}
+
+/// `create` commands for the nodes above `path` (those that exist answer "Node already
+/// exists", which the CLI prints and goes on).
+fn create_parents(path: &str) -> Vec<String> {
+    path.match_indices('/')
+        .skip(1)
+        .map(|(i, _)| format!("create \"{}\"", &path[..i]))
+        .collect()
+}
+
 impl ZkBackend {
+    /// Runs `zkCli.sh -server <ours>` with `args` (one command), or with `script` on its
+    /// standard input (several commands, one session), in a UTF-8 locale.
+    async fn zkcli(&self, args: &[&str], script: Option<Vec<String>>) -> CliOutput {
+        use std::process::Stdio;
+        use tokio::io::AsyncWriteExt;
+        let mut cmd = tokio::process::Command::new(zkcli());
+        cmd.arg("-server")
+            .arg(&self.address)
+            .args(args)
+            .env("LC_ALL", "C.UTF-8")
+            .env(
+                "CLIENT_JVMFLAGS",
+                "-Dfile.encoding=UTF-8 -Dstdout.encoding=UTF-8",
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("running {}: {e}", zkcli().display()));
+        let mut stdin = child.stdin.take().expect("stdin");
+        let mut input = script.unwrap_or_default().join("\n");
+        input.push_str("\nquit\n");
+        stdin
+            .write_all(input.as_bytes())
+            .await
+            .expect("zkCli stdin");
+        drop(stdin);
+        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("zkCli.sh finished within 60 s")
+            .expect("zkCli.sh output");
+        let out = CliOutput {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        for line in out.stderr.lines().filter(|l| l.contains("Exception")) {
+            tracing::warn!("zkCli.sh: {line}");
+        }
+        out
+    }
+
+    /// Runs several CLI commands in one session; panics if one of them failed for
+    /// another reason than an existing node.
+    async fn zkcli_script(&self, commands: Vec<String>) {
+        let out = self.zkcli(&[], Some(commands.clone())).await;
+        let failed: Vec<&str> = out
+            .stdout
+            .lines()
+            .chain(out.stderr.lines())
+            .filter(|l| {
+                (l.contains("Exception") || l.contains("does not exist") || l.contains("rror"))
+                    && !l.contains("SLF4J")
+            })
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "zkCli.sh {commands:?}: {failed:?}\n{}\n{}",
+            out.stdout,
+            out.stderr
+        );
+    }
+
     /// A foreign client: a raw ZooKeeper session of its own.
     async fn raw(&self) -> Client {
         Client::connector()
@@ -260,6 +363,81 @@ impl Faults for ZkBackend {
         path
     }
 
+    /// `zkCli.sh`: creates the missing parents and the key node, or sets its data.
+    async fn kv_foreign_put(&self, key: &ConfigKey, value: &str) {
+        assert!(
+            !value.contains('"'),
+            "the test writes values without quotes"
+        );
+        let node = config_node(key);
+        let exists = self.kv_foreign_get(key).await.is_some();
+        let mut script = create_parents(&node);
+        script.push(if exists {
+            format!("set \"{node}\" \"{value}\"")
+        } else {
+            format!("create \"{node}\" \"{value}\"")
+        });
+        self.zkcli_script(script).await;
+    }
+
+    /// `zkCli.sh get`: the node's data, `None` when the node does not exist.
+    async fn kv_foreign_get(&self, key: &ConfigKey) -> Option<String> {
+        let node = config_node(key);
+        let out = self.zkcli(&["get", &node], None).await;
+        if !out.ok {
+            assert!(
+                out.stderr.contains("does not exist"),
+                "zkCli.sh get {node}: {}\n{}",
+                out.stdout,
+                out.stderr
+            );
+            return None;
+        }
+        // What is not the CLI's own chatter is the value.
+        let value: Vec<&str> = out
+            .stdout
+            .lines()
+            .filter(|l| {
+                !(l.is_empty()
+                    || l.starts_with("Connecting to ")
+                    || l.starts_with("WATCHER::")
+                    || l.starts_with("WatchedEvent "))
+            })
+            .collect();
+        Some(value.join("\n"))
+    }
+
+    /// `zkCli.sh delete`.
+    async fn kv_foreign_delete(&self, key: &ConfigKey) {
+        let node = config_node(key);
+        let out = self.zkcli(&["delete", &node], None).await;
+        assert!(
+            out.ok,
+            "zkCli.sh delete {node}: {}\n{}",
+            out.stdout, out.stderr
+        );
+    }
+
+    /// `zkCli.sh` creates nodes below the prefix whose names are not configuration keys:
+    /// a space, a colon, non-ASCII letters, a 200-byte segment, and a valid name below an
+    /// invalid directory.
+    async fn kv_write_malformed(&self, prefix: &ConfigKey) {
+        let dir = config_node(prefix);
+        let long = "x".repeat(200);
+        let mut script = create_parents(&format!("{dir}/x"));
+        for name in [
+            "bad key",
+            "bad:colon",
+            "ünïcode",
+            &long,
+            "bad dir",
+            "bad dir/ok",
+        ] {
+            script.push(format!("create \"{dir}/{name}\" \"v\""));
+        }
+        self.zkcli_script(script).await;
+    }
+
     async fn foreign_remove(&self, _instance: &Instance, key: &str) {
         let raw = self.raw().await;
         raw.delete(key, None)
@@ -269,6 +447,7 @@ impl Faults for ZkBackend {
 }
 
 waypost_testkit::conformance_tests!(zookeeper; network);
+waypost_testkit::kv_conformance_tests!(zookeeper);
 
 /// The whole suite again with the optional layout and payload format.
 mod sequential_spring {

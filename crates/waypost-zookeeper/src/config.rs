@@ -14,6 +14,8 @@ use crate::SCHEMES;
 pub const DEFAULT_PORT: u16 = 2181;
 /// The default root node under which services live.
 pub const DEFAULT_ROOT: &str = "/services";
+/// The default node under which configuration keys live.
+pub const DEFAULT_CONFIG_PREFIX: &str = "/config";
 
 /// How the instance data is written: which `payload` the Curator JSON carries.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +84,9 @@ pub struct ZkConfig {
     pub endpoints: Vec<String>,
     /// The node under which services live, e.g. `/services` (also a way to chroot).
     pub root: String,
+    /// The node under which configuration keys live: key `a/b` is the node
+    /// `{config_prefix}/a/b`. Default `/config`.
+    pub config_prefix: String,
     /// The session timeout asked of the server (it clamps it to its
     /// `minSessionTimeout..maxSessionTimeout`). A crashed process's instances vanish this
     /// long after it died. Default 10 s.
@@ -124,6 +129,7 @@ impl Default for ZkConfig {
         Self {
             endpoints: vec![format!("127.0.0.1:{DEFAULT_PORT}")],
             root: DEFAULT_ROOT.into(),
+            config_prefix: DEFAULT_CONFIG_PREFIX.into(),
             session_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
@@ -194,20 +200,16 @@ impl ZkConfig {
                 h.escape_debug()
             )));
         }
-        let root = self.root.as_str();
-        if !root.starts_with('/')
-            || root.len() < 2
-            || root.ends_with('/')
-            || root.contains("//")
-            || root
-                .split('/')
-                .skip(1)
-                .any(|s| s == "." || s == ".." || s.chars().any(char::is_control))
-        {
-            return Err(Error::invalid_config(format!(
-                "zookeeper option `root`: `{}` must be an absolute node path like `/services`",
-                root.escape_debug()
-            )));
+        for (option, path, example) in [
+            ("root", &self.root, DEFAULT_ROOT),
+            ("config_prefix", &self.config_prefix, DEFAULT_CONFIG_PREFIX),
+        ] {
+            if !is_node_path(path) {
+                return Err(Error::invalid_config(format!(
+                    "zookeeper option `{option}`: `{}` must be an absolute node path like `{example}`",
+                    path.escape_debug()
+                )));
+            }
         }
         if self.session_timeout < Duration::from_millis(100) {
             return Err(Error::invalid_config(
@@ -264,6 +266,12 @@ impl ZkConfig {
     /// Sets the root node.
     pub fn with_root(mut self, root: impl Into<String>) -> Self {
         self.root = root.into();
+        self
+    }
+
+    /// Sets the node under which configuration keys live.
+    pub fn with_config_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.config_prefix = prefix.into();
         self
     }
 
@@ -333,6 +341,19 @@ impl ZkConfig {
     }
 }
 
+/// Whether `path` is an absolute node path below `/`: `/a`, `/a/b` (no empty, `.` or `..`
+/// segment, no control character, no trailing `/`).
+fn is_node_path(path: &str) -> bool {
+    path.starts_with('/')
+        && path.len() >= 2
+        && !path.ends_with('/')
+        && !path.contains("//")
+        && !path
+            .split('/')
+            .skip(1)
+            .any(|s| s == "." || s == ".." || s.chars().any(char::is_control))
+}
+
 /// Other option names accepted, `(other, ours)`: old names, and shared names of ours.
 const RENAMED: &[(&str, &str)] = &[("hosts", "endpoints")];
 
@@ -369,7 +390,27 @@ mod tests {
         let c = ZkConfig::from_url("zookeeper://h").unwrap();
         assert_eq!(c.endpoints, ["h:2181"]);
         assert_eq!(c.root, "/services");
+        assert_eq!(c.config_prefix, "/config");
         assert_eq!(c.session_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn config_prefix_from_url_and_options_is_validated() {
+        let c = ZkConfig::from_url("zk://h/services?config_prefix=/my_app/config").unwrap();
+        assert_eq!(c.config_prefix, "/my_app/config");
+        let c =
+            ZkConfig::from_config(&options(serde_json::json!({"config_prefix": "/cfg"}))).unwrap();
+        assert_eq!(c.config_prefix, "/cfg");
+        assert_eq!(
+            ZkConfig::default().with_config_prefix("/x").config_prefix,
+            "/x"
+        );
+        for bad in ["config", "/", "/a/", "/a//b", "/a/../b", ""] {
+            let e = ZkConfig::from_config(&options(serde_json::json!({"config_prefix": bad})))
+                .unwrap_err();
+            assert!(matches!(e, Error::InvalidConfig { .. }), "{bad}: {e:?}");
+            assert!(e.to_string().contains("config_prefix"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -49,7 +49,7 @@ pub(crate) fn decode_node(service: &ServiceName, name: &str, data: &[u8]) -> Opt
     }
 }
 
-fn zxid(z: i64) -> Revision {
+pub(crate) fn zxid(z: i64) -> Revision {
     z.max(0) as Revision
 }
 
@@ -148,7 +148,7 @@ impl fmt::Debug for ZkFeed {
     }
 }
 
-fn session_error(state: SessionState) -> Error {
+pub(crate) fn session_error(state: SessionState) -> Error {
     match state {
         SessionState::Expired => Error::SessionExpired,
         SessionState::AuthFailed => Error::Unauthorized {

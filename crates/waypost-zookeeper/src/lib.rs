@@ -1,6 +1,7 @@
 //! The ZooKeeper backend of waypost: instances as ephemeral nodes in Apache Curator
 //! x-discovery's layout and JSON, so Java services (Curator, Spring Cloud Zookeeper) and
-//! Rust services find each other; watches that cost one read per change.
+//! Rust services find each other; watches that cost one read per change; configuration
+//! keys as persistent nodes below `/config`.
 //!
 //! A binary picks the registry by URL, e.g. through the `waypost` facade with the
 //! `zookeeper` feature, or directly:
@@ -51,6 +52,65 @@
 //!   create children but only those credentials delete them (ZooKeeper checks `DELETE` on
 //!   the parent), so all registrants of one service should share credentials.
 //!
+//! # Configuration keys
+//!
+//! [`ZkDiscovery::kv`] (or [`Discovery::kv`] through the facade) is a
+//! [`ConfigStore`](waypost_core::kv::ConfigStore): core's `Kv` over this crate's
+//! [`ZkKv`], bound to the same session as the registrations (a new one after an expiry).
+//!
+//! ```no_run
+//! # async fn run() -> waypost_core::Result<()> {
+//! use waypost_core::kv::{ConfigStore, Expected};
+//! use waypost_zookeeper::ZkDiscovery;
+//!
+//! let zk = ZkDiscovery::from_url("zk://127.0.0.1:2181/services?config_prefix=/config").await?;
+//! let key = "my_app/config".parse()?;
+//! let v = zk.kv().put(&key, br#"{"pool": 8}"#.to_vec()).await?; // node /config/my_app/config
+//! zk.kv().put_if(&key, br#"{"pool": 16}"#.to_vec(), Expected::Version(v)).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! - **Layout**: key `a/b` is the persistent node `{config_prefix}/a/b` (option
+//!   `config_prefix`, default `/config`), holding the value's bytes as they are, so
+//!   `zkCli.sh get /config/a/b` prints what waypost wrote and `zkCli.sh set` is seen by
+//!   waypost's watchers. Missing parents are created in the same transaction (`multi`) as
+//!   the key, so no parent is ever seen without its child; only a value too large to
+//!   share one request with many new parents (a very deep key) has its parents created
+//!   first. With digest credentials, keys are readable by everyone and writable only by
+//!   those credentials, like instance nodes.
+//! - **Which nodes are keys** (the directory rule): a node is a key unless it is a
+//!   *directory*, a node with **empty data that has, or once had, children**
+//!   (`numChildren > 0` or `cversion > 0`). So the parents of `a/b/c` (`a`, `a/b`, whether
+//!   waypost or `zkCli.sh create` made them) are not keys, nor do they turn into keys once
+//!   their keys are deleted; a node with data is a key even with keys below it (`a` = `1`
+//!   beside `a/b` = `2`); an empty value is a key as long as nothing was ever below it.
+//!   Consequences: deleting a key that has keys below it empties its node (ZooKeeper
+//!   cannot delete a node with children), which makes it a directory; deleting a key
+//!   also removes the directories above it that were left without children (each at
+//!   the version read, best effort); an empty value cannot be written where keys lie
+//!   below (`InvalidInput`: it would read as a directory), and written on a directory
+//!   without children it replaces the node (delete + create in one `multi`); an empty
+//!   value that gets a key below it becomes a directory, and watchers see it removed.
+//!   Nodes whose name is not a [`ConfigKey`](waypost_core::kv::ConfigKey) (a space, a
+//!   colon, a segment over 128 bytes) are skipped and logged.
+//! - **Versions** are the node's `mzxid`, a registry-wide zxid, so they rise across a
+//!   delete and a re-creation. A conditional write reads the node, compares its `mzxid`,
+//!   and writes with the node's own `version` as precondition; if the node changed
+//!   between the two, it reads again.
+//! - **Size**: values up to [`MAX_VALUE_LEN`] (1,000,000 bytes). The server refuses a
+//!   request larger than `jute.maxbuffer` (1 MiB − 1 byte by default) by closing the
+//!   connection; measured on 3.8, a `setData` fits up to 1,048,553 bytes at a 2-byte
+//!   path and 1,048,035 at a 520-byte path. 1,000,000 leaves 48 KiB for the longest key,
+//!   digest ACLs and new parents.
+//! - **Watching**: one persistent watch (`addWatch`, ZooKeeper ≥ 3.6; older servers end
+//!   the watch with `Unsupported`) added before the listing: `PERSISTENT` on a key's node
+//!   (its data and children), `PERSISTENT_RECURSIVE` on a prefix's node; either may be
+//!   added before the node exists. A listing walks the subtree level by level (each
+//!   level's reads pipelined; 1,000 keys in a few round trips); each event costs one read
+//!   of the node that changed. Revisions are `mzxid`s, a deletion's the last plus one,
+//!   always rising. Disconnect → `Stale`; reconnect (or a new session) → listed again →
+//!   `Resynced`.
+//!
 //! # Dependencies
 //! The client is [`zookeeper-client`](https://crates.io/crates/zookeeper-client): a pure
 //! async Rust client that speaks ZooKeeper 3.4–3.9 including persistent recursive
@@ -64,6 +124,8 @@ pub mod codec;
 mod config;
 mod error;
 mod feed;
+mod kv;
+mod kv_feed;
 mod session;
 mod store;
 
@@ -74,13 +136,17 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use waypost_core::backend::{watch, Keeper, Session};
+use waypost_core::backend::{watch, Keeper, Kv, KvOptions, Session};
 use waypost_core::{
     Config, Connector, Discovery, Instance, Registrar, Registration, Result, ServiceName, Snapshot,
     WatchEvent, Watcher,
 };
 
-pub use config::{NodeLayout, PayloadFormat, ZkConfig, DEFAULT_PORT, DEFAULT_ROOT};
+pub use config::{
+    NodeLayout, PayloadFormat, ZkConfig, DEFAULT_CONFIG_PREFIX, DEFAULT_PORT, DEFAULT_ROOT,
+};
+pub use kv::{ZkKv, MAX_VALUE_LEN};
+pub use kv_feed::ZkKvFeed;
 
 use client::Ctx;
 use feed::ZkFeed;
@@ -99,6 +165,7 @@ pub const SCHEMES: &[&str] = &["zookeeper", "zk"];
 #[derive(Clone)]
 pub struct ZkDiscovery {
     keeper: Keeper<Driver, Store>,
+    kv: Kv<ZkKv>,
     ctx: Arc<Ctx>,
 }
 
@@ -120,8 +187,16 @@ impl ZkDiscovery {
         let ctx = Arc::new(Ctx::new(config));
         let session = Session::new(Driver::new(ctx.clone()), backoff);
         session.current().await?;
+        let kv = Kv::new(
+            ZkKv::new(session.clone(), ctx.clone()),
+            KvOptions {
+                backoff,
+                ..KvOptions::default()
+            },
+        );
         Ok(Self {
             keeper: Keeper::new("zookeeper", session, Store::new(ctx.clone())),
+            kv,
             ctx,
         })
     }
@@ -129,6 +204,12 @@ impl ZkDiscovery {
     /// Connects to the registry a `zk://` URL names.
     pub async fn from_url(url: &str) -> Result<Self> {
         Self::connect(ZkConfig::from_url(url)?).await
+    }
+
+    /// The configuration store: keys below [`ZkConfig::config_prefix`], bound to this
+    /// client's session (see "Configuration keys" in the crate docs).
+    pub fn kv(&self) -> &Kv<ZkKv> {
+        &self.kv
     }
 
     /// The configuration in use.
@@ -167,7 +248,8 @@ impl ZkDiscovery {
     /// This client as a [`Discovery`] (with its test hooks under the `test-hooks` feature).
     pub fn into_discovery(self) -> Discovery {
         let d = Arc::new(self);
-        let discovery = Discovery::new(d.clone(), d.clone());
+        let discovery =
+            Discovery::new(d.clone(), d.clone()).with_config_store(Arc::new(d.kv.clone()));
         #[cfg(feature = "test-hooks")]
         let discovery = discovery.with_hooks(d);
         discovery
