@@ -196,3 +196,168 @@ async fn a_crashed_client_deletes_nothing_and_shutdown_removes_everything() {
         Err(crate::Error::Closed { .. })
     ));
 }
+
+/// The memory store, but every write answers "session expired" (and writes nothing).
+#[derive(Debug)]
+struct AlwaysExpired {
+    writes: Arc<Mutex<usize>>,
+}
+
+#[async_trait]
+impl RegistryStore for AlwaysExpired {
+    type Handle = u64;
+
+    async fn write(&self, _: &u64, _: &Instance, _: bool) -> Result<()> {
+        *self.writes.lock().unwrap() += 1;
+        Err(crate::Error::SessionExpired)
+    }
+
+    async fn inspect(&self, _: &u64, _: &Instance) -> Result<Presence> {
+        Ok(Presence::Missing)
+    }
+
+    async fn delete(&self, _: &u64, _: &Instance) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_that_finds_its_session_expired_is_retried_once_then_reported() {
+    let registry = MemoryRegistry::new("always-expired");
+    let writes = Arc::new(Mutex::new(0));
+    let keeper = Keeper::new(
+        "memory",
+        Session::new(
+            Driver {
+                registry: registry.clone(),
+                ttl: Duration::from_secs(10),
+            },
+            BackoffOptions::default(),
+        ),
+        AlwaysExpired {
+            writes: writes.clone(),
+        },
+    );
+    let e = tokio::time::timeout(Duration::from_secs(60), keeper.register(inst("a")))
+        .await
+        .expect("register gives up instead of retrying forever")
+        .unwrap_err();
+    assert!(matches!(e, crate::Error::SessionExpired), "{e}");
+    assert_eq!(*writes.lock().unwrap(), 2, "one retry on a new session");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_healthy_registration_publishes_no_status_change() {
+    let registry = MemoryRegistry::new("quiet");
+    let keeper = keeper_over(&registry, Duration::from_secs(2));
+    let reg = keeper.register(inst("a")).await.unwrap();
+    let mut status = reg.status();
+    status.borrow_and_update();
+    // Many keep-alive rounds (a quarter TTL each), each reading the entry back.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        !status.has_changed().unwrap(),
+        "Registered re-published as Registered"
+    );
+    assert_eq!(*status.borrow(), crate::RegistrationStatus::Registered);
+}
+
+#[tokio::test(start_paused = true)]
+async fn another_ids_unknown_write_is_still_removed_after_a_new_registration() {
+    let registry = MemoryRegistry::new("pending-other");
+    let svc: ServiceName = "svc".parse().unwrap();
+    let keeper = keeper_over(&registry, Duration::from_secs(2));
+    // `b`'s write lands but its reply is lost: `b` is a pending removal.
+    registry.lose_replies(1);
+    assert!(keeper.register(inst("b")).await.is_err());
+    assert_eq!(keeper.pending_removals(), 1);
+    // Registering `a` must not forget `b`'s leftovers.
+    let _a = keeper.register(inst("a")).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while registry.peek(&svc).get(&"b".parse().unwrap()).is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the landed write of `b` was never removed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(registry.peek(&svc).get(&"a".parse().unwrap()).is_some());
+    assert_eq!(keeper.pending_removals(), 0);
+}
+
+#[test]
+fn a_guard_dropped_without_a_runtime_is_deregistered_by_the_keepers_loop() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let registry = MemoryRegistry::new("no-runtime-drop");
+    let svc: ServiceName = "svc".parse().unwrap();
+    let keeper = keeper_over(&registry, Duration::from_millis(400));
+    let reg = rt.block_on(keeper.register(inst("a"))).unwrap();
+    let status = reg.status();
+    // Dropped on a thread with no runtime: the keeper's own loop removes it.
+    std::thread::spawn(move || drop(reg)).join().unwrap();
+    assert_eq!(*status.borrow(), crate::RegistrationStatus::Deregistered);
+    rt.block_on(async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !registry.peek(&svc).is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a guard dropped outside a runtime was never deregistered"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    // The session is still open: only the dropped instance went.
+    assert!(!keeper.session().is_closed());
+}
+
+fn session_over(registry: &MemoryRegistry, ttl: Duration) -> Session<Driver> {
+    Session::new(
+        Driver {
+            registry: registry.clone(),
+            ttl,
+        },
+        BackoffOptions::default(),
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_last_session_handle_closes_it_at_once() {
+    let registry = MemoryRegistry::new("session-drop");
+    let session = session_over(&registry, Duration::from_secs(60));
+    let h = session.current().await.unwrap();
+    assert_eq!(registry.sessions(), vec![h]);
+    drop(session);
+    // Closed by the drop, not by its 60 s timeout.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while !registry.sessions().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dropped session was left to time out"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_report_about_an_old_session_leaves_the_new_one_alone() {
+    let registry = MemoryRegistry::new("session-late");
+    let session = session_over(&registry, Duration::from_secs(60));
+    let first = session.current().await.unwrap();
+    registry.expire_session(first);
+    session.expired(&first);
+    let second = session.current().await.unwrap();
+    assert_ne!(first, second);
+    // Another operation that used the first session reports it expired, late.
+    session.expired(&first);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        session.current_state().handle(),
+        Some(second),
+        "a stale expiry report replaced a live session"
+    );
+    assert_eq!(registry.sessions(), vec![second]);
+}
