@@ -135,6 +135,15 @@ impl TestBackend for EtcdBackend {
 
 #[async_trait]
 impl Faults for EtcdBackend {
+    async fn registry_watches(&self) -> usize {
+        self.server
+            .lock()
+            .await
+            .watcher_count()
+            .await
+            .expect("etcd's watcher metric")
+    }
+
     async fn expire_sessions(&self) {
         // `lease list` prints a header line, then one hex id per line.
         let listed = self.etcdctl(&["lease", "list"]).await;

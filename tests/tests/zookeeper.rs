@@ -267,6 +267,15 @@ impl TestBackend for ZkBackend {
 
 #[async_trait]
 impl Faults for ZkBackend {
+    async fn registry_watches(&self) -> usize {
+        self.server
+            .lock()
+            .await
+            .watch_count()
+            .await
+            .expect("ZooKeeper's wchs")
+    }
+
     /// The server is stopped until every client has seen its session expire (a client
     /// that cannot reach the server for its session timeout declares the session
     /// expired; the server expires it too when it runs again), then resumed.

@@ -24,6 +24,16 @@ pub(crate) struct KvState {
     pub(super) subscribers: Vec<(Scope, mpsc::UnboundedSender<Change<ConfigEntry>>)>,
 }
 
+impl KvState {
+    /// Watches whose consumer still holds them.
+    pub(super) fn open_watches(&self) -> usize {
+        self.subscribers
+            .iter()
+            .filter(|(_, tx)| !tx.is_closed())
+            .count()
+    }
+}
+
 impl State {
     fn kv_notify(&mut self, key: &ConfigKey, change: Change<ConfigEntry>) {
         self.kv
@@ -251,11 +261,6 @@ impl MemoryRegistry {
     /// Fault injection, as a foreign writer: deletes `key`. Returns whether it existed.
     pub fn kv_delete_foreign(&self, key: &ConfigKey) -> bool {
         self.inner.lock().kv_delete(key)
-    }
-
-    /// How many configuration watches are subscribed (for assertions).
-    pub fn kv_subscribers(&self) -> usize {
-        self.inner.lock().kv.subscribers.len()
     }
 
     /// What the registry holds at `key`, ignoring reachability (for assertions).

@@ -432,6 +432,18 @@ impl MemoryRegistry {
         v
     }
 
+    /// How many watches (of instances and of configuration keys) are subscribed and still
+    /// held by a consumer (for assertions).
+    pub fn open_watches(&self) -> usize {
+        let st = self.inner.lock();
+        let instances: usize = st
+            .subscribers
+            .values()
+            .map(|subs| subs.iter().filter(|s| !s.is_closed()).count())
+            .sum();
+        instances + st.kv.open_watches()
+    }
+
     /// The current revision: the number of changes applied so far.
     pub fn revision(&self) -> Revision {
         self.inner.lock().revision

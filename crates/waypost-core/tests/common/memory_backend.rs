@@ -85,6 +85,10 @@ impl Faults for MemoryBackend {
         assert!(self.registry.delete_foreign(&instance.service, key));
     }
 
+    async fn registry_watches(&self) -> usize {
+        self.registry.open_watches()
+    }
+
     async fn kv_foreign_put(&self, key: &ConfigKey, value: &str) {
         self.registry.kv_put_foreign(key, value.as_bytes());
     }

@@ -5,7 +5,7 @@ use std::time::Instant;
 use waypost_core::{Instance, InstanceSet, RegistrationStatus, WatchEvent};
 
 use super::util::{
-    assert_stale_before_resynced, wait_for_event, wait_for_set, Namespace, StatusLog,
+    assert_stale_before_resynced, next_event, wait_for_event, wait_for_set, Namespace, StatusLog,
 };
 use super::{Faults, TestBackend};
 
@@ -259,4 +259,74 @@ pub async fn unreachable_then_resync(b: &dyn TestBackend) {
         x.contains(&b2.id)
     })
     .await;
+}
+
+/// Dropping a watch stream releases its registry watch: while five service watches (and,
+/// where the backend has a configuration store, three key watches) are held the registry
+/// serves more watches than before; once they are dropped it is back to at most as many,
+/// counted on the registry's side.
+pub async fn dropped_watches_are_released(b: &dyn TestBackend) {
+    let s = b.settings();
+    let f = faults(b);
+    let ns = Namespace::new();
+    let d = b.connect().await;
+    let before = f.registry_watches().await;
+    let mut streams = Vec::new();
+    for i in 0..5 {
+        let mut w = d.watcher.watch(&ns.service(&format!("release{i}")));
+        let first = next_event(&mut w, s.timeout).await;
+        assert!(matches!(first, WatchEvent::Snapshot(_)), "{first:?}");
+        streams.push(w);
+    }
+    let mut config_streams = Vec::new();
+    if let Ok(kv) = d.kv() {
+        for i in 0..3 {
+            let mut w = kv.watch(&ns.config_key(&format!("release{i}")));
+            let first = tokio::time::timeout(s.timeout, futures::StreamExt::next(&mut w))
+                .await
+                .expect("a config watch's snapshot in time");
+            assert!(matches!(
+                first,
+                Some(Ok(waypost_core::backend::watch::Event::Snapshot(..)))
+            ));
+            config_streams.push(w);
+        }
+    }
+    let during = wait_registry_watches(f, s.timeout, "the held watches to be served", |n| {
+        n > before
+    })
+    .await;
+    drop(streams);
+    drop(config_streams);
+    let after = wait_registry_watches(f, s.timeout, "the dropped watches to be released", |n| {
+        n <= before
+    })
+    .await;
+    tracing::info!(
+        backend = b.name(),
+        before,
+        during,
+        after,
+        "registry watches"
+    );
+}
+
+async fn wait_registry_watches(
+    f: &dyn Faults,
+    timeout: std::time::Duration,
+    what: &str,
+    ok: impl Fn(usize) -> bool,
+) -> usize {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let n = f.registry_watches().await;
+        if ok(n) {
+            return n;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}: the registry serves {n} watches"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

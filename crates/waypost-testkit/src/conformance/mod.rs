@@ -179,6 +179,13 @@ pub trait Faults: Send + Sync {
         panic!("this backend offers no foreign writer: cannot write malformed keys below {prefix} (never skipped silently)")
     }
 
+    /// How many watches the registry serves now, counted on the registry's side (memory:
+    /// subscriptions; ZooKeeper: `wchs`; etcd: its watcher gauge; Consul: connections to
+    /// the agent, one per blocking query).
+    async fn registry_watches(&self) -> usize {
+        panic!("this backend cannot count the watches its registry serves (never skipped silently)")
+    }
+
     /// The foreign writer removes the entry [`Faults::foreign_claim`] added at `key`.
     async fn foreign_remove(&self, instance: &Instance, key: &str) {
         panic!("this backend offers no foreign writer: cannot remove {key} of {instance:?} (never skipped silently)")
@@ -263,6 +270,7 @@ macro_rules! conformance_tests {
             server_restart_recovers,
             id_held_by_another_session,
             malformed_entries_are_skipped,
+            dropped_watches_are_released,
         );
     };
     (@call [plain] $backend:path, $suite:ident) => {

@@ -183,6 +183,27 @@ impl EtcdServer {
         Ok(EtcdServer { process })
     }
 
+    /// How many watchers the server serves now, over all clients (its metric
+    /// `etcd_debugging_mvcc_watcher_total`).
+    pub async fn watcher_count(&self) -> std::io::Result<usize> {
+        let reply = super::probe::http(
+            &self.address(),
+            "GET",
+            "/metrics",
+            &[],
+            "",
+            std::time::Duration::from_secs(5),
+        )
+        .await?;
+        reply
+            .body
+            .lines()
+            .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_watcher_total "))
+            .and_then(|n| n.trim().parse::<f64>().ok())
+            .map(|n| n as usize)
+            .ok_or_else(|| std::io::Error::other("no etcd_debugging_mvcc_watcher_total metric"))
+    }
+
     /// The client address, `127.0.0.1:PORT`.
     pub fn address(&self) -> String {
         self.process.spec().address()

@@ -227,6 +227,18 @@ impl ZooKeeperServer {
         Ok(ZooKeeperServer { process })
     }
 
+    /// How many watches the server holds now, over all clients (`wchs`: persistent and
+    /// one-shot watches alike).
+    pub async fn watch_count(&self) -> std::io::Result<usize> {
+        let reply =
+            probe::four_letter(&self.address(), "wchs", std::time::Duration::from_secs(5)).await?;
+        reply
+            .lines()
+            .find_map(|l| l.strip_prefix("Total watches:"))
+            .and_then(|n| n.trim().parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("unexpected `wchs` reply: {reply:?}")))
+    }
+
     /// The client address, `127.0.0.1:PORT`.
     pub fn address(&self) -> String {
         self.process.spec().address()
