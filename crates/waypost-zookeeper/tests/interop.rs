@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use waypost_core::{Endpoint, InstanceSet, Registrar, WatchEvent, Watcher};
-use waypost_testkit::conformance::{wait_for_set, Namespace};
+use waypost_testkit::conformance::{next_event, wait_for_set, Namespace};
 use waypost_zookeeper::{PayloadFormat, ZkDiscovery};
 use zookeeper_client::{Acls, Client, CreateMode, Error as ZkErr, Permission};
 
@@ -41,8 +41,12 @@ async fn curator_json_both_ways() {
     let d = common::client(&server).await;
     let mut w = d.watch(&svc);
     let mut set = InstanceSet::new();
-    wait_for_set(&mut w, &mut set, T, "snapshot", |_| true).await;
-    let _ = tokio::time::timeout(T, w.next()).await; // the snapshot
+    let first = next_event(&mut w, T).await;
+    assert!(
+        matches!(&first, WatchEvent::Snapshot(s) if s.is_empty()),
+        "an empty snapshot first: {first:?}"
+    );
+    set.apply(&first);
     let data = CURATOR.replace("\"greeter\"", &format!("\"{svc}\""));
     java.create(
         &format!("{path}/g-1"),
@@ -283,9 +287,19 @@ async fn unreachable_endpoint_fails_within_connect_timeout() {
     // A listener that accepts and never answers (a hung server): the timeout applies.
     let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = hung.local_addr().unwrap();
-    let e = ZkDiscovery::from_url(&format!("zk://{addr}/services?connect_timeout=500ms"))
-        .await
-        .unwrap_err();
+    let started = std::time::Instant::now();
+    let e = tokio::time::timeout(
+        Duration::from_secs(5),
+        ZkDiscovery::from_url(&format!("zk://{addr}/services?connect_timeout=500ms")),
+    )
+    .await
+    .expect("a hung server fails the connect within its timeout, not never")
+    .unwrap_err();
     assert!(e.is_temporary(), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
     drop(hung);
 }

@@ -132,11 +132,11 @@ async fn an_empty_value_turning_into_a_directory_is_watched() {
     let mut prefix = kv.watch_prefix(&key("ns"));
     let mut one = kv.watch(&e);
     for w in [&mut prefix, &mut one] {
-        assert!(matches!(w.next().await, Some(Ok(Event::Snapshot(v, _))) if v.is_empty()));
+        assert!(matches!(next(w).await, Event::Snapshot(v, _) if v.is_empty()));
     }
     kv.put(&e, Vec::new()).await.unwrap();
     for w in [&mut prefix, &mut one] {
-        assert!(matches!(w.next().await, Some(Ok(Event::Added(x, _))) if x.key == e));
+        assert!(matches!(next(w).await, Event::Added(x, _) if x.key == e));
     }
     kv.put(&child, b"x".to_vec()).await.unwrap();
     let mut seen = Vec::new();
@@ -202,7 +202,7 @@ async fn the_store_outlives_an_expired_session() {
     let k = key("live/k");
     kv.put(&k, b"1".to_vec()).await.unwrap();
     let mut w = kv.watch_prefix(&key("live"));
-    assert!(matches!(w.next().await, Some(Ok(Event::Snapshot(v, _))) if v.len() == 1));
+    assert!(matches!(next(&mut w).await, Event::Snapshot(v, _) if v.len() == 1));
     let first = zk.session_id().expect("a session");
 
     server.pause().unwrap();
@@ -231,5 +231,19 @@ async fn the_store_outlives_an_expired_session() {
             Ok(Some(Ok(_))) => {}
             other => panic!("watch after the expiry: {other:?}"),
         }
+    }
+}
+
+/// The next event of a config watch, failing the test after 10 s, on an error or when
+/// the stream ends.
+async fn next(
+    w: &mut futures::stream::BoxStream<
+        'static,
+        waypost_core::Result<waypost_core::kv::ConfigEvent>,
+    >,
+) -> waypost_core::kv::ConfigEvent {
+    match tokio::time::timeout(Duration::from_secs(10), w.next()).await {
+        Ok(Some(Ok(ev))) => ev,
+        other => panic!("no config event within 10 s: {other:?}"),
     }
 }
