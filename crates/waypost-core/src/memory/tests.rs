@@ -101,6 +101,27 @@ async fn a_long_outage_expires_the_session_and_the_instance_comes_back() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn re_registration_has_no_retry_cap() {
+    // An outage of an hour: hundreds of failed keep-alive and re-registration rounds
+    // (backoff capped at 4× the tick). The registration must still come back.
+    let r = MemoryRegistry::new("no-cap");
+    let c = r.client(Duration::from_secs(2));
+    let reg = c.register(inst("a")).await.unwrap();
+    r.set_reachable(false);
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    r.reap_for_tests();
+    assert!(r.peek(&"svc".parse().unwrap()).is_empty());
+    assert_ne!(reg.current_status(), RegistrationStatus::Registered);
+    r.set_reachable(true);
+    reg.wait_status(Duration::from_secs(30), |s| {
+        *s == RegistrationStatus::Registered
+    })
+    .await
+    .expect("registered again after an hour-long outage");
+    assert_eq!(r.peek(&"svc".parse().unwrap()).len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn expiry_is_seen_as_removed_then_added_with_the_same_data() {
     let r = MemoryRegistry::new("t");
     let c = r.client(Duration::from_secs(2));
