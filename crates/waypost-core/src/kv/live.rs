@@ -430,3 +430,7 @@ impl<T: Send + Sync + 'static> Shared<T> {
         st.updated = Instant::now();
     }
 }
+
+#[cfg(test)]
+#[path = "live_tests.rs"]
+mod tests;
