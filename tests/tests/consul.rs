@@ -2,14 +2,15 @@
 #![cfg(feature = "consul")]
 //! The conformance matrix's Consul column: every suite against a real agent
 //! (`consul agent -dev`), one agent per test so that faults (pause, restart) never reach
-//! another test. The foreign writer is the `consul` CLI and raw HTTP to the agent.
+//! another test. The foreign writer is the `consul` CLI (`consul kv` for configuration
+//! keys) and raw HTTP to the agent.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use waypost_consul::{ConsulConfig, ConsulDiscovery};
+use waypost_consul::{ConsulConfig, ConsulDiscovery, DEFAULT_CONFIG_PREFIX};
+use waypost_core::kv::ConfigKey;
 use waypost_core::{Discovery, Instance, ServiceName};
 use waypost_testkit::conformance::{Faults, Settings, TestBackend};
 use waypost_testkit::ConsulServer;
@@ -66,8 +67,11 @@ impl TestBackend for ConsulBackend {
             .with_ttl(self.ttl)
             .with_request_timeout(self.timeout)
             .with_connect_timeout(Duration::from_secs(2));
-        let client = Arc::new(ConsulDiscovery::connect(config).await.expect("connect"));
-        Discovery::new(client.clone(), client.clone()).with_hooks(client)
+        // With its test hooks and its configuration store.
+        ConsulDiscovery::connect(config)
+            .await
+            .expect("connect")
+            .into_discovery()
     }
 
     fn settings(&self) -> Settings {
@@ -135,6 +139,27 @@ impl ConsulBackend {
             (200..300).contains(&status),
             "{method} {path}: HTTP {status}: {text}"
         );
+    }
+}
+
+/// The KV key of configuration key `key` (the default `config_prefix`).
+fn kv_key(key: &ConfigKey) -> String {
+    format!("{DEFAULT_CONFIG_PREFIX}/{key}")
+}
+
+impl ConsulBackend {
+    /// Runs `consul kv ARGS` against the agent; returns whether it succeeded and stdout.
+    async fn consul_kv(&self, args: &[&str]) -> (bool, String) {
+        let http_addr = format!("-http-addr={}", self.address);
+        let mut all = vec!["kv", args[0], &http_addr];
+        all.extend(&args[1..]);
+        let out = tokio::process::Command::new("consul")
+            .args(&all)
+            .output()
+            .await
+            .expect("run consul kv");
+        let stdout = String::from_utf8(out.stdout).expect("UTF-8 from consul kv");
+        (out.status.success(), stdout)
     }
 }
 
@@ -239,6 +264,67 @@ impl Faults for ConsulBackend {
         format!("{FOREIGN_NODE}/{}", service_id(instance))
     }
 
+    /// `consul kv put config/KEY VALUE`.
+    async fn kv_foreign_put(&self, key: &ConfigKey, value: &str) {
+        let (ok, out) = self.consul_kv(&["put", &kv_key(key), value]).await;
+        assert!(ok, "consul kv put {key}: {out}");
+    }
+
+    /// `consul kv get config/KEY` (it prints the value and a newline; exits 1 when absent).
+    async fn kv_foreign_get(&self, key: &ConfigKey) -> Option<String> {
+        let (ok, out) = self.consul_kv(&["get", &kv_key(key)]).await;
+        ok.then(|| out.strip_suffix('\n').unwrap_or(&out).to_string())
+    }
+
+    /// `consul kv delete config/KEY`.
+    async fn kv_foreign_delete(&self, key: &ConfigKey) {
+        let (ok, out) = self.consul_kv(&["delete", &kv_key(key)]).await;
+        assert!(ok, "consul kv delete {key}: {out}");
+    }
+
+    /// Keys below the prefix that are no configuration keys: with `consul kv put`, a
+    /// space, a non-ASCII letter and a folder (a key ending in `/`); with a raw
+    /// transaction, an empty segment (the CLI's path-based write cannot: the agent's HTTP
+    /// router answers `404` for `//`).
+    async fn kv_write_malformed(&self, prefix: &ConfigKey) {
+        let root = kv_key(prefix);
+        for key in [
+            format!("{root}/bad key"),
+            format!("{root}/caf\u{e9}"),
+            format!("{root}/folder/"),
+        ] {
+            let (ok, out) = self.consul_kv(&["put", &key, "junk"]).await;
+            assert!(ok, "consul kv put {key:?}: {out}");
+        }
+        let txn = serde_json::json!([
+            {"KV": {"Verb": "set", "Key": format!("{root}//empty-segment"), "Value": "anVuaw=="}}
+        ]);
+        self.http_ok("PUT", "/v1/txn", &txn.to_string()).await;
+    }
+
+    /// Connections the agent serves on its HTTP port (ESTABLISHED sockets whose local
+    /// port is the agent's, from `/proc/net/tcp{,6}`): one per blocking query in flight,
+    /// plus idle pooled connections of the test's clients.
+    async fn registry_watches(&self) -> usize {
+        let port = self.address.rsplit_once(':').expect("host:port").1;
+        let port = format!("{:04X}", port.parse::<u16>().expect("a port"));
+        let mut n = 0;
+        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            let text = std::fs::read_to_string(table).unwrap_or_default();
+            n += text
+                .lines()
+                .skip(1)
+                .filter(|line| {
+                    let cols: Vec<&str> = line.split_whitespace().collect();
+                    cols.len() > 3
+                        && cols[1].rsplit(':').next() == Some(port.as_str())
+                        && cols[3] == "01"
+                })
+                .count();
+        }
+        n
+    }
+
     /// `PUT /v1/catalog/deregister` of the entry [`Faults::foreign_claim`] wrote.
     async fn foreign_remove(&self, _instance: &Instance, key: &str) {
         let (node, sid) = key.split_once('/').expect("a node/service key");
@@ -249,3 +335,4 @@ impl Faults for ConsulBackend {
 }
 
 waypost_testkit::conformance_tests!(named: consul; network);
+waypost_testkit::kv_conformance_tests!(named: consul);

@@ -168,6 +168,14 @@ fn build_http(config: &ConsulConfig) -> Result<reqwest::Client> {
     })
 }
 
+/// One answer of the agent, whatever its status.
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) body: Vec<u8>,
+    /// The `X-Consul-Index` header, if the answer has one.
+    pub(crate) index: Option<u64>,
+}
+
 impl Agent {
     /// Sends one request; returns the status-checked body and the `X-Consul-Index`.
     async fn send(
@@ -179,6 +187,24 @@ impl Agent {
         body: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<(Vec<u8>, Option<u64>), ConsulError> {
+        let reply = self.request(op, method, path, query, body, timeout).await?;
+        if !(200..300).contains(&reply.status) {
+            return Err(ConsulError::status(op, reply.status, &reply.body));
+        }
+        Ok((reply.body, reply.index))
+    }
+
+    /// Sends one request within `timeout` (outside the in-flight limit: for blocking
+    /// queries); returns the answer whatever its status.
+    pub(crate) async fn request(
+        &self,
+        op: &'static str,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<Reply, ConsulError> {
         let http = self.http.read().unwrap_or_else(|p| p.into_inner()).clone();
         let mut req = http
             .request(method, format!("{}{}", self.base, path))
@@ -214,10 +240,25 @@ impl Agent {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         let bytes = resp.bytes().await.map_err(transport)?;
-        if !status.is_success() {
-            return Err(ConsulError::status(op, status.as_u16(), &bytes));
-        }
-        Ok((bytes.to_vec(), index))
+        Ok(Reply {
+            status: status.as_u16(),
+            body: bytes.to_vec(),
+            index,
+        })
+    }
+
+    /// [`Agent::request`] within the request timeout and the in-flight limit.
+    pub(crate) async fn request_limited(
+        &self,
+        op: &'static str,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<Vec<u8>>,
+    ) -> Result<Reply, ConsulError> {
+        let _permit = self.limit.acquire().await.ok();
+        self.request(op, method, path, query, body, self.timeout)
+            .await
     }
 
     async fn send_limited(

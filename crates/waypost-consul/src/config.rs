@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use waypost_core::backend::BackoffOptions;
 use waypost_core::config::{self, de, Config, UrlParts};
+use waypost_core::kv::ConfigKey;
 use waypost_core::{Error, Result, Secret};
 
 /// The default agent port.
@@ -42,6 +43,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(600);
 /// | `tcp_check` | `false` | a TCP check the agent runs beside the TTL check: connects to the instance's `host:port` |
 /// | `check_interval` | `10s` | how often the agent runs `http_check` / `tcp_check` |
 /// | `check_timeout` | `5s` | timeout of each agent-run check (at most `check_interval`) |
+/// | `config_prefix` | `config` | KV prefix of configuration keys: key `a/b` is KV key `config/a/b` (a configuration key itself: no leading or trailing `/`) |
 ///
 /// Agent-run checks start **passing** when an instance is registered (so `register`
 /// returning still means a watcher lists it) and leave watches at the first failing run,
@@ -117,6 +119,9 @@ pub struct ConsulConfig {
     /// The timeout of each run of `http_check` / `tcp_check`; at most `check_interval`.
     #[serde(with = "waypost_core::config::duration")]
     pub check_timeout: Duration,
+    /// Where configuration keys live in the KV store: key `a/b` is the KV key
+    /// `{config_prefix}/a/b`. See the crate docs, "Configuration keys".
+    pub config_prefix: ConfigKey,
 }
 
 impl Default for ConsulConfig {
@@ -140,6 +145,7 @@ impl Default for ConsulConfig {
             tcp_check: false,
             check_interval: Duration::from_secs(10),
             check_timeout: Duration::from_secs(5),
+            config_prefix: crate::kv::default_config_prefix(),
         }
     }
 }
@@ -170,6 +176,7 @@ impl fmt::Debug for ConsulConfig {
             .field("tcp_check", &self.tcp_check)
             .field("check_interval", &self.check_interval)
             .field("check_timeout", &self.check_timeout)
+            .field("config_prefix", &self.config_prefix)
             .finish()
     }
 }
@@ -465,6 +472,12 @@ impl ConsulConfig {
     /// Sets the timeout of each agent-run check.
     pub fn with_check_timeout(mut self, timeout: Duration) -> Self {
         self.check_timeout = timeout;
+        self
+    }
+
+    /// Sets the KV prefix of configuration keys.
+    pub fn with_config_prefix(mut self, prefix: ConfigKey) -> Self {
+        self.config_prefix = prefix;
         self
     }
 }

@@ -152,7 +152,7 @@ impl HealthFeed {
 
 /// Resolves when the agent stops answering: a paused agent accepts connections and never
 /// answers, so a blocking query alone would only notice after its whole wait.
-async fn dead_agent(agent: &Agent, every: Duration) -> Error {
+pub(crate) async fn dead_agent(agent: &Agent, every: Duration) -> Error {
     loop {
         tokio::time::sleep(every).await;
         if let Err(e) = agent.ping().await {

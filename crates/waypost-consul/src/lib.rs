@@ -91,8 +91,9 @@
 //!   the user's 64 metadata entries leave no room (Consul allows 64), these two go into
 //!   tags `waypost-weight=0` / `waypost-zone=...` instead. Both are read back.
 //! - **Watches** (`feed.rs`) are blocking queries (`index`, a `wait` jittered down by
-//!   up to 10 %); core's watch machine diffs each answer into `Added` / `Updated` /
-//!   `Removed`, with `X-Consul-Index` as the revision. The watch runs in its own task, so
+//!   up to 10 %); each answer is compared with the last one and its differences become
+//!   `Added` / `Updated` / `Removed`, each at its own revision within the answer's
+//!   `X-Consul-Index` range (so revisions rise strictly). The watch runs in its own task, so
 //!   it notices a lost agent even while the consumer is not polling. While a query
 //!   blocks, the agent is pinged every `request_timeout`: a paused agent (which
 //!   accepts connections and never answers) makes the watch `Stale` after at most two
@@ -113,6 +114,68 @@
 //!   a valid waypost instance id; entries that are not valid instances are skipped with a
 //!   warning, never failing the watch.
 //!
+//! # Configuration keys
+//!
+//! [`ConsulDiscovery::kv`] (or [`Discovery::kv`]) is a
+//! [`ConfigStore`](waypost_core::kv::ConfigStore) over Consul's KV store, so `consul kv`
+//! and every other Consul tool see the same bytes (`kv.rs`).
+//!
+//! - **Keys**: key `a/b` is the KV key `{config_prefix}/a/b`; the option `config_prefix`
+//!   (URL `?config_prefix=...` or serde, default `config`) is itself a configuration key,
+//!   written without a leading or trailing `/`. `consul kv get config/a/b` reads what
+//!   `put("a/b")` wrote; `consul kv put config/a/b v` reaches every watcher of `a/b`.
+//!   A prefix `a` covers the KV keys below `config/a/`.
+//! - **Versions** are the entries' `ModifyIndex`: Raft indexes, registry-wide, so a key
+//!   deleted and created again comes back at a higher version. (A `-dev` agent keeps no
+//!   state: after its restart the keys are gone and the indexes start over.)
+//! - **Reads**: `GET /v1/kv/{key}` (a missing key is `404` with its `X-Consul-Index`),
+//!   `GET /v1/kv/{prefix}/?recurse` for `list`, with `X-Consul-Index` as the revision.
+//! - **Writes** are one-operation transactions, `PUT /v1/txn`, because a plain
+//!   `PUT /v1/kv/{key}` answers only `true`/`false` and `put` must return the version its
+//!   own write created: `set`; `cas` with the expected `ModifyIndex` (`0` for "create
+//!   only"); `check-index` + `delete` for `delete_if` (a bare `delete-cas` of a missing
+//!   key succeeds in Consul); `get` + `delete` for `delete`, to say whether the key
+//!   existed. A refused expectation (`409`) is `Error::Conflict` with the version read
+//!   right after; a write whose answer was lost is retried and reconciled by core.
+//!   Each write sets the entry's `Flags` to its time in nanoseconds since the Unix
+//!   epoch: Consul keeps the `ModifyIndex` of a write that changes nothing (same value,
+//!   flags and session), and every write must be a new version, as on the other
+//!   registries. (A `Flags` another tool set is overwritten, as any `consul kv put`
+//!   without `-flags` would.)
+//! - **Value size**: at most [`MAX_CONFIG_VALUE_LEN`] (380 KiB), a typed `InvalidInput`
+//!   before anything is sent. Consul's `kv_max_value_size` is 512 KiB, but a transaction
+//!   request is capped at 512 KiB (`txn_max_req_len`) with the value in base64; larger
+//!   values written by other tools are read as usual.
+//! - **Watches** (`kv/feed.rs`) are blocking queries on the key or the prefix (`index`
+//!   past the revision of the feed's own listing, never "from now"; `wait` jittered).
+//!   Each answer is a complete read, compared with the last one: a written key is
+//!   reported at its `ModifyIndex`, a deleted one at a free index of the answer's range
+//!   (Consul does not say when a key was deleted), so revisions keep rising strictly.
+//!   **An index that goes backwards** is never a stuck watch: an answer whose
+//!   `X-Consul-Index` (or a changed key's `ModifyIndex`) is not above the last one either
+//!   holds exactly the same entries (Consul reaped tombstones: the watch blocks from the
+//!   new index, reporting nothing) or not (a restarted agent or a restored snapshot: the
+//!   index is reset, the watch reports `Stale` and lists again, `Resynced`). Outages are noticed as for instance
+//!   watches (refused connection at once; a paused agent within two `request_timeout`s).
+//! - **Foreign entries** below a prefix whose key is not a configuration key (a space, an
+//!   empty segment, a folder key ending in `/`) are skipped and logged, in `list` and in
+//!   watches.
+//!
+//! ```no_run
+//! # async fn run() -> waypost_core::Result<()> {
+//! use waypost_consul::{ConsulConfig, ConsulDiscovery};
+//! use waypost_core::kv::{ConfigStore, Expected};
+//!
+//! let consul = ConsulDiscovery::connect(ConsulConfig::from_url(
+//!     "consul://127.0.0.1:8500?config_prefix=my_app",
+//! )?)
+//! .await?;
+//! let key = "db/url".parse()?; // the KV key `my_app/db/url`
+//! let v = consul.kv().put(&key, b"postgres://db:5432".to_vec()).await?;
+//! consul.kv().put_if(&key, b"postgres://db2:5432".to_vec(), Expected::Version(v)).await?;
+//! # Ok(()) }
+//! ```
+//!
 //! # Dependencies
 //!
 //! A small client on `reqwest` (rustls with `ring`, OS trust store, HTTP/1.1, no system
@@ -127,6 +190,7 @@ mod codec;
 mod config;
 mod error;
 mod feed;
+mod kv;
 mod session;
 mod store;
 
@@ -136,7 +200,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use waypost_core::backend::{watch, Keeper, Listing, Session};
+use waypost_core::backend::{watch, Keeper, Kv, KvOptions, Listing, Session};
 use waypost_core::{
     Config, Connector, Discovery, Error, Instance, Registrar, Registration, Result, ServiceName,
     Snapshot, WatchEvent, Watcher,
@@ -147,6 +211,7 @@ use session::{AgentDriver, Written};
 use store::AgentStore;
 
 pub use config::{ConsulConfig, DEFAULT_PORT, MAX_WAIT, MIN_DEREGISTER_CRITICAL_AFTER, SCHEMES};
+pub use kv::{ConsulKv, KvFeed, DEFAULT_CONFIG_PREFIX, MAX_CONFIG_VALUE_LEN};
 
 /// The backend's canonical name, as `backend = "consul"` in configs.
 pub const NAME: &str = "consul";
@@ -160,6 +225,7 @@ pub struct ConsulDiscovery {
     agent: Agent,
     config: Arc<ConsulConfig>,
     keeper: Keeper<AgentDriver, AgentStore>,
+    kv: Kv<ConsulKv>,
 }
 
 impl fmt::Debug for ConsulDiscovery {
@@ -209,11 +275,31 @@ impl ConsulDiscovery {
             config: config.clone(),
             written,
         };
+        let kv = Kv::new(
+            ConsulKv::new(
+                agent.clone(),
+                session.clone(),
+                &config.config_prefix,
+                config.wait,
+            ),
+            KvOptions {
+                backoff: config.backoff(),
+                ..KvOptions::default()
+            },
+        );
         Ok(Self {
             agent,
             config: Arc::new(config),
             keeper: Keeper::new(NAME, session, store),
+            kv,
         })
+    }
+
+    /// The configuration store: keys in Consul's KV store under `config_prefix` (see
+    /// "Configuration keys" in the crate docs). Also reached as
+    /// [`Discovery::kv`](waypost_core::Discovery::kv).
+    pub fn kv(&self) -> &Kv<ConsulKv> {
+        &self.kv
     }
 
     /// The configuration.
@@ -231,7 +317,8 @@ impl ConsulDiscovery {
     /// feature).
     pub fn into_discovery(self) -> Discovery {
         let d = Arc::new(self);
-        let discovery = Discovery::new(d.clone(), d.clone());
+        let discovery =
+            Discovery::new(d.clone(), d.clone()).with_config_store(Arc::new(d.kv.clone()));
         #[cfg(feature = "test-hooks")]
         let discovery = discovery.with_hooks(d);
         discovery

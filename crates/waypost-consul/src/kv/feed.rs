@@ -1,0 +1,188 @@
+//! The watch primitives of configuration keys: blocking queries on the key
+//! (`GET /v1/kv/{key}?index=&wait=`) or the prefix (`?recurse`). A feed never watches
+//! "from now": its first blocking query waits past the index of its own listing.
+//!
+//! - Each answer is a complete read, handed to core's watch machine as a
+//!   [`Next::Listing`] at the answer's `X-Consul-Index` (the machine diffs it; the changes
+//!   of one answer share its index, as Consul does not date a deletion). An answer whose
+//!   keys and `ModifyIndex`es are those of the last one is not handed over.
+//! - **An index that goes backwards** never stalls the watch (a query that waits past an
+//!   index the agent no longer reaches would block for its whole `wait`, again and again).
+//!   When an answer's index is not above the last one handed to the machine, or a changed
+//!   key's `ModifyIndex` is not: if the answer holds exactly the keys and `ModifyIndex`es
+//!   of the last one (Consul reaped the tombstones that held the prefix's index up), the
+//!   feed blocks from the new index and reports nothing; otherwise (a restarted `-dev`
+//!   agent, a restored snapshot: versions may have gone down) the index is reset and the
+//!   feed fails: the machine reports `Stale` and lists again (`Resynced`).
+//! - A refused or cut connection fails the feed at once; while a query blocks, the agent
+//!   is pinged every `request_timeout`, so a paused agent fails it within two of them.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rand::Rng;
+use tokio::sync::watch;
+use waypost_core::backend::{Entry, Feed, Listing, Next, Scope};
+use waypost_core::kv::ConfigEntry;
+use waypost_core::{Error, Result, Revision};
+
+use super::{codec, ConsulKv};
+use crate::feed::dead_agent;
+
+/// The feed of one key or one prefix.
+pub struct KvFeed {
+    kv: ConsulKv,
+    scope: Scope,
+    /// The agent's index of the last answer: the next blocking query waits past it.
+    index: u64,
+    /// The last revision handed to the machine.
+    revision: Revision,
+    /// The keys (Consul's) and `ModifyIndex`es of the last answer handed over.
+    held: BTreeMap<String, u64>,
+    generation: watch::Receiver<u64>,
+}
+
+impl std::fmt::Debug for KvFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvFeed")
+            .field("scope", &self.scope)
+            .field("index", &self.index)
+            .field("revision", &self.revision)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KvFeed {
+    pub(super) fn new(kv: ConsulKv, scope: Scope) -> Self {
+        let generation = kv.agent.generation();
+        Self {
+            kv,
+            scope,
+            index: 0,
+            revision: 0,
+            held: BTreeMap::new(),
+            generation,
+        }
+    }
+
+    fn entries(&self, pairs: Vec<codec::KvPair>, loud: bool) -> Vec<Entry<ConfigEntry>> {
+        codec::decode_entries(pairs, &self.kv.root, &self.scope, loud)
+    }
+}
+
+/// The keys and versions of `entries`.
+fn versions(entries: &[Entry<ConfigEntry>]) -> BTreeMap<String, u64> {
+    entries
+        .iter()
+        .map(|e| (e.key.clone(), e.item.version))
+        .collect()
+}
+
+/// Whether the answer `now` (at `index`) cannot follow the last one, `held`, handed over
+/// at `revision`: its index, or the version of a key that changed, is not above it.
+fn went_backwards(
+    held: &BTreeMap<String, u64>,
+    now: &BTreeMap<String, u64>,
+    revision: Revision,
+    index: u64,
+) -> bool {
+    index <= revision
+        || now
+            .iter()
+            .any(|(k, v)| *v <= revision && held.get(k) != Some(v))
+}
+
+#[async_trait]
+impl Feed for KvFeed {
+    type Item = ConfigEntry;
+
+    async fn list(&mut self) -> Result<Listing<ConfigEntry>> {
+        self.kv.session.check_open()?;
+        self.generation.borrow_and_update();
+        let read = self.kv.read(&self.scope, None).await?;
+        let entries = self.entries(read.pairs, true);
+        self.index = read.index;
+        self.revision = read.index;
+        self.held = versions(&entries);
+        Ok(Listing {
+            entries,
+            revision: read.index,
+        })
+    }
+
+    async fn next(&mut self, _after: Revision) -> Result<Next<ConfigEntry>> {
+        let every = self.kv.agent.timeout().max(Duration::from_millis(500));
+        loop {
+            self.kv.session.check_open()?;
+            let wait = self
+                .kv
+                .wait
+                .mul_f64(rand::thread_rng().gen_range(0.9..=1.0));
+            // Any failure (a refused connection, an agent that does not answer) is an
+            // outage: the machine reports `Stale`, and `Resynced` once the agent answers.
+            let read = tokio::select! {
+                r = self.kv.read(&self.scope, Some((self.index, wait))) => r?,
+                e = dead_agent(&self.kv.agent, every) => return Err(e),
+                _ = self.generation.changed() => {
+                    return Err(Error::unavailable("consul: connections dropped (test hook)"));
+                }
+            };
+            if read.index == self.index {
+                continue; // the wait ran out with no change
+            }
+            let entries = self.entries(read.pairs, false);
+            let now = versions(&entries);
+            if went_backwards(&self.held, &now, self.revision, read.index) {
+                if now == self.held {
+                    tracing::debug!(scope = ?self.scope, from = self.index, to = read.index, "consul: the KV index went backwards, nothing changed");
+                    self.index = read.index;
+                    continue;
+                }
+                tracing::info!(scope = ?self.scope, from = self.index, to = read.index, "consul: the KV index went backwards (agent restarted? snapshot restored?); listing again");
+                self.index = 0;
+                return Err(Error::unavailable(format!(
+                    "consul: the KV index went backwards ({} after {}): the agent's state was replaced",
+                    read.index, self.revision
+                )));
+            }
+            self.index = read.index;
+            self.revision = read.index;
+            if now == self.held {
+                continue; // the prefix's index moved (a tombstone), its keys did not
+            }
+            self.held = now;
+            return Ok(Next::Listing(Listing {
+                entries,
+                revision: read.index,
+            }));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
+        pairs
+            .iter()
+            .map(|(k, v)| (format!("config/{k}"), *v))
+            .collect()
+    }
+
+    #[test]
+    fn an_index_or_a_version_below_the_last_revision_went_backwards() {
+        let before = held(&[("a", 5), ("b", 8)]);
+        assert!(!went_backwards(&before, &held(&[("a", 5), ("b", 9)]), 8, 9));
+        assert!(went_backwards(&before, &held(&[("a", 5)]), 8, 8));
+        assert!(went_backwards(&before, &held(&[("a", 5), ("b", 8)]), 8, 3));
+        // A restarted agent that got past the old index: a key rewritten at a lower index.
+        assert!(went_backwards(
+            &before,
+            &held(&[("a", 3), ("b", 30)]),
+            8,
+            30
+        ));
+    }
+}
