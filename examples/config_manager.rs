@@ -18,6 +18,9 @@ use waypost::kv::{ConfigKey, ConfigStore, Expected, LiveConfig, LiveOptions};
 use waypost::Config;
 
 const WAIT: Duration = Duration::from_secs(20);
+/// How long a registry may take to notice it is down: Consul's agent is pinged every
+/// `request_timeout` (10 s by default), so a hung agent takes up to twice that.
+const OUTAGE_WAIT: Duration = Duration::from_secs(45);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -156,14 +159,17 @@ pub(crate) async fn run(config: &Config, outage: Option<Outage>) -> Result<(), B
     if let Some(outage) = &outage {
         println!("5. the registry goes down: the application keeps its last good value");
         (outage.begin)();
-        let st = live.wait_for(WAIT, |s| s.stale_since.is_some()).await?;
+        let st = live
+            .wait_for(OUTAGE_WAIT, |s| s.stale_since.is_some())
+            .await?;
         expect(
             live.get().expect("value").pool_size == 32,
             "served while stale",
         )?;
         println!("   stale, serving version {:?}", st.version);
         (outage.end)();
-        live.wait_for(WAIT, |s| s.stale_since.is_none()).await?;
+        live.wait_for(OUTAGE_WAIT, |s| s.stale_since.is_none())
+            .await?;
         println!("   the registry is back");
     } else {
         println!("5. (no outage to simulate on this registry from here)");

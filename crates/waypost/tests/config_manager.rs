@@ -70,7 +70,8 @@ async fn config_manager_on_consul() {
     let Some(consul) = waypost_testkit::server::consul().await else {
         return;
     };
-    let url = consul.url();
+    // A hung agent is noticed within two request timeouts (10 s each by default).
+    let url = format!("{}?request_timeout=2s", consul.url());
     let (_server, outage) = pause_outage!(consul);
     run(&Config::from_url(url), Some(outage))
         .await

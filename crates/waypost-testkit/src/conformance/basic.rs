@@ -179,8 +179,9 @@ pub async fn initial_snapshot_empty_and_non_empty(b: &dyn TestBackend) {
     }
 }
 
-/// Add, update and remove reach a watcher in the order they were made, with rising
-/// revisions, and applying them yields exactly what `instances()` lists.
+/// Add, update and remove reach a watcher in the order they were made, each as its one
+/// event, with strictly rising revisions (each write waits for the previous one to be
+/// seen), and applying them yields exactly what `instances()` lists.
 pub async fn changes_in_order_with_revisions(b: &dyn TestBackend) {
     let t = b.settings().timeout;
     let ns = Namespace::new();
@@ -192,46 +193,65 @@ pub async fn changes_in_order_with_revisions(b: &dyn TestBackend) {
         panic!("first event must be Snapshot");
     };
     let mut set = InstanceSet::from_snapshot(&snap);
+    let mut log = Vec::new();
+    let mut revisions = vec![snap.revision];
 
+    // Each step: one write, then exactly the event it must cause.
     let a = ns.instance(&svc, "a", 1);
     let mut reg_a = d.registrar.register(a.clone()).await.unwrap();
-    wait_for_set(&mut watch, &mut set, t, "a added", |s| s.contains(&a.id)).await;
+    let events = wait_for_set(&mut watch, &mut set, t, "a added", |s| s.contains(&a.id)).await;
+    step(
+        &mut log,
+        &mut revisions,
+        events,
+        "Added(a)",
+        |e| matches!(e, WatchEvent::Added { instance, .. } if *instance == a),
+    );
+
     let b_inst = ns.instance(&svc, "b", 2);
     let reg_b = d.registrar.register(b_inst.clone()).await.unwrap();
-    let updated = a.clone().with_metadata("version", "2").with_weight(50);
-    reg_a.update(updated.clone()).await.expect("update");
-    reg_b.deregister().await.unwrap();
-
-    let mut log = Vec::new();
-    let events = wait_for_set(&mut watch, &mut set, t, "update and removal", |s| {
-        s.get(&a.id) == Some(&updated) && !s.contains(&b_inst.id)
+    let events = wait_for_set(&mut watch, &mut set, t, "b added", |s| {
+        s.contains(&b_inst.id)
     })
     .await;
-    log.extend(events);
+    step(
+        &mut log,
+        &mut revisions,
+        events,
+        "Added(b)",
+        |e| matches!(e, WatchEvent::Added { instance, .. } if *instance == b_inst),
+    );
 
-    let mut last = snap.revision;
-    for e in &log {
-        if let Some(r) = e.revision() {
-            assert!(
-                r >= last,
-                "revisions went backwards: {:?}",
-                log.iter().map(describe).collect::<Vec<_>>()
-            );
-            last = r;
-        }
-    }
-    let pos = |pred: &dyn Fn(&WatchEvent) -> bool| log.iter().position(pred);
-    let added_b =
-        pos(&|e| matches!(e, WatchEvent::Added { instance, .. } if instance.id == b_inst.id));
-    let removed_b = pos(&|e| matches!(e, WatchEvent::Removed { id, .. } if *id == b_inst.id));
-    if let (Some(x), Some(y)) = (added_b, removed_b) {
-        assert!(x < y, "Added(b) must come before Removed(b)");
-    }
+    let updated = a.clone().with_metadata("version", "2").with_weight(50);
+    reg_a.update(updated.clone()).await.expect("update");
+    let events = wait_for_set(&mut watch, &mut set, t, "a updated", |s| {
+        s.get(&a.id) == Some(&updated)
+    })
+    .await;
+    step(
+        &mut log,
+        &mut revisions,
+        events,
+        "Updated(a)",
+        |e| matches!(e, WatchEvent::Updated { instance, .. } if *instance == updated),
+    );
+
+    reg_b.deregister().await.unwrap();
+    let events = wait_for_set(&mut watch, &mut set, t, "b removed", |s| {
+        !s.contains(&b_inst.id)
+    })
+    .await;
+    step(
+        &mut log,
+        &mut revisions,
+        events,
+        "Removed(b)",
+        |e| matches!(e, WatchEvent::Removed { id, .. } if *id == b_inst.id),
+    );
+
     assert!(
-        pos(&|e| matches!(e, WatchEvent::Updated { instance, .. } if instance.id == a.id))
-            .is_some()
-            || pos(&|e| matches!(e, WatchEvent::Resynced(_))).is_some(),
-        "the update of a must arrive as Updated: {:?}",
+        revisions.windows(2).all(|w| w[0] < w[1]),
+        "revisions of successive writes must rise strictly: {revisions:?}; events: {:?}",
         log.iter().map(describe).collect::<Vec<_>>()
     );
     let truth = d.watcher.instances(&svc).await.unwrap();
@@ -242,6 +262,25 @@ pub async fn changes_in_order_with_revisions(b: &dyn TestBackend) {
         set.iter().collect::<Vec<_>>(),
         "applied events differ from the registry"
     );
+}
+
+/// One step of [`changes_in_order_with_revisions`]: the events it waited for are exactly
+/// one, the expected one; its revision is recorded.
+fn step(
+    log: &mut Vec<WatchEvent>,
+    revisions: &mut Vec<waypost_core::Revision>,
+    events: Vec<WatchEvent>,
+    what: &str,
+    expected: impl Fn(&WatchEvent) -> bool,
+) {
+    let described: Vec<String> = events.iter().map(describe).collect();
+    assert!(
+        events.len() == 1 && expected(&events[0]),
+        "expected exactly {what}, got {described:?} (before: {:?})",
+        log.iter().map(describe).collect::<Vec<_>>()
+    );
+    revisions.push(events[0].revision().expect("a change has a revision"));
+    log.extend(events);
 }
 
 /// Metadata (64 keys, unicode values), tags, weight and zone come back exactly.

@@ -24,13 +24,15 @@ pub struct ConfigView {
     pub stale: usize,
     /// How many `Resynced` events arrived.
     pub resynced: usize,
+    /// The keys changed at `revision` so far.
+    changed_at_revision: Vec<ConfigKey>,
 }
 
 impl ConfigView {
     /// Applies one event, checking the contract as it goes: a `Snapshot` first and only
-    /// first; revisions of changes strictly rise; an `Added` key was absent, an
-    /// `Updated` or `Removed` one present; versions of a key strictly rise; `Resynced` only
-    /// after `Stale`.
+    /// first; revisions of changes never fall, and a key changes at most once per
+    /// revision; an `Added` key was absent, an `Updated` or `Removed` one present; versions
+    /// of a key strictly rise; `Resynced` only after `Stale`.
     pub fn apply(&mut self, ev: &ConfigEvent) {
         let first = self.log.is_empty();
         self.log.push(describe(ev));
@@ -58,7 +60,7 @@ impl ConfigView {
                 self.stale += 1;
             }
             Event::Added(e, rev) | Event::Updated(e, rev) => {
-                self.rising(*rev);
+                self.rising(&e.key, *rev);
                 let added = matches!(ev, Event::Added(..));
                 let old = self.entries.get(&e.key);
                 assert_eq!(
@@ -81,7 +83,7 @@ impl ConfigView {
                     .insert(e.key.clone(), (e.value.clone(), e.version));
             }
             Event::Removed(key, rev) => {
-                self.rising(*rev);
+                self.rising(key, *rev);
                 assert!(
                     self.entries.remove(key).is_some(),
                     "Removed a key that was absent: {:?}",
@@ -91,13 +93,22 @@ impl ConfigView {
         }
     }
 
-    fn rising(&mut self, rev: Revision) {
+    fn rising(&mut self, key: &ConfigKey, rev: Revision) {
         assert!(
-            rev > self.revision,
+            rev >= self.revision,
             "revision {rev} after {}: {:?}",
             self.revision,
             self.log
         );
+        if rev > self.revision {
+            self.changed_at_revision.clear();
+        }
+        assert!(
+            !self.changed_at_revision.contains(key),
+            "{key} changed twice at revision {rev}: {:?}",
+            self.log
+        );
+        self.changed_at_revision.push(key.clone());
         self.revision = rev;
     }
 
@@ -112,6 +123,7 @@ impl ConfigView {
             "a snapshot lists a key twice"
         );
         self.revision = rev;
+        self.changed_at_revision.clear();
     }
 
     /// The value of `key`, if present.

@@ -117,9 +117,11 @@ async fn apply_until(
 }
 
 /// The watch contract on one event against the set it applies to (what the consumer
-/// holds): a change's revision rises strictly above the last one applied; `Added` is an
-/// id the set does not hold, `Updated` one it holds with other contents (no no-op
-/// events), `Removed` one it holds.
+/// holds) and the events before it: a change's revision never falls below the last one
+/// applied, and one id changes at most once per revision (several changes may share a
+/// revision: one registry transaction, or one answer of a registry that only lists);
+/// `Added` is an id the set does not hold, `Updated` one it holds with other contents (no
+/// no-op events), `Removed` one it holds.
 pub(crate) fn check_change(set: &InstanceSet, ev: &WatchEvent, before: &[WatchEvent]) {
     let log = || before.iter().map(describe).collect::<Vec<_>>();
     let (id, revision) = match ev {
@@ -159,11 +161,31 @@ pub(crate) fn check_change(set: &InstanceSet, ev: &WatchEvent, before: &[WatchEv
         _ => return,
     };
     assert!(
-        revision > set.revision(),
-        "the change of {id} at revision {revision} does not rise above {}; events before: {:?}",
+        revision >= set.revision(),
+        "the change of {id} at revision {revision} falls below {}; events before: {:?}",
         set.revision(),
         log()
     );
+    let twice = before
+        .iter()
+        .rev()
+        .take_while(|e| e.revision() == Some(revision))
+        .any(|e| change_id(e) == Some(id));
+    assert!(
+        !twice,
+        "{id} changed twice at revision {revision}; events before: {:?}",
+        log()
+    );
+}
+
+fn change_id(ev: &WatchEvent) -> Option<&waypost_core::InstanceId> {
+    match ev {
+        WatchEvent::Added { instance, .. } | WatchEvent::Updated { instance, .. } => {
+            Some(&instance.id)
+        }
+        WatchEvent::Removed { id, .. } => Some(id),
+        _ => None,
+    }
 }
 
 /// The id of an event, for messages.
