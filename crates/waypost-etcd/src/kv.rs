@@ -128,7 +128,7 @@ impl EtcdKv {
         key: &ConfigKey,
         compares: Vec<Compare>,
         write: TxnOp,
-        expected: String,
+        expected: Expected,
     ) -> Result<Revision> {
         let k = self.keys().key(key);
         let txn = Txn::new()
@@ -144,10 +144,7 @@ impl EtcdKv {
             TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.mod_revision() as Version),
             _ => None,
         });
-        Err(Error::Conflict {
-            what: format!("configuration key `{key}` was expected {expected}"),
-            current,
-        })
+        Err(expected.conflict(key, current))
     }
 }
 
@@ -194,24 +191,21 @@ impl KvDriver for EtcdKv {
         expected: Option<Expected>,
     ) -> Result<Version> {
         let k = self.keys().key(key);
-        let (compares, expected) = match expected {
-            None => {
-                let resp = self
-                    .conn
-                    .call("writing a configuration key", || {
-                        let mut kv = self.conn.client.kv_client();
-                        let (k, value) = (k.clone(), value.to_vec());
-                        async move { kv.put(k, value, None).await }
-                    })
-                    .await?;
-                // A put's header revision is the revision it wrote: the key's mod_revision.
-                return Ok(resp.header().map(|h| h.revision()).unwrap_or(0) as Version);
-            }
-            Some(Expected::Absent) => (
-                vec![Compare::create_revision(k.as_str(), CompareOp::Equal, 0)],
-                "absent".to_string(),
-            ),
-            Some(Expected::Version(v)) => (at_version(&k, v), format!("at version {v}")),
+        let Some(expected) = expected else {
+            let resp = self
+                .conn
+                .call("writing a configuration key", || {
+                    let mut kv = self.conn.client.kv_client();
+                    let (k, value) = (k.clone(), value.to_vec());
+                    async move { kv.put(k, value, None).await }
+                })
+                .await?;
+            // A put's header revision is the revision it wrote: the key's mod_revision.
+            return Ok(resp.header().map(|h| h.revision()).unwrap_or(0) as Version);
+        };
+        let compares = match expected {
+            Expected::Absent => vec![Compare::create_revision(k.as_str(), CompareOp::Equal, 0)],
+            Expected::Version(v) => at_version(&k, v),
         };
         let write = TxnOp::put(k.as_str(), value, None);
         self.conditional(
@@ -245,7 +239,7 @@ impl KvDriver for EtcdKv {
                     key,
                     at_version(&k, v),
                     write,
-                    format!("at version {v}"),
+                    Expected::Version(v),
                 )
                 .await?;
                 Ok(true)

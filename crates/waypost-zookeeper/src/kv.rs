@@ -154,20 +154,8 @@ fn ancestors(path: &str) -> impl Iterator<Item = &str> {
         .map(move |(i, _)| &path[..i])
 }
 
-fn conflict(key: &ConfigKey, expected: String, current: Option<Version>) -> Error {
-    Error::Conflict {
-        what: format!("configuration key `{key}` was expected {expected}"),
-        current,
-    }
-}
-
 fn check(key: &ConfigKey, expected: Option<Expected>, current: Option<Version>) -> Result<()> {
-    match (expected, current) {
-        (None, _) | (Some(Expected::Absent), None) => Ok(()),
-        (Some(Expected::Version(v)), Some(c)) if v == c => Ok(()),
-        (Some(Expected::Absent), Some(_)) => Err(conflict(key, "absent".into(), current)),
-        (Some(Expected::Version(v)), _) => Err(conflict(key, format!("at version {v}"), current)),
-    }
+    expected.map_or(Ok(()), |e| e.check(key, current))
 }
 
 /// Whether a write failed because the node changed since it was read: read again.
@@ -472,7 +460,7 @@ impl KvDriver for ZkKv {
                 Some((data, stat)) if is_key(&data, &stat) => stat,
                 _ => {
                     return match expected {
-                        Some(v) => Err(conflict(key, format!("at version {v}"), None)),
+                        Some(v) => Err(Expected::Version(v).conflict(key, None)),
                         None => Ok(false),
                     }
                 }

@@ -183,12 +183,9 @@ impl ConsulKv {
     }
 
     /// The conflict of a write to `key` that expected `expected`, with the current version.
-    async fn conflict(&self, key: &ConfigKey, expected: String) -> Error {
+    async fn conflict(&self, key: &ConfigKey, expected: Expected) -> Error {
         match self.get(key).await {
-            Ok(current) => Error::Conflict {
-                what: format!("configuration key `{key}` was expected {expected}"),
-                current: current.map(|e| e.version),
-            },
+            Ok(current) => expected.conflict(key, current.map(|e| e.version)),
             Err(e) => e,
         }
     }
@@ -236,23 +233,12 @@ impl KvDriver for ConsulKv {
         self.session.check_open()?;
         let full = self.consul_key(key);
         let stamp = codec::write_stamp();
-        let (op, describe) = match expected {
-            None => (
-                TxnOp::write("set", &full, value, stamp, None),
-                String::new(),
-            ),
-            Some(Expected::Absent) => (
-                TxnOp::write("cas", &full, value, stamp, Some(0)),
-                "absent".into(),
-            ),
+        let op = match expected {
+            None => TxnOp::write("set", &full, value, stamp, None),
+            Some(Expected::Absent) => TxnOp::write("cas", &full, value, stamp, Some(0)),
             // `cas=0` means "create only": no key is ever at version 0.
-            Some(Expected::Version(0)) => {
-                return Err(self.conflict(key, "at version 0".into()).await)
-            }
-            Some(Expected::Version(v)) => (
-                TxnOp::write("cas", &full, value, stamp, Some(v)),
-                format!("at version {v}"),
-            ),
+            Some(e @ Expected::Version(0)) => return Err(self.conflict(key, e).await),
+            Some(Expected::Version(v)) => TxnOp::write("cas", &full, value, stamp, Some(v)),
         };
         let what = "write a configuration key";
         match self.txn(what, &[op]).await? {
@@ -262,7 +248,14 @@ impl KvDriver for ConsulKv {
                 .ok_or_else(|| no_result(what)),
             Err(why) => {
                 tracing::debug!(%key, "consul: conditional write refused: {why}");
-                Err(self.conflict(key, describe).await)
+                match expected {
+                    Some(expected) => Err(self.conflict(key, expected).await),
+                    None => Err(ConsulError::Protocol {
+                        op: what,
+                        what: format!("an unconditional write was refused: {why}"),
+                    }
+                    .into()),
+                }
             }
         }
     }
@@ -283,7 +276,7 @@ impl KvDriver for ConsulKv {
             (Err(_), None) => Ok(false),
             (Err(why), Some(v)) => {
                 tracing::debug!(%key, "consul: conditional delete refused: {why}");
-                Err(self.conflict(key, format!("at version {v}")).await)
+                Err(self.conflict(key, Expected::Version(v)).await)
             }
         }
     }

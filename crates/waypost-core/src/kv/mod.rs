@@ -108,6 +108,36 @@ pub enum Expected {
     Version(Version),
 }
 
+impl std::fmt::Display for Expected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Expected::Absent => f.write_str("absent"),
+            Expected::Version(v) => write!(f, "at version {v}"),
+        }
+    }
+}
+
+impl Expected {
+    /// Whether a key at `current` (`None`: absent) meets this expectation; if not, the
+    /// [`Error::Conflict`](crate::Error::Conflict) a write of `key` returns.
+    pub fn check(self, key: &ConfigKey, current: Option<Version>) -> Result<()> {
+        match (self, current) {
+            (Expected::Absent, None) => Ok(()),
+            (Expected::Version(v), Some(c)) if v == c => Ok(()),
+            _ => Err(self.conflict(key, current)),
+        }
+    }
+
+    /// The [`Error::Conflict`](crate::Error::Conflict) of a write of `key` that expected
+    /// `self` and found the key at `current` (`None`: absent).
+    pub fn conflict(self, key: &ConfigKey, current: Option<Version>) -> crate::Error {
+        crate::Error::Conflict {
+            what: format!("configuration key `{key}` was expected {self}"),
+            current,
+        }
+    }
+}
+
 /// Every key under a prefix, read at one revision.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]

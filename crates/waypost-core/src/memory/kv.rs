@@ -97,20 +97,8 @@ impl State {
     }
 }
 
-fn conflict(key: &ConfigKey, expected: String, current: Option<Version>) -> Error {
-    Error::Conflict {
-        what: format!("configuration key `{key}` was expected {expected}"),
-        current,
-    }
-}
-
 fn check(key: &ConfigKey, expected: Option<Expected>, current: Option<Version>) -> Result<()> {
-    match (expected, current) {
-        (None, _) | (Some(Expected::Absent), None) => Ok(()),
-        (Some(Expected::Version(v)), Some(c)) if v == c => Ok(()),
-        (Some(Expected::Absent), Some(_)) => Err(conflict(key, "absent".into(), current)),
-        (Some(Expected::Version(v)), _) => Err(conflict(key, format!("at version {v}"), current)),
-    }
+    expected.map_or(Ok(()), |e| e.check(key, current))
 }
 
 /// The memory backend's key/value primitives (core's [`Kv`](crate::backend::Kv) runs
