@@ -294,6 +294,31 @@ mod tests {
     }
 
     #[test]
+    fn accessors_report_the_set() {
+        let svc = ServiceName::new("s").unwrap();
+        let empty = Snapshot::new(svc.clone(), Vec::new(), 3);
+        assert!(empty.is_empty());
+        assert_eq!(empty.len(), 0);
+        let two = Snapshot::new(svc.clone(), vec![inst("b", 1), inst("a", 1)], 4);
+        assert!(!two.is_empty());
+        assert_eq!(two.len(), 2);
+
+        let mut set = InstanceSet::new();
+        assert!(set.is_empty());
+        set.apply(&WatchEvent::Snapshot(two.clone()));
+        assert_eq!(set.revision(), 4);
+        assert_eq!((set.len(), set.is_empty()), (2, false));
+        let ids: Vec<&str> = set.ids().map(|i| i.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        set.apply(&WatchEvent::Removed {
+            id: InstanceId::new("a").unwrap(),
+            revision: 9,
+        });
+        assert_eq!(set.revision(), 9);
+        assert_eq!(set.to_snapshot(svc).instances, vec![inst("b", 1)]);
+    }
+
+    #[test]
     fn stale_keeps_the_set() {
         let mut set = InstanceSet::new();
         set.diff_replace(vec![inst("a", 1)], 1);
