@@ -19,6 +19,10 @@
 //! # Ok(()) }
 //! ```
 //!
+//! The same connection holds configuration: [`Discovery::kv`] is a
+//! [`ConfigStore`](kv::ConfigStore) (get, put, compare-and-set, watch a key or a prefix),
+//! and [`kv::LiveConfig`] keeps a typed value current (see `examples/config_manager.rs`).
+//!
 //! # In libraries and in executables
 //! Libraries take an `Arc<dyn Registrar>` or `Arc<dyn Watcher>` and never choose a
 //! registry. Executables call [`connect`] (or [`connect_config`] with a serde
