@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use waypost_consul::{ConsulConfig, ConsulDiscovery};
 use waypost_core::kv::{ConfigKey, ConfigStore};
-use waypost_testkit::bench::{kv_put_seen, kv_table, write_readme_section, KvRow};
+use waypost_testkit::bench::{kv_row, kv_table, write_readme_section, RawKv};
 
 const SAMPLES: usize = 300;
 const WARMUP: usize = 30;
@@ -61,6 +61,23 @@ impl Raw {
         let (put, seen) = tokio::join!(put, seen);
         assert!(put.unwrap().status().is_success());
         seen - started
+    }
+}
+
+/// The raw side of one scenario: its probe key and what its blocking query watches.
+struct Scenario<'a> {
+    raw: &'a mut Raw,
+    key: String,
+    watched: String,
+    recurse: bool,
+}
+
+#[async_trait::async_trait]
+impl RawKv for Scenario<'_> {
+    async fn put_seen(&mut self, value: &str) -> Duration {
+        self.raw
+            .sample(&self.key, &self.watched, self.recurse, value)
+            .await
     }
 }
 
@@ -122,22 +139,23 @@ async fn main() {
         futures::StreamExt::next(&mut watch).await.unwrap().unwrap();
         raw.index = "0".into();
         raw.block(&watched, recurse).await;
-        let (mut r, mut w) = (Vec::new(), Vec::new());
-        for n in 0..WARMUP + SAMPLES {
-            let value = format!("value-{n}");
-            let rs = raw.sample(&raw_key, &watched, recurse, &value).await;
-            let ws = kv_put_seen(&*kv, &mut watch, &key, value.into_bytes()).await;
-            if n >= WARMUP {
-                r.push(rs);
-                w.push(ws);
-            }
-        }
-        rows.push(KvRow {
-            scenario: scenario.into(),
-            raw: r,
-            waypost: w,
-        });
-        eprintln!("{scenario}: done");
+        let mut side = Scenario {
+            raw: &mut raw,
+            key: raw_key,
+            watched,
+            recurse,
+        };
+        rows.push(
+            kv_row(
+                scenario,
+                (WARMUP, SAMPLES),
+                &mut side,
+                &*kv,
+                &mut watch,
+                &key,
+            )
+            .await,
+        );
     }
     let table = kv_table(
         &mut rows,

@@ -10,37 +10,42 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, EventType, WatchOptions, WatchStream};
 use waypost_core::kv::ConfigKey;
 use waypost_etcd::{EtcdConfig, EtcdDiscovery};
-use waypost_testkit::bench::{kv_put_seen, kv_table, write_readme_section, KvRow};
+use waypost_testkit::bench::{kv_row, kv_table, write_readme_section, RawKv};
 
 const SAMPLES: usize = 300;
 const WARMUP: usize = 30;
 const OTHERS: usize = 1_000;
 
 /// Raw: put, then the watch event of that key with that value.
-async fn raw_sample(
-    client: &mut Client,
-    watch: &mut WatchStream,
-    key: &str,
-    value: &str,
-) -> Duration {
-    let started = Instant::now();
-    let mut writer = client.clone();
-    let seen = async {
-        loop {
-            let r = watch.message().await.unwrap().expect("watch open");
-            if r.events().iter().any(|e| {
-                e.event_type() == EventType::Put
-                    && e.kv().is_some_and(|kv| {
-                        kv.key() == key.as_bytes() && kv.value() == value.as_bytes()
-                    })
-            }) {
-                return Instant::now();
+struct Raw {
+    client: Client,
+    watch: WatchStream,
+    key: String,
+}
+
+#[async_trait::async_trait]
+impl RawKv for Raw {
+    async fn put_seen(&mut self, value: &str) -> Duration {
+        let started = Instant::now();
+        let mut writer = self.client.clone();
+        let (key, watch) = (&self.key, &mut self.watch);
+        let seen = async {
+            loop {
+                let r = watch.message().await.unwrap().expect("watch open");
+                if r.events().iter().any(|e| {
+                    e.event_type() == EventType::Put
+                        && e.kv().is_some_and(|kv| {
+                            kv.key() == key.as_bytes() && kv.value() == value.as_bytes()
+                        })
+                }) {
+                    return Instant::now();
+                }
             }
-        }
-    };
-    let (put, seen) = tokio::join!(writer.put(key, value, None), seen);
-    put.unwrap();
-    seen - started
+        };
+        let (put, seen) = tokio::join!(writer.put(key.as_str(), value, None), seen);
+        put.unwrap();
+        seen - started
+    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -80,24 +85,23 @@ async fn main() {
             (kv.watch_prefix(&dir), s)
         };
         raw_watch.message().await.unwrap(); // created
-                                            // The snapshot.
-        futures::StreamExt::next(&mut watch).await.unwrap().unwrap();
-        let (mut r, mut w) = (Vec::new(), Vec::new());
-        for n in 0..WARMUP + SAMPLES {
-            let value = format!("value-{n}");
-            let rs = raw_sample(&mut raw, &mut raw_watch, &raw_key, &value).await;
-            let ws = kv_put_seen(&*kv, &mut watch, &key, value.into_bytes()).await;
-            if n >= WARMUP {
-                r.push(rs);
-                w.push(ws);
-            }
-        }
-        rows.push(KvRow {
-            scenario: scenario.into(),
-            raw: r,
-            waypost: w,
-        });
-        eprintln!("{scenario}: done");
+        futures::StreamExt::next(&mut watch).await.unwrap().unwrap(); // the snapshot
+        let mut side = Raw {
+            client: raw.clone(),
+            watch: raw_watch,
+            key: raw_key,
+        };
+        rows.push(
+            kv_row(
+                scenario,
+                (WARMUP, SAMPLES),
+                &mut side,
+                &*kv,
+                &mut watch,
+                &key,
+            )
+            .await,
+        );
     }
     let table = kv_table(
         &mut rows,

@@ -67,6 +67,43 @@ pub async fn kv_put_seen(
     seen - started
 }
 
+/// The raw client's side of one scenario of the configuration benchmark: its own probe
+/// key, writer and watcher.
+#[async_trait::async_trait]
+pub trait RawKv: Send {
+    /// Writes `value` at the raw probe key; returns how long until the raw watcher saw
+    /// that value.
+    async fn put_seen(&mut self, value: &str) -> Duration;
+}
+
+/// Runs one scenario: `warmup + samples` rounds, each a raw sample then a waypost sample
+/// (`kv.put(key)` until `watch`, past its snapshot, reports it) of the same value.
+pub async fn kv_row(
+    scenario: &str,
+    (warmup, samples): (usize, usize),
+    raw: &mut dyn RawKv,
+    kv: &dyn ConfigStore,
+    watch: &mut BoxStream<'static, Result<ConfigEvent>>,
+    key: &ConfigKey,
+) -> KvRow {
+    let (mut r, mut w) = (Vec::new(), Vec::new());
+    for n in 0..warmup + samples {
+        let value = format!("value-{n}");
+        let rs = raw.put_seen(&value).await;
+        let ws = kv_put_seen(kv, watch, key, value.into_bytes()).await;
+        if n >= warmup {
+            r.push(rs);
+            w.push(ws);
+        }
+    }
+    eprintln!("{scenario}: done");
+    KvRow {
+        scenario: scenario.into(),
+        raw: r,
+        waypost: w,
+    }
+}
+
 /// One row of the configuration benchmark's table.
 #[derive(Clone, Debug)]
 pub struct KvRow {

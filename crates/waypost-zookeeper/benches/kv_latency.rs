@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use waypost_core::kv::{ConfigKey, ConfigStore};
-use waypost_testkit::bench::{kv_put_seen, kv_table, write_readme_section, KvRow};
+use waypost_testkit::bench::{kv_row, kv_table, write_readme_section, RawKv};
 use waypost_testkit::server::{require, ServerKind, ZooKeeperOptions, ZooKeeperServer};
 use waypost_zookeeper::{ZkConfig, ZkDiscovery};
 use zookeeper_client::{Acls, AddWatchMode, Client, CreateMode, EventType, PersistentWatcher};
@@ -20,20 +20,28 @@ const WARMUP: usize = 50;
 const OTHERS: usize = 1_000;
 
 /// Raw: `set_data`, the watch event of that node, then `get_data` until it holds `value`.
-async fn raw_sample(
-    client: &Client,
-    watch: &mut PersistentWatcher,
-    path: &str,
-    value: &[u8],
-) -> Duration {
-    let started = Instant::now();
-    client.set_data(path, value, None).await.unwrap();
-    loop {
-        let ev = watch.changed().await;
-        if ev.event_type == EventType::NodeDataChanged && ev.path == path {
-            let (data, _) = client.get_data(path).await.unwrap();
-            if data == value {
-                return started.elapsed();
+struct Raw {
+    client: Client,
+    watch: PersistentWatcher,
+    path: String,
+}
+
+#[async_trait::async_trait]
+impl RawKv for Raw {
+    async fn put_seen(&mut self, value: &str) -> Duration {
+        let started = Instant::now();
+        let path = self.path.as_str();
+        self.client
+            .set_data(path, value.as_bytes(), None)
+            .await
+            .unwrap();
+        loop {
+            let ev = self.watch.changed().await;
+            if ev.event_type == EventType::NodeDataChanged && ev.path == path {
+                let (data, _) = self.client.get_data(path).await.unwrap();
+                if data == value.as_bytes() {
+                    return started.elapsed();
+                }
             }
         }
     }
@@ -74,7 +82,7 @@ async fn main() {
                 .await
                 .unwrap();
         }
-        let (mut watch, mut raw_watch) = if others == 0 {
+        let (mut watch, raw_watch) = if others == 0 {
             (
                 kv.watch(&key),
                 raw.watch(&raw_key, AddWatchMode::Persistent).await.unwrap(),
@@ -87,24 +95,23 @@ async fn main() {
                     .unwrap(),
             )
         };
-        // The snapshot.
-        futures::StreamExt::next(&mut watch).await.unwrap().unwrap();
-        let (mut r, mut w) = (Vec::new(), Vec::new());
-        for n in 0..WARMUP + SAMPLES {
-            let value = format!("value-{n}");
-            let rs = raw_sample(&raw, &mut raw_watch, &raw_key, value.as_bytes()).await;
-            let ws = kv_put_seen(&*kv, &mut watch, &key, value.into_bytes()).await;
-            if n >= WARMUP {
-                r.push(rs);
-                w.push(ws);
-            }
-        }
-        rows.push(KvRow {
-            scenario: scenario.into(),
-            raw: r,
-            waypost: w,
-        });
-        eprintln!("{scenario}: done");
+        futures::StreamExt::next(&mut watch).await.unwrap().unwrap(); // the snapshot
+        let mut side = Raw {
+            client: raw.clone(),
+            watch: raw_watch,
+            path: raw_key,
+        };
+        rows.push(
+            kv_row(
+                scenario,
+                (WARMUP, SAMPLES),
+                &mut side,
+                &*kv,
+                &mut watch,
+                &key,
+            )
+            .await,
+        );
     }
     let table = kv_table(
         &mut rows,
