@@ -15,7 +15,7 @@ use futures::stream::BoxStream;
 use tokio::time::Instant;
 
 use super::options::BackoffOptions;
-use super::watch::{self, Feed, Listing};
+use super::watch::{self, Feed, Listing, WatchHub};
 use crate::error::{Error, Result};
 use crate::kv::{
     ConfigEntry, ConfigEvent, ConfigKey, ConfigListing, ConfigStore, Expected, Version,
@@ -102,10 +102,13 @@ impl Default for KvOptions {
     }
 }
 
-/// The [`ConfigStore`] over a backend's [`KvDriver`]. Cheap to clone.
+/// The [`ConfigStore`] over a backend's [`KvDriver`]. Cheap to clone; clones share
+/// their watches (one registry watch per key or prefix, whatever the number of local
+/// watchers).
 pub struct Kv<D: KvDriver> {
     driver: Arc<D>,
     options: KvOptions,
+    hub: WatchHub<Scope, ConfigEntry>,
 }
 
 impl<D: KvDriver> Clone for Kv<D> {
@@ -113,6 +116,7 @@ impl<D: KvDriver> Clone for Kv<D> {
         Self {
             driver: self.driver.clone(),
             options: self.options,
+            hub: self.hub.clone(),
         }
     }
 }
@@ -144,6 +148,7 @@ impl<D: KvDriver> Kv<D> {
         Self {
             driver: Arc::new(driver),
             options,
+            hub: WatchHub::new(),
         }
     }
 
@@ -216,11 +221,11 @@ impl<D: KvDriver> Kv<D> {
 
     fn watch_scope(&self, scope: Scope) -> BoxStream<'static, Result<ConfigEvent>> {
         let what = scope.describe();
-        watch::spawned(watch::watch(
-            self.driver.feed(&scope),
-            &self.options.backoff,
-            what,
-        ))
+        let feed = self.driver.feed(&scope);
+        let backoff = self.options.backoff;
+        // The hub runs the machine in its own task, reading ahead of the consumers.
+        self.hub
+            .watch(scope, move || watch::watch(feed, &backoff, what))
     }
 }
 

@@ -11,6 +11,7 @@ use futures::stream::BoxStream;
 use super::backend::{Driver, Store, WatchFeed};
 use super::kv::MemoryKv;
 use super::registry::{MemoryRegistry, SessionId};
+use crate::backend::watch::WatchHub;
 use crate::backend::{watch, BackoffOptions, Keeper, Kv, KvOptions, Session, TestHooks};
 use crate::error::Result;
 use crate::event::{Snapshot, WatchEvent};
@@ -29,6 +30,7 @@ pub struct MemoryClient {
     registry: MemoryRegistry,
     keeper: Keeper<Driver, Store>,
     kv: Kv<MemoryKv>,
+    hub: WatchHub<ServiceName, Instance>,
     backoff: BackoffOptions,
 }
 
@@ -69,6 +71,7 @@ impl MemoryClient {
                     ..KvOptions::default()
                 },
             ),
+            hub: WatchHub::new(),
             backoff,
         }
     }
@@ -131,11 +134,11 @@ impl Watcher for MemoryClient {
     }
 
     fn watch(&self, service: &ServiceName) -> BoxStream<'static, Result<WatchEvent>> {
-        watch::watch_instances(
-            WatchFeed::new(&self.registry, service),
-            &self.backoff,
-            service,
-        )
+        let feed = WatchFeed::new(&self.registry, service);
+        let (backoff, what) = (self.backoff, service.to_string());
+        watch::shared_instances(&self.hub, service, move || {
+            watch::watch(feed, &backoff, what)
+        })
     }
 }
 

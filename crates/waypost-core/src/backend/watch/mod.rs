@@ -37,6 +37,9 @@ use crate::model::{Instance, InstanceId, Revision, ServiceName};
 
 use super::options::BackoffOptions;
 
+mod shared;
+pub use shared::WatchHub;
+
 /// Something a watch delivers: instances now, configuration entries next.
 pub trait Item: Clone + PartialEq + Debug + Send + Sync + 'static {
     /// What identifies an item for consumers (an instance id, a configuration key).
@@ -333,8 +336,29 @@ pub fn watch_instances<F: Feed<Item = Instance>>(
     backoff: &BackoffOptions,
     service: &ServiceName,
 ) -> BoxStream<'static, Result<WatchEvent>> {
+    instance_events(service, watch(feed, backoff, service.to_string()))
+}
+
+/// A watch of `service` through `hub`: one registry watch per service per client,
+/// whatever the number of local watchers (see [`WatchHub`]). `start` builds the
+/// machine's stream ([`watch`] over the backend's feed, or [`spawned`] around it) when no
+/// watch of the service runs yet. What a backend's
+/// [`Watcher::watch`](crate::Watcher::watch) returns.
+pub fn shared_instances(
+    hub: &WatchHub<ServiceName, Instance>,
+    service: &ServiceName,
+    start: impl FnOnce() -> BoxStream<'static, Result<Event<Instance>>> + Send + 'static,
+) -> BoxStream<'static, Result<WatchEvent>> {
+    instance_events(service, hub.watch(service.clone(), start))
+}
+
+/// Machine events of `service` as [`WatchEvent`]s.
+fn instance_events(
+    service: &ServiceName,
+    events: BoxStream<'static, Result<Event<Instance>>>,
+) -> BoxStream<'static, Result<WatchEvent>> {
     let svc = service.clone();
-    watch(feed, backoff, service.to_string())
+    events
         .map(move |ev| ev.map(|ev| to_watch_event(&svc, ev)))
         .boxed()
 }

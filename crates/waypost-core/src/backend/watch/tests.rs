@@ -254,3 +254,142 @@ async fn resolve_lists_an_id_once() {
         "the smallest key wins among foreign ones"
     );
 }
+
+mod shared {
+    use super::*;
+    use crate::memory::MemoryRegistry;
+    use crate::{InstanceSet, Registrar, Watcher};
+
+    async fn first(s: &mut BoxStream<'static, Result<WatchEvent>>) -> WatchEvent {
+        tokio::time::timeout(Duration::from_secs(10), s.next())
+            .await
+            .expect("an event in time")
+            .expect("stream open")
+            .expect("no error")
+    }
+
+    async fn wait_watches(registry: &MemoryRegistry, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while registry.open_watches() != n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the registry serves {} watches, expected {n}",
+                registry.open_watches()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn local_watchers_share_one_registry_watch_and_late_ones_get_a_snapshot() {
+        let registry = MemoryRegistry::new("hub-share");
+        let client = registry.client(Duration::from_secs(10));
+        let svc: ServiceName = "s".parse().unwrap();
+        let _a = client.register(inst("a", 1)).await.unwrap();
+        let mut watches: Vec<_> = (0..10).map(|_| client.watch(&svc)).collect();
+        for w in &mut watches {
+            assert!(matches!(first(w).await, WatchEvent::Snapshot(s) if s.len() == 1));
+        }
+        wait_watches(&registry, 1).await;
+        let _b = client.register(inst("b", 2)).await.unwrap();
+        for w in &mut watches {
+            assert!(
+                matches!(first(w).await, WatchEvent::Added { instance, .. } if instance.id.as_str() == "b")
+            );
+        }
+        // A late watcher starts with the set as it stands, then follows.
+        let mut late = client.watch(&svc);
+        assert!(matches!(first(&mut late).await, WatchEvent::Snapshot(s) if s.len() == 2));
+        drop(_a);
+        assert!(
+            matches!(first(&mut late).await, WatchEvent::Removed { id, .. } if id.as_str() == "a")
+        );
+        assert_eq!(registry.open_watches(), 1, "still one registry watch");
+        // Another client is another process: its own registry watch.
+        let other = registry.client(Duration::from_secs(10));
+        let mut theirs = other.watch(&svc);
+        first(&mut theirs).await;
+        wait_watches(&registry, 2).await;
+        // The last local watcher gone, the registry watch goes.
+        drop(watches);
+        drop(late);
+        wait_watches(&registry, 1).await;
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_joins_during_an_outage_gets_the_last_set_then_stale() {
+        let registry = MemoryRegistry::new("hub-outage");
+        let client = registry.client(Duration::from_secs(10));
+        let svc: ServiceName = "s".parse().unwrap();
+        let _a = client.register(inst("a", 1)).await.unwrap();
+        let mut w1 = client.watch(&svc);
+        first(&mut w1).await;
+        registry.set_reachable(false);
+        assert!(matches!(first(&mut w1).await, WatchEvent::Stale { .. }));
+        let mut w2 = client.watch(&svc);
+        assert!(matches!(first(&mut w2).await, WatchEvent::Snapshot(s) if s.len() == 1));
+        assert!(matches!(first(&mut w2).await, WatchEvent::Stale { .. }));
+        registry.set_reachable(true);
+        for w in [&mut w1, &mut w2] {
+            assert!(matches!(first(w).await, WatchEvent::Resynced(s) if s.len() == 1));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_watcher_is_resynced_not_cut_off() {
+        let registry = MemoryRegistry::new("hub-lag");
+        let client = registry.client(Duration::from_secs(60));
+        let svc: ServiceName = "s".parse().unwrap();
+        let mut fast = client.watch(&svc);
+        let mut slow = client.watch(&svc);
+        first(&mut fast).await;
+        first(&mut slow).await;
+        let mut regs = Vec::new();
+        for i in 0..1500 {
+            regs.push(client.register(inst(&format!("i{i:04}"), 1)).await.unwrap());
+        }
+        let mut set = InstanceSet::new();
+        while set.len() < 1500 {
+            set.apply(&first(&mut fast).await);
+        }
+        // `slow` read nothing meanwhile: it is told it missed events, then gets the set.
+        assert!(matches!(first(&mut slow).await, WatchEvent::Stale { .. }));
+        assert!(matches!(first(&mut slow).await, WatchEvent::Resynced(s) if s.len() == 1500));
+        regs.truncate(1499);
+        assert!(
+            matches!(first(&mut slow).await, WatchEvent::Removed { id, .. } if id.as_str() == "i1499")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_error_that_ends_the_watch_reaches_every_watcher_and_the_next_watch_starts_afresh() {
+        let hub: WatchHub<&'static str, Instance> = WatchHub::new();
+        let starts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let start = |starts: Arc<std::sync::atomic::AtomicUsize>| {
+            move || {
+                starts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                futures::stream::iter([
+                    Ok(Event::Snapshot(vec![inst("a", 1)], 1)),
+                    Err(crate::Error::Unauthorized {
+                        message: "token revoked".into(),
+                        source: None,
+                    }),
+                ])
+                .chain(futures::stream::pending())
+                .boxed()
+            }
+        };
+        let mut w1 = hub.watch("k", start(starts.clone()));
+        assert!(matches!(w1.next().await, Some(Ok(Event::Snapshot(..)))));
+        let e = w1.next().await.unwrap().unwrap_err();
+        assert!(
+            matches!(&e, crate::Error::Unauthorized { message, .. } if message == "token revoked"),
+            "{e}"
+        );
+        assert!(w1.next().await.is_none(), "the stream ends after the error");
+        // A watcher joining a failed watch: a new one is started.
+        let mut w2 = hub.watch("k", start(starts.clone()));
+        assert!(matches!(w2.next().await, Some(Ok(Event::Snapshot(..)))));
+        assert_eq!(starts.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+}

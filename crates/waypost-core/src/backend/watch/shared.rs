@@ -1,0 +1,390 @@
+//! One registry watch per key per client, shared by every local watcher of that key.
+//!
+//! Many parts of one process watch the same service (several `ServiceCache`s, `discover()`
+//! streams, a CLI `watch`). A [`WatchHub`] runs the watch machine once per key and fans
+//! its events out to every local subscriber through a `tokio::sync::broadcast` channel,
+//! keeping the current set so that a late subscriber still starts with a `Snapshot`:
+//!
+//! - a subscriber that joins a running watch gets a `Snapshot` of the set as it stands
+//!   (and `Stale` right after it if the registry is unreachable), then every later event;
+//! - a subscriber too slow to keep up (more than 1,024 events behind) is not cut off: it
+//!   gets `Stale`, then `Resynced` with the current set, and goes on from there;
+//! - an error that ends the watch reaches every subscriber, and the next watch of the key
+//!   starts afresh;
+//! - when the last subscriber of a key is dropped, the machine stops and its feed — the
+//!   registry watch — is dropped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use futures::stream::{BoxStream, StreamExt};
+use tokio::sync::broadcast;
+
+use super::{Event, Item, READ_AHEAD};
+use crate::error::{Error, Result};
+use crate::model::Revision;
+
+/// What the broadcast carries: an event, or the error that ended the watch.
+type Msg<T> = std::result::Result<Event<T>, Arc<Error>>;
+
+/// What a shared watch has told so far.
+struct State<T: Item> {
+    /// The current set and its revision; `None` until the first `Snapshot`.
+    set: Option<(BTreeMap<T::Id, T>, Revision)>,
+    /// Why the registry is unreachable, while it is.
+    stale: Option<Arc<Error>>,
+    /// The error that ended the watch.
+    failed: Option<Arc<Error>>,
+}
+
+impl<T: Item> State<T> {
+    fn apply(&mut self, msg: &Msg<T>) {
+        match msg {
+            Ok(Event::Snapshot(items, rev) | Event::Resynced(items, rev)) => {
+                let set = items.iter().map(|i| (i.id().clone(), i.clone())).collect();
+                self.set = Some((set, *rev));
+                self.stale = None;
+            }
+            Ok(Event::Added(item, rev) | Event::Updated(item, rev)) => {
+                if let Some((set, r)) = &mut self.set {
+                    set.insert(item.id().clone(), item.clone());
+                    *r = *rev;
+                }
+            }
+            Ok(Event::Removed(id, rev)) => {
+                if let Some((set, r)) = &mut self.set {
+                    set.remove(id);
+                    *r = *rev;
+                }
+            }
+            Ok(Event::Stale(reason)) => self.stale = Some(reason.clone()),
+            Err(e) => self.failed = Some(e.clone()),
+        }
+    }
+
+    fn items(&self) -> Option<(Vec<T>, Revision)> {
+        self.set
+            .as_ref()
+            .map(|(set, rev)| (set.values().cloned().collect(), *rev))
+    }
+}
+
+/// The state and the channel of one shared watch: held by its task and its subscribers.
+struct Core<T: Item> {
+    state: Mutex<State<T>>,
+    tx: broadcast::Sender<Msg<T>>,
+}
+
+impl<T: Item> Core<T> {
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One running shared watch. Subscribers hold it; dropping the last one stops the task.
+struct Running<T: Item> {
+    core: Arc<Core<T>>,
+    task: tokio::task::AbortHandle,
+}
+
+impl<T: Item> Drop for Running<T> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One registry watch per key, shared by every local watcher of the key. Cheap to clone;
+/// clones share the watches.
+pub struct WatchHub<K, T: Item> {
+    running: Arc<Mutex<HashMap<K, Weak<Running<T>>>>>,
+}
+
+impl<K, T: Item> Clone for WatchHub<K, T> {
+    fn clone(&self) -> Self {
+        Self {
+            running: self.running.clone(),
+        }
+    }
+}
+
+impl<K, T: Item> Default for WatchHub<K, T> {
+    fn default() -> Self {
+        Self {
+            running: Arc::default(),
+        }
+    }
+}
+
+impl<K, T: Item> fmt::Debug for WatchHub<K, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WatchHub")
+            .field("watches", &self.len())
+            .finish()
+    }
+}
+
+impl<K, T: Item> WatchHub<K, T> {
+    /// An empty hub.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many shared watches run now (each one registry watch).
+    pub fn len(&self) -> usize {
+        let map = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().filter(|w| w.strong_count() > 0).count()
+    }
+
+    /// Whether no shared watch runs.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<K, T> WatchHub<K, T>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    T: Item,
+{
+    /// A watch of `key`: joins the shared watch of `key` if one runs, else starts one with
+    /// `start` (the watch machine's stream for the key, built only when needed). The
+    /// stream keeps the watch contract (see the module docs). Joining happens at the first
+    /// poll, on the runtime that polls.
+    pub fn watch(
+        &self,
+        key: K,
+        start: impl FnOnce() -> BoxStream<'static, Result<Event<T>>> + Send + 'static,
+    ) -> BoxStream<'static, Result<Event<T>>> {
+        let hub = self.clone();
+        futures::stream::once(async move { hub.join(key, start) })
+            .flatten()
+            .boxed()
+    }
+
+    fn join(
+        &self,
+        key: K,
+        start: impl FnOnce() -> BoxStream<'static, Result<Event<T>>>,
+    ) -> BoxStream<'static, Result<Event<T>>> {
+        let mut map = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let live = map
+            .get(&key)
+            .and_then(Weak::upgrade)
+            .filter(|r| r.core.lock().failed.is_none());
+        let running = match live {
+            Some(r) => r,
+            None => {
+                let r = Arc::new(spawn(start()));
+                map.retain(|_, w| w.strong_count() > 0);
+                map.insert(key, Arc::downgrade(&r));
+                r
+            }
+        };
+        drop(map);
+        subscribe(running)
+    }
+}
+
+/// Starts the task that runs `events` and fans them out.
+fn spawn<T: Item>(mut events: BoxStream<'static, Result<Event<T>>>) -> Running<T> {
+    let (tx, _) = broadcast::channel(READ_AHEAD);
+    let core = Arc::new(Core {
+        state: Mutex::new(State {
+            set: None,
+            stale: None,
+            failed: None,
+        }),
+        tx,
+    });
+    let task = tokio::spawn({
+        let core = core.clone();
+        async move {
+            while let Some(ev) = events.next().await {
+                let msg = ev.map_err(Arc::new);
+                let end = msg.is_err();
+                {
+                    // Under the lock: a subscriber joins either before (and gets the
+                    // message) or after (and finds it in the state), never both.
+                    let mut st = core.lock();
+                    st.apply(&msg);
+                    let _ = core.tx.send(msg);
+                }
+                if end {
+                    return;
+                }
+            }
+            // The machine ends only after an error; be safe if it ever does not.
+            let mut st = core.lock();
+            if st.failed.is_none() {
+                let e = Arc::new(Error::Closed { what: "watch" });
+                st.failed = Some(e.clone());
+                let _ = core.tx.send(Err(e));
+            }
+        }
+    });
+    Running {
+        core,
+        task: task.abort_handle(),
+    }
+}
+
+/// One subscriber's view of a shared watch.
+struct Subscriber<T: Item> {
+    running: Arc<Running<T>>,
+    rx: broadcast::Receiver<Msg<T>>,
+    /// Events to yield before reading the channel.
+    queued: std::collections::VecDeque<Msg<T>>,
+    /// Whether this subscriber last yielded `Stale` (so `Stale` comes once per outage).
+    stale: bool,
+    done: bool,
+}
+
+fn subscribe<T: Item>(running: Arc<Running<T>>) -> BoxStream<'static, Result<Event<T>>> {
+    let (rx, queued) = {
+        let st = running.core.lock();
+        let rx = running.core.tx.subscribe();
+        let mut queued = std::collections::VecDeque::new();
+        if let Some(e) = &st.failed {
+            queued.push_back(Err(e.clone()));
+        } else if let Some((items, rev)) = st.items() {
+            queued.push_back(Ok(Event::Snapshot(items, rev)));
+            if let Some(reason) = &st.stale {
+                queued.push_back(Ok(Event::Stale(reason.clone())));
+            }
+        }
+        (rx, queued)
+    };
+    let sub = Subscriber {
+        running,
+        rx,
+        queued,
+        stale: false,
+        done: false,
+    };
+    futures::stream::unfold(sub, |mut s| async move {
+        let msg = s.next().await?;
+        Some((msg, s))
+    })
+    .boxed()
+}
+
+impl<T: Item> Subscriber<T> {
+    async fn next(&mut self) -> Option<Result<Event<T>>> {
+        if self.done {
+            return None;
+        }
+        let msg = match self.queued.pop_front() {
+            Some(m) => m,
+            None => match self.rx.recv().await {
+                Ok(m) => m,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    self.catch_up(n);
+                    self.queued.pop_front()?
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            },
+        };
+        Some(match msg {
+            Ok(ev) => {
+                match &ev {
+                    Event::Stale(_) => self.stale = true,
+                    Event::Snapshot(..) | Event::Resynced(..) => self.stale = false,
+                    _ => {}
+                }
+                Ok(ev)
+            }
+            Err(e) => {
+                self.done = true;
+                Err(shared_error(&e))
+            }
+        })
+    }
+
+    /// Fell `n` events behind: start over from the current set, as after an outage.
+    fn catch_up(&mut self, n: u64) {
+        tracing::debug!(missed = n, "a watch subscriber fell behind; resyncing it");
+        let st = self.running.core.lock();
+        self.rx = self.running.core.tx.subscribe();
+        if let Some(e) = &st.failed {
+            self.queued.push_back(Err(e.clone()));
+            return;
+        }
+        if !self.stale {
+            self.queued
+                .push_back(Ok(Event::Stale(Arc::new(Error::unavailable(format!(
+                    "this watcher fell {n} events behind"
+                ))))));
+        }
+        if let Some((items, rev)) = st.items() {
+            self.queued.push_back(Ok(Event::Resynced(items, rev)));
+        }
+        if let Some(reason) = &st.stale {
+            self.queued.push_back(Ok(Event::Stale(reason.clone())));
+        }
+    }
+}
+
+/// An error every subscriber of a shared watch receives: the same variant and message,
+/// with the original error as its source.
+fn shared_error(e: &Arc<Error>) -> Error {
+    let source = || -> crate::error::BoxError { Box::new(Shared(e.clone())) };
+    match &**e {
+        Error::InvalidInput { message } => Error::InvalidInput {
+            message: message.clone(),
+        },
+        Error::InvalidConfig { message } => Error::InvalidConfig {
+            message: message.clone(),
+        },
+        Error::NotFound { what } => Error::NotFound { what: what.clone() },
+        Error::AlreadyExists { what } => Error::AlreadyExists { what: what.clone() },
+        Error::Unavailable { message, .. } => Error::Unavailable {
+            message: message.clone(),
+            source: Some(source()),
+        },
+        Error::Timeout { operation, after } => Error::Timeout {
+            operation: *operation,
+            after: *after,
+        },
+        Error::SessionExpired => Error::SessionExpired,
+        Error::Unauthorized { message, .. } => Error::Unauthorized {
+            message: message.clone(),
+            source: Some(source()),
+        },
+        Error::Conflict { what, current } => Error::Conflict {
+            what: what.clone(),
+            current: *current,
+        },
+        Error::Unsupported { what } => Error::Unsupported { what: what.clone() },
+        Error::Closed { what } => Error::Closed { what: *what },
+        Error::Backend {
+            backend, temporary, ..
+        } => Error::Backend {
+            backend: *backend,
+            temporary: *temporary,
+            source: source(),
+        },
+        other => Error::Backend {
+            backend: "watch",
+            temporary: other.is_temporary(),
+            source: source(),
+        },
+    }
+}
+
+/// The original error behind a shared one: displays as it, and chains to its source.
+#[derive(Debug)]
+struct Shared(Arc<Error>);
+
+impl fmt::Display for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&*self.0, f)
+    }
+}
+
+impl std::error::Error for Shared {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&*self.0)
+    }
+}
