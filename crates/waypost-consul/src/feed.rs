@@ -24,8 +24,8 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use rand::Rng;
 use tokio::sync::watch;
-use waypost_core::backend::watch::spawned;
-use waypost_core::backend::{watch_instances, Feed, Listing, Next, Session};
+use waypost_core::backend::watch::{shared_instances, WatchHub};
+use waypost_core::backend::{Feed, Listing, Next, Session};
 use waypost_core::{Error, Instance, Result, Revision, ServiceName, WatchEvent};
 
 use crate::client::{AclState, Agent};
@@ -187,16 +187,21 @@ impl Feed for HealthFeed {
     }
 }
 
-/// The watch of `service`: core's machine over a [`HealthFeed`], run in its own task
-/// ([`spawned`]) so it notices a lost agent while the consumer is not polling (a lazy
+/// The watch of `service`: core's machine over a [`HealthFeed`], shared by every local
+/// watcher of the service through `hub` (one blocking query per service) and run in the
+/// hub's own task, so it notices a lost agent while the consumers are not polling (a lazy
 /// stream would find out only on its next blocking query, which a restarted agent with
-/// lower indexes holds for the whole wait). The task ends when the stream is dropped.
+/// lower indexes holds for the whole wait). The task ends when the last stream is dropped.
 pub(crate) fn watch(
+    hub: &WatchHub<ServiceName, Instance>,
     agent: &Agent,
     session: &Session<AgentDriver>,
     service: &ServiceName,
     wait: Duration,
 ) -> BoxStream<'static, Result<WatchEvent>> {
     let feed = HealthFeed::new(agent, service, wait, Some(session.clone()));
-    spawned(watch_instances(feed, session.backoff(), service))
+    let (backoff, what) = (*session.backoff(), service.to_string());
+    shared_instances(hub, service, move || {
+        waypost_core::backend::watch::watch(feed, &backoff, what)
+    })
 }

@@ -200,6 +200,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
+use waypost_core::backend::watch::WatchHub;
 use waypost_core::backend::{watch, Keeper, Kv, KvOptions, Listing, Session};
 use waypost_core::{
     Config, Connector, Discovery, Error, Instance, Registrar, Registration, Result, ServiceName,
@@ -226,6 +227,8 @@ pub struct ConsulDiscovery {
     config: Arc<ConsulConfig>,
     keeper: Keeper<AgentDriver, AgentStore>,
     kv: Kv<ConsulKv>,
+    /// One blocking query per service, whatever the number of local watchers.
+    hub: WatchHub<ServiceName, Instance>,
 }
 
 impl fmt::Debug for ConsulDiscovery {
@@ -292,6 +295,7 @@ impl ConsulDiscovery {
             config: Arc::new(config),
             keeper: Keeper::new(NAME, session, store),
             kv,
+            hub: WatchHub::new(),
         })
     }
 
@@ -352,6 +356,7 @@ impl Watcher for ConsulDiscovery {
 
     fn watch(&self, service: &ServiceName) -> BoxStream<'static, Result<WatchEvent>> {
         feed::watch(
+            &self.hub,
             &self.agent,
             self.keeper.session(),
             service,

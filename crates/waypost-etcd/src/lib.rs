@@ -131,6 +131,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
+use waypost_core::backend::watch::WatchHub;
 use waypost_core::backend::{watch, BackoffOptions, Keeper, Kv, KvOptions, Session};
 use waypost_core::kv::ConfigStore;
 use waypost_core::{
@@ -165,6 +166,8 @@ pub struct EtcdDiscovery {
     keeper: Keeper<LeaseDriver, KeyStore>,
     watch_backoff: BackoffOptions,
     kv: Kv<EtcdKv>,
+    /// One etcd watcher per service, whatever the number of local watchers.
+    hub: WatchHub<ServiceName, Instance>,
     /// Bumped by the `drop_connections` test hook.
     drops: Arc<tokio::sync::watch::Sender<u64>>,
 }
@@ -204,6 +207,7 @@ impl EtcdDiscovery {
             conn,
             watch_backoff,
             kv,
+            hub: WatchHub::new(),
             drops,
         })
     }
@@ -268,7 +272,11 @@ impl Watcher for EtcdDiscovery {
     }
 
     fn watch(&self, service: &ServiceName) -> BoxStream<'static, Result<WatchEvent>> {
-        watch::watch_instances(self.feed(service), &self.watch_backoff, service)
+        let feed = self.feed(service);
+        let (backoff, what) = (self.watch_backoff, service.to_string());
+        watch::shared_instances(&self.hub, service, move || {
+            watch::watch(feed, &backoff, what)
+        })
     }
 }
 

@@ -136,6 +136,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
+use waypost_core::backend::watch::WatchHub;
 use waypost_core::backend::{watch, Keeper, Kv, KvOptions, Session};
 use waypost_core::{
     Config, Connector, Discovery, Instance, Registrar, Registration, Result, ServiceName, Snapshot,
@@ -166,6 +167,8 @@ pub const SCHEMES: &[&str] = &["zookeeper", "zk"];
 pub struct ZkDiscovery {
     keeper: Keeper<Driver, Store>,
     kv: Kv<ZkKv>,
+    /// One ZooKeeper watch per service, whatever the number of local watchers.
+    hub: WatchHub<ServiceName, Instance>,
     ctx: Arc<Ctx>,
 }
 
@@ -197,6 +200,7 @@ impl ZkDiscovery {
         Ok(Self {
             keeper: Keeper::new("zookeeper", session, Store::new(ctx.clone())),
             kv,
+            hub: WatchHub::new(),
             ctx,
         })
     }
@@ -344,12 +348,12 @@ impl Watcher for ZkDiscovery {
     /// consumer asks for the next event (up to 1,024 events are buffered).
     fn watch(&self, service: &ServiceName) -> BoxStream<'static, Result<WatchEvent>> {
         let feed = ZkFeed::new(self.session().clone(), self.ctx.clone(), service);
-        // In its own task: a change is read while the consumer (or `register`) is busy.
-        watch::spawned(watch::watch_instances(
-            feed,
-            &self.ctx.config.backoff(),
-            service,
-        ))
+        let (backoff, what) = (self.ctx.config.backoff(), service.to_string());
+        // The hub runs the machine in its own task: a change is read while the consumers
+        // (or `register`) are busy.
+        watch::shared_instances(&self.hub, service, move || {
+            watch::watch(feed, &backoff, what)
+        })
     }
 }
 

@@ -330,3 +330,56 @@ async fn wait_registry_watches(
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Ten local watchers of one service on one client open one registry watch between
+/// them (counted on the registry's side), all see the same change, and a watcher that
+/// joins late starts with a `Snapshot` of the current set.
+pub async fn local_watchers_share_one_registry_watch(b: &dyn TestBackend) {
+    let s = b.settings();
+    let f = faults(b);
+    let ns = Namespace::new();
+    let svc = ns.service("shared");
+    let d = b.connect().await;
+    let before = f.registry_watches().await;
+    let mut watches = vec![d.watcher.watch(&svc)];
+    assert!(matches!(
+        next_event(&mut watches[0], s.timeout).await,
+        WatchEvent::Snapshot(_)
+    ));
+    let one =
+        wait_registry_watches(f, s.timeout, "the first watch to be served", |n| n > before).await;
+    for _ in 1..10 {
+        let mut w = d.watcher.watch(&svc);
+        let first = next_event(&mut w, s.timeout).await;
+        assert!(matches!(first, WatchEvent::Snapshot(_)), "{first:?}");
+        watches.push(w);
+    }
+    let ten = f.registry_watches().await;
+    assert!(
+        ten <= one,
+        "ten local watchers of one service: {ten} registry watches, one watcher alone: {one} (before: {before})"
+    );
+
+    let other = b.connect().await;
+    let a = ns.instance(&svc, "a", 1);
+    let _reg = other.registrar.register(a.clone()).await.unwrap();
+    for w in &mut watches {
+        let mut set = InstanceSet::new();
+        set.apply(&WatchEvent::Snapshot(waypost_core::Snapshot::new(
+            svc.clone(),
+            Vec::new(),
+            0,
+        )));
+        wait_for_set(w, &mut set, s.timeout, "a seen by every watcher", |x| {
+            x.contains(&a.id)
+        })
+        .await;
+    }
+    let mut late = d.watcher.watch(&svc);
+    match next_event(&mut late, s.timeout).await {
+        WatchEvent::Snapshot(snap) => {
+            assert!(snap.get(&a.id).is_some(), "the late snapshot lists a")
+        }
+        other => panic!("a late watcher starts with a Snapshot, got {other:?}"),
+    }
+}

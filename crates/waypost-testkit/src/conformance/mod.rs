@@ -271,6 +271,7 @@ macro_rules! conformance_tests {
             id_held_by_another_session,
             malformed_entries_are_skipped,
             dropped_watches_are_released,
+            local_watchers_share_one_registry_watch,
         );
     };
     (@call [plain] $backend:path, $suite:ident) => {

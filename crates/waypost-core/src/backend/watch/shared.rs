@@ -344,7 +344,7 @@ fn shared_error(e: &Arc<Error>) -> Error {
             source: Some(source()),
         },
         Error::Timeout { operation, after } => Error::Timeout {
-            operation: *operation,
+            operation,
             after: *after,
         },
         Error::SessionExpired => Error::SessionExpired,
@@ -357,11 +357,11 @@ fn shared_error(e: &Arc<Error>) -> Error {
             current: *current,
         },
         Error::Unsupported { what } => Error::Unsupported { what: what.clone() },
-        Error::Closed { what } => Error::Closed { what: *what },
+        Error::Closed { what } => Error::Closed { what },
         Error::Backend {
             backend, temporary, ..
         } => Error::Backend {
-            backend: *backend,
+            backend,
             temporary: *temporary,
             source: source(),
         },
