@@ -158,6 +158,124 @@ pub fn weighted_eligible(
     (0..n).find(|&i| eligible(i) && weight(i) > 0)
 }
 
+/// Walker's alias table: a weighted choice in constant time, one random `u64` per draw.
+///
+/// Column `c` of `n` keeps its own index with probability `keep[c] / 2^64` and gives the
+/// draw to `alias[c]` otherwise; the columns are filled (Vose's method) so that index `i`
+/// comes out with probability `weight[i] / total`, up to rounding below `2^-52` per
+/// column. A draw takes the column from the high half of `r * n` and the coin from the
+/// low half, so it costs one multiplication and two loads, whatever the number of
+/// indexes.
+#[derive(Clone, Debug, Default)]
+pub struct AliasTable {
+    keep: Box<[u64]>,
+    alias: Box<[u32]>,
+    weights: Box<[u32]>,
+    total: u64,
+}
+
+impl AliasTable {
+    /// The table of `weights` (index `i` has weight `weights[i]`; 0 is never drawn).
+    pub fn new(weights: impl IntoIterator<Item = u32>) -> AliasTable {
+        let weights: Box<[u32]> = weights.into_iter().collect();
+        let n = weights.len();
+        let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+        let mut keep = vec![u64::MAX; n];
+        let mut alias: Vec<u32> = (0..n as u32).collect();
+        if total > 0 {
+            // Each column holds `total` units; index i brings `w_i * n` of them.
+            let mut left: Vec<u128> = weights.iter().map(|&w| u128::from(w) * n as u128).collect();
+            let cap = u128::from(total);
+            // A column's share as a fraction of 2^64; f64 keeps it to 2^-52 of the
+            // column, far below what sampling can tell apart, and avoids a 128-bit
+            // division per column.
+            let scale = 2f64.powi(64) / total as f64;
+            let (mut small, mut large): (Vec<usize>, Vec<usize>) =
+                (0..n).partition(|&i| left[i] < cap);
+            while let (Some(s), Some(&l)) = (small.pop(), large.last()) {
+                keep[s] = (left[s] as f64 * scale) as u64;
+                alias[s] = l as u32;
+                left[l] -= cap - left[s];
+                if left[l] < cap {
+                    large.pop();
+                    small.push(l);
+                }
+            }
+            // What is left is full up to rounding: keeps its own index.
+        }
+        AliasTable {
+            keep: keep.into(),
+            alias: alias.into(),
+            weights,
+            total,
+        }
+    }
+
+    /// The index `r` draws, each with probability `weight / total`. `None` if the table
+    /// is empty or every weight is 0.
+    #[inline]
+    pub fn sample(&self, r: u64) -> Option<usize> {
+        if self.total == 0 {
+            return None;
+        }
+        let m = u128::from(r) * self.keep.len() as u128;
+        let (col, coin) = ((m >> 64) as usize, m as u64);
+        // A full column keeps `u64::MAX` and aliases itself, so the rare `coin == MAX`
+        // lands on it too.
+        Some(if coin < self.keep[col] {
+            col
+        } else {
+            self.alias[col] as usize
+        })
+    }
+
+    /// A weighted choice among the eligible indexes: a few draws, then one exact pass.
+    /// Exactly proportional to the weights of the eligible indexes; `None` if no
+    /// eligible index has a weight above 0.
+    pub fn sample_eligible(
+        &self,
+        mut rng: impl FnMut() -> u64,
+        eligible: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        for _ in 0..QUICK_TRIES {
+            let i = self.sample(rng())?;
+            if eligible(i) {
+                return Some(i);
+            }
+        }
+        let weight = |i: usize| u64::from(self.weights[i]);
+        let n = self.weights.len();
+        let total: u64 = (0..n).filter(|&i| eligible(i)).map(weight).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut x = bounded(rng(), total);
+        for i in (0..n).filter(|&i| eligible(i)) {
+            let w = weight(i);
+            if x < w {
+                return Some(i);
+            }
+            x -= w;
+        }
+        (0..n).find(|&i| eligible(i) && weight(i) > 0)
+    }
+
+    /// Number of indexes.
+    pub fn len(&self) -> usize {
+        self.weights.len()
+    }
+
+    /// Whether the table has no indexes.
+    pub fn is_empty(&self) -> bool {
+        self.weights.is_empty()
+    }
+
+    /// The sum of the weights.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+}
+
 /// Round robin over `0..n`: each call takes a ticket (a shared counter) and returns the
 /// ticket's index if eligible. An ineligible index uses up its ticket, so the instances
 /// after it do not get its share. After a few misses it scans forward instead of taking
@@ -515,6 +633,52 @@ mod tests {
             weighted_eligible(&cumulative_weights([5, 0]), &mut r, |i| i == 1),
             None
         );
+    }
+
+    #[test]
+    fn alias_table_draws_exactly_proportionally() {
+        // Every column's keep threshold is exact: walk r over each column's start and
+        // the points just around its threshold, and count the mass each index gets.
+        let weights = [1u32, 0, 2, 3, 10, 4];
+        let t = AliasTable::new(weights);
+        assert_eq!(t.total(), 20);
+        let n = weights.len() as u128;
+        let mut mass = [0u128; 6];
+        for col in 0..weights.len() {
+            // Column `col` covers coins in [0, 2^64); its own share is keep/2^64.
+            let own = if t.keep[col] == u64::MAX {
+                1u128 << 64
+            } else {
+                u128::from(t.keep[col])
+            };
+            mass[col] += own;
+            mass[t.alias[col] as usize] += (1u128 << 64) - own;
+            let r_start = (((col as u128) << 64) / n + 1) as u64;
+            assert_eq!(uniform_index(r_start, weights.len()), col);
+        }
+        for (i, &w) in weights.iter().enumerate() {
+            // mass[i] / (n * 2^64) == w / 20, up to 2^-52 of a column per column.
+            let expected = ((u128::from(w) * n) << 64) / 20;
+            assert!(
+                mass[i].abs_diff(expected) <= n << 12,
+                "{i}: {} vs {expected}",
+                mass[i]
+            );
+        }
+        let mut r = rng(9);
+        let mut counts = [0usize; 6];
+        for _ in 0..40_000 {
+            counts[t.sample(r()).unwrap()] += 1;
+        }
+        assert_eq!(counts[1], 0);
+        // 40,000 * 10/20 = 20,000; σ = 100.
+        assert!((counts[4] as i64 - 20_000).abs() < 600, "{counts:?}");
+        assert_eq!(AliasTable::new([0, 0]).sample(5), None);
+        assert_eq!(AliasTable::new([]).sample(5), None);
+        assert_eq!(AliasTable::new([7]).sample(u64::MAX), Some(0));
+        let only = t.sample_eligible(&mut r, |i| i == 0 || i == 1);
+        assert_eq!(only, Some(0));
+        assert_eq!(t.sample_eligible(&mut r, |i| i == 1), None);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::cell::Cell;
 use std::fmt;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicIsize, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,17 +34,35 @@ impl Clock {
     }
 }
 
+/// How many entries carry an ejection mark (running or expired but not yet cleared).
+///
+/// Every change of a mark from 0 to a time and back goes through [`Entry`]'s methods,
+/// which keep this count, so "nothing is ejected" is one load. It may dip below 0 for a
+/// moment when a clear races with the set that it clears; read it as "above 0 or not".
+#[derive(Debug, Default)]
+pub(crate) struct Marks(AtomicIsize);
+
+impl Marks {
+    /// Whether no entry carries a mark: no ejection to check, no clock to read.
+    #[inline]
+    pub(crate) fn none(&self) -> bool {
+        self.0.load(Relaxed) <= 0
+    }
+}
+
 /// The clock, read at most once per pick and only if some candidate carries an ejection
 /// mark: the common path never reads the time.
 pub(crate) struct LazyNow<'a> {
     clock: &'a Clock,
+    pub(crate) marks: &'a Marks,
     now: Cell<Option<u64>>,
 }
 
 impl<'a> LazyNow<'a> {
-    pub(crate) fn new(clock: &'a Clock) -> Self {
+    pub(crate) fn new(clock: &'a Clock, marks: &'a Marks) -> Self {
         Self {
             clock,
+            marks,
             now: Cell::new(None),
         }
     }
@@ -71,14 +89,32 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
-    pub(crate) fn eject(&self, clock: &Clock, for_: Duration) {
+    pub(crate) fn eject(&self, clock: &Clock, marks: &Marks, for_: Duration) {
         let ms = u64::try_from(for_.as_millis()).unwrap_or(u64::MAX);
         let until = clock.now_ms().saturating_add(ms).max(1);
-        self.ejected_until.fetch_max(until, Relaxed);
+        if self.ejected_until.fetch_max(until, Relaxed) == 0 {
+            marks.0.fetch_add(1, Relaxed);
+        }
     }
 
-    pub(crate) fn readmit(&self) {
-        self.ejected_until.store(0, Relaxed);
+    pub(crate) fn readmit(&self, marks: &Marks) {
+        if self.ejected_until.swap(0, Relaxed) != 0 {
+            marks.0.fetch_sub(1, Relaxed);
+        }
+    }
+
+    /// Clears the mark if it has run out (an entry leaving the cache's books).
+    pub(crate) fn clear_expired(&self, now_ms: u64, marks: &Marks) {
+        let until = self.ejected_until.load(Relaxed);
+        if until != 0
+            && now_ms >= until
+            && self
+                .ejected_until
+                .compare_exchange(until, 0, Relaxed, Relaxed)
+                .is_ok()
+        {
+            marks.0.fetch_sub(1, Relaxed);
+        }
     }
 
     /// Whether the ejection mark is still running. An expired mark is cleared, so later
@@ -92,9 +128,13 @@ impl Entry {
         if now.get() < until {
             return true;
         }
-        let _ = self
+        if self
             .ejected_until
-            .compare_exchange(until, 0, Relaxed, Relaxed);
+            .compare_exchange(until, 0, Relaxed, Relaxed)
+            .is_ok()
+        {
+            now.marks.0.fetch_sub(1, Relaxed);
+        }
         false
     }
 

@@ -52,20 +52,28 @@
 //!
 //! # Strategies
 //!
-//! See [`Strategy`]. They all draw from the same pools, in this order, moving on only
-//! when a pool has nothing to offer:
+//! See [`Strategy`]; plug in your own with [`PickStrategy`] and
+//! [`pick_with`](ServiceCache::pick_with). They all draw from the same pools, in this
+//! order, moving on only when a pool has nothing to offer:
 //!
+//! 0. with [`CacheOptions::zone`] set, and while that zone has at least
+//!    [`CacheOptions::zone_min_available`] available instances (weight above 0, not
+//!    ejected): the instances of that zone with a weight above 0 that are not ejected;
 //! 1. instances with a weight above 0 that are not ejected;
 //! 2. draining instances (weight 0) that are not ejected: a working instance that is being
 //!    drained beats one that is failing;
 //! 3. if every instance is ejected, ejection is ignored: instances with a weight above 0,
 //!    then draining ones. A pick returns `None` only when the set is empty.
 //!
-//! Picking does not allocate and does not lock, by construction: everything a strategy
-//! needs (running sums of the weights, the hash ring, the pools) is computed by the task
-//! when an update is applied; a pick reads it, draws from a thread-local generator, and
-//! writes only atomics. The cost of an update is linear in the set (plus the sticky
-//! ring's points: `ring_vnodes` per instance); the benches measure both.
+//! Picking does not allocate and does not lock, by construction: what a strategy needs
+//! (the pools, an alias table of the weights) is computed by the task when an update is
+//! applied; a pick reads it, draws from a thread-local generator, and writes only
+//! atomics. Each thread keeps the view it last picked from (for up to 4 caches), so a
+//! pick does not even load the shared pointer until the next update, and while no
+//! instance is ejected it reads no clock. The cost of an update is linear in the set;
+//! the sticky strategy's hash ring (`ring_vnodes` points per instance) is derived from
+//! the previous one on the first sticky pick after a change, so caches that do not pick
+//! sticky never pay for it. The `pick` bench measures both.
 //!
 //! # Ejection
 //!
@@ -87,6 +95,7 @@ mod pick;
 mod rng;
 mod set;
 mod state;
+pub mod strategy;
 mod task;
 mod view;
 
@@ -94,6 +103,8 @@ mod view;
 pub(crate) mod script;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_select;
 
 use std::fmt;
 use std::sync::Arc;
@@ -107,8 +118,11 @@ use crate::model::{Instance, Revision, ServiceName};
 use crate::watcher::Watcher;
 
 pub use entry::Picked;
-pub use options::{CacheOptions, DEFAULT_EJECTION, DEFAULT_RING_VNODES};
+pub use options::{
+    CacheOptions, DEFAULT_EJECTION, DEFAULT_RING_VNODES, DEFAULT_ZONE_MIN_AVAILABLE,
+};
 pub use pick::Strategy;
+pub use strategy::{Candidates, PickStrategy};
 pub use view::CacheView;
 
 use state::Shared;
@@ -310,7 +324,11 @@ impl ServiceCache {
         let view = self.shared.view.load();
         match view.set.position(id.as_ref()) {
             Some(i) => {
-                view.set.entries[i].eject(&self.shared.clock, self.shared.options.ejection);
+                view.set.entries[i].eject(
+                    &self.shared.clock,
+                    &self.shared.marks,
+                    self.shared.options.ejection,
+                );
                 true
             }
             None => false,
@@ -323,7 +341,7 @@ impl ServiceCache {
         let view = self.shared.view.load();
         match view.set.position(id.as_ref()) {
             Some(i) => {
-                view.set.entries[i].readmit();
+                view.set.entries[i].readmit(&self.shared.marks);
                 true
             }
             None => false,

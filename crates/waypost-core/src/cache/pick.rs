@@ -1,21 +1,22 @@
 //! Picking: the strategies over the published set, and the fallback order shared by all.
 //!
-//! Nothing here allocates or locks: the view is loaded through `ArcSwap`, everything the
-//! strategies need was computed when the set was published, the random numbers come from
-//! a thread-local generator, and the only writes are atomics (round-robin tickets,
-//! requests in flight, clearing an expired ejection mark).
+//! Nothing here allocates or locks: the view comes from the thread's cached copy (or
+//! `ArcSwap` after an update), what the strategies need was computed when the set was
+//! published (but the sticky ring, built on a set's first sticky pick), the random
+//! numbers come from a thread-local generator, and the only writes are atomics
+//! (round-robin tickets, requests in flight, clearing an expired ejection mark).
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::model::Instance;
-use crate::select;
 
 use super::entry::{LazyNow, Picked};
-use super::rng::next_u64;
-use super::set::{Pool, SetData};
+use super::set::{Pool, PoolData, SetData};
+use super::strategy::{
+    Candidates, PickStrategy, PowerOfTwoChoices, Random, RoundRobin, Sticky, Weighted,
+};
 use super::ServiceCache;
 
 /// A selection strategy, for [`ServiceCache::pick`]. Each also has its own method.
@@ -27,6 +28,9 @@ use super::ServiceCache;
 /// | `Weighted` | [`pick_weighted`](ServiceCache::pick_weighted) | at random, proportionally to `weight` |
 /// | `PowerOfTwoChoices` | [`pick_p2c`](ServiceCache::pick_p2c) | the less loaded of two random instances |
 /// | `Sticky` | [`pick_sticky`](ServiceCache::pick_sticky) | the instance a key hashes to |
+///
+/// Each is also a unit struct in [`strategy`](super::strategy) implementing
+/// [`PickStrategy`], and so is this enum; [`ServiceCache::pick_with`] takes your own.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
@@ -45,21 +49,11 @@ pub enum Strategy {
     Sticky,
 }
 
-/// One strategy, run over one pool of the set.
-trait Choose {
-    /// A position in `slots` (the pool's indexes into the set), among the eligible ones.
-    fn choose(
-        &mut self,
-        set: &SetData,
-        pool: Pool,
-        slots: &[u32],
-        eligible: impl Fn(usize) -> bool,
-    ) -> Option<usize>;
-}
-
-/// The fallback order: serving instances that are not ejected, then draining ones that
-/// are not ejected, then ejection is ignored (serving first).
-const TIERS: [(Pool, bool); 4] = [
+/// The fallback order: the caller's zone (when it has enough available instances),
+/// serving instances that are not ejected, then draining ones that are not ejected, then
+/// ejection is ignored (serving first).
+const TIERS: [(Pool, bool); 5] = [
+    (Pool::Local, true),
     (Pool::Serving, true),
     (Pool::Draining, true),
     (Pool::Serving, false),
@@ -67,51 +61,76 @@ const TIERS: [(Pool, bool); 4] = [
 ];
 
 impl ServiceCache {
-    fn pick_slot<R>(
+    /// The pick loop shared by every strategy: the pools in order, each offered to
+    /// `strategy` until one yields a position.
+    #[inline]
+    fn pick_slot<S: PickStrategy + ?Sized, R>(
         &self,
-        mut algo: impl Choose,
+        strategy: &S,
+        key: Option<&[u8]>,
         out: impl FnOnce(&SetData, usize) -> R,
     ) -> Option<R> {
-        let view = self.shared.view.load();
-        let set: &SetData = &view.set;
-        let now = LazyNow::new(&self.shared.clock);
-        for (pool, respect_ejection) in TIERS {
-            let slots = set.pool(pool);
-            if slots.is_empty() {
-                continue;
+        let shared = &*self.shared;
+        shared.with_view(|view| {
+            let set: &SetData = &view.set;
+            let now = LazyNow::new(&shared.clock, &shared.marks);
+            let any_marks = !shared.marks.none();
+            for (kind, respect_ejection) in TIERS {
+                let Some(pool) = set.pool(kind) else {
+                    continue;
+                };
+                if pool.slots.is_empty()
+                    || (kind == Pool::Local
+                        && !enough_local(
+                            set,
+                            pool,
+                            any_marks,
+                            &now,
+                            shared.options.zone_min_available,
+                        ))
+                {
+                    continue;
+                }
+                let candidates = Candidates {
+                    set,
+                    pool,
+                    kind,
+                    check_ejection: respect_ejection && any_marks,
+                    now: &now,
+                    ticket: &shared.ticket,
+                    key,
+                };
+                if let Some(q) = strategy.choose(&candidates) {
+                    return Some(out(set, pool.slots[q] as usize));
+                }
             }
-            let q = if respect_ejection {
-                algo.choose(set, pool, slots, |q| {
-                    !set.entries[slots[q] as usize].is_ejected(&now)
-                })
-            } else {
-                algo.choose(set, pool, slots, |_| true)
-            };
-            if let Some(q) = q {
-                return Some(out(set, slots[q] as usize));
-            }
-        }
-        None
+            None
+        })
     }
 
-    fn pick_instance(&self, algo: impl Choose) -> Option<Arc<Instance>> {
-        self.pick_slot(algo, |set, i| Arc::clone(&set.instances[i]))
+    #[inline]
+    fn pick_instance<S: PickStrategy>(
+        &self,
+        strategy: S,
+        key: Option<&[u8]>,
+    ) -> Option<Arc<Instance>> {
+        self.pick_slot(&strategy, key, |set, i| Arc::clone(&set.instances[i]))
     }
 
     /// Each instance in turn (a shared counter; the order is by id).
     pub fn pick_round_robin(&self) -> Option<Arc<Instance>> {
-        self.pick_instance(RoundRobin(&self.shared.ticket))
+        self.pick_instance(RoundRobin, None)
     }
 
     /// An instance drawn uniformly at random, weights ignored (except 0).
     pub fn pick_random(&self) -> Option<Arc<Instance>> {
-        self.pick_instance(Random)
+        self.pick_instance(Random, None)
     }
 
     /// An instance drawn at random with probability proportional to its
     /// [`weight`](Instance::weight).
     pub fn pick_weighted(&self) -> Option<Arc<Instance>> {
-        self.pick_instance(Weighted)
+        self.pick_instance(Weighted, None)
     }
 
     /// The power of two choices: draws two distinct instances uniformly and returns the
@@ -122,7 +141,7 @@ impl ServiceCache {
     /// instance until dropped. Keep it for the duration of the request.
     #[doc(alias = "least_loaded")]
     pub fn pick_p2c(&self) -> Option<Picked> {
-        self.pick_slot(P2c, |set, i| {
+        self.pick_slot(&PowerOfTwoChoices, None, |set, i| {
             Picked::tracked(Arc::clone(&set.instances[i]), &set.entries[i])
         })
     }
@@ -135,112 +154,66 @@ impl ServiceCache {
     /// The mapping depends only on the key, the ids of the serving instances and
     /// [`CacheOptions::ring_vnodes`](super::CacheOptions::ring_vnodes), so every client
     /// that sees the same set agrees on it. Weights do not change it (apart from 0).
+    /// With a [`zone`](super::CacheOptions::zone), keys map onto the caller's zone while
+    /// it is used, and onto all zones when picks fall back to them.
+    ///
+    /// The ring of a set is built on the first sticky pick after the set changed (by
+    /// merging the previous ring: a fraction of a millisecond at 1,000 instances), so
+    /// that updates stay cheap for caches that never pick sticky.
     pub fn pick_sticky(&self, key: impl AsRef<[u8]>) -> Option<Arc<Instance>> {
-        self.pick_instance(Sticky(select::key_hash(key.as_ref())))
+        self.pick_instance(Sticky, Some(key.as_ref()))
     }
 
     /// Picks with `strategy`. `key` is used by [`Strategy::Sticky`] only; `Sticky`
     /// without a key picks at random. The result is tracked for
     /// [`Strategy::PowerOfTwoChoices`] only (see [`Picked`]).
     pub fn pick(&self, strategy: Strategy, key: Option<&[u8]>) -> Option<Picked> {
-        match strategy {
-            Strategy::RoundRobin => self.pick_round_robin().map(Picked::untracked),
-            Strategy::Random => self.pick_random().map(Picked::untracked),
-            Strategy::Weighted => self.pick_weighted().map(Picked::untracked),
-            Strategy::PowerOfTwoChoices => self.pick_p2c(),
-            Strategy::Sticky => match key {
-                Some(k) => self.pick_sticky(k),
-                None => self.pick_random(),
-            }
-            .map(Picked::untracked),
+        self.pick_with(&strategy, key)
+    }
+
+    /// Picks with a [`PickStrategy`] of your own (or a built-in one): the cache offers it
+    /// the pools in order (the caller's zone, serving, draining, then ejected instances)
+    /// until it chooses a candidate. `key` is passed on as [`Candidates::key`]. The
+    /// result is tracked if [`PickStrategy::tracks_in_flight`] says so.
+    pub fn pick_with<S: PickStrategy + ?Sized>(
+        &self,
+        strategy: &S,
+        key: Option<&[u8]>,
+    ) -> Option<Picked> {
+        if strategy.tracks_in_flight() {
+            self.pick_slot(strategy, key, |set, i| {
+                Picked::tracked(Arc::clone(&set.instances[i]), &set.entries[i])
+            })
+        } else {
+            self.pick_slot(strategy, key, |set, i| {
+                Picked::untracked(Arc::clone(&set.instances[i]))
+            })
         }
     }
 }
 
-struct RoundRobin<'a>(&'a AtomicUsize);
-
-impl Choose for RoundRobin<'_> {
-    fn choose(
-        &mut self,
-        _: &SetData,
-        _: Pool,
-        slots: &[u32],
-        eligible: impl Fn(usize) -> bool,
-    ) -> Option<usize> {
-        select::round_robin(slots.len(), || self.0.fetch_add(1, Relaxed), eligible)
+/// Whether the caller's zone has at least `min` available instances (not ejected; the
+/// pool holds only instances with a weight above 0). Free while nothing is ejected;
+/// otherwise counts, stopping at `min`.
+#[inline]
+fn enough_local(
+    set: &SetData,
+    pool: &PoolData,
+    any_marks: bool,
+    now: &LazyNow<'_>,
+    min: usize,
+) -> bool {
+    let n = pool.slots.len();
+    if n < min {
+        return false;
     }
-}
-
-struct Random;
-
-impl Choose for Random {
-    fn choose(
-        &mut self,
-        _: &SetData,
-        _: Pool,
-        slots: &[u32],
-        eligible: impl Fn(usize) -> bool,
-    ) -> Option<usize> {
-        select::uniform_eligible(slots.len(), next_u64, eligible)
+    if !any_marks {
+        return true;
     }
-}
-
-struct Weighted;
-
-impl Choose for Weighted {
-    fn choose(
-        &mut self,
-        set: &SetData,
-        pool: Pool,
-        slots: &[u32],
-        eligible: impl Fn(usize) -> bool,
-    ) -> Option<usize> {
-        match pool {
-            Pool::Serving => select::weighted_eligible(&set.cumulative, next_u64, eligible),
-            // All weights are 0 here.
-            Pool::Draining => select::uniform_eligible(slots.len(), next_u64, eligible),
-        }
-    }
-}
-
-struct P2c;
-
-impl Choose for P2c {
-    fn choose(
-        &mut self,
-        set: &SetData,
-        _: Pool,
-        slots: &[u32],
-        eligible: impl Fn(usize) -> bool,
-    ) -> Option<usize> {
-        let load = |q: usize| {
-            let i = slots[q] as usize;
-            (set.entries[i].in_flight(), set.instances[i].weight)
-        };
-        select::p2c(slots.len(), next_u64, eligible, |a, b| {
-            select::less_loaded(load(a), load(b))
-        })
-    }
-}
-
-struct Sticky(u64);
-
-impl Choose for Sticky {
-    fn choose(
-        &mut self,
-        set: &SetData,
-        pool: Pool,
-        slots: &[u32],
-        eligible: impl Fn(usize) -> bool,
-    ) -> Option<usize> {
-        match pool {
-            // The ring's members are positions in the serving pool.
-            Pool::Serving => set.ring.lookup(self.0, eligible),
-            Pool::Draining => select::rendezvous(
-                self.0,
-                slots.iter().map(|&i| set.id_hashes[i as usize]),
-                eligible,
-            ),
-        }
-    }
+    pool.slots
+        .iter()
+        .filter(|&&i| !set.entries[i as usize].is_ejected(now))
+        .take(min)
+        .count()
+        >= min
 }

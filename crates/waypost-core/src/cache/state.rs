@@ -1,7 +1,8 @@
 //! The state a cache's clones and its watch task share, and how events are applied.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -12,17 +13,44 @@ use tracing::{debug, warn};
 use crate::error::Error;
 use crate::event::{Snapshot, WatchEvent};
 use crate::model::{Instance, InstanceId, ServiceName};
+use crate::select::key_hash;
 
-use super::entry::{Clock, Entry};
+use super::entry::{Clock, Entry, Marks};
 use super::options::CacheOptions;
 use super::set::{SetData, Slot};
 use super::view::{CacheView, Staleness};
+
+/// Caches per thread whose current view the thread keeps (see [`Shared::with_view`]).
+const VIEW_SLOTS: usize = 4;
+
+static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The view of one cache as a thread last loaded it.
+struct CachedView {
+    cache: u64,
+    generation: u64,
+    view: Arc<CacheView>,
+}
+
+thread_local! {
+    /// Direct-mapped by cache id: a pick that finds its cache's current view here reads
+    /// no shared pointer and touches no reference count.
+    static VIEWS: RefCell<[Option<CachedView>; VIEW_SLOTS]> =
+        const { RefCell::new([const { None }; VIEW_SLOTS]) };
+}
 
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) service: ServiceName,
     pub(crate) options: CacheOptions,
     pub(crate) clock: Clock,
+    /// Entries with an ejection mark: while 0, picks skip ejection checks and the clock.
+    pub(crate) marks: Marks,
+    /// Unique among the caches of this process: the key of the per-thread view slots.
+    id: u64,
+    /// Bumped after every publish, after the store: a thread whose cached view has the
+    /// current generation holds the current view.
+    generation: AtomicU64,
     /// The published state: readers load it without locking.
     pub(crate) view: ArcSwap<CacheView>,
     /// Bumped after every publish; waiters subscribe to it.
@@ -42,22 +70,45 @@ struct Writer {
 }
 
 impl Writer {
-    fn entry_for(&mut self, id: &InstanceId, now_ms: u64) -> Arc<Entry> {
-        self.retired
-            .remove(id)
-            .filter(|e| e.is_ejected_at(now_ms))
-            .unwrap_or_default()
+    /// Drops the retired entries whose ejection has run out.
+    fn expire(&mut self, now_ms: u64, marks: &Marks) {
+        self.retired.retain(|_, e| {
+            let keep = e.is_ejected_at(now_ms);
+            if !keep {
+                e.clear_expired(now_ms, marks);
+            }
+            keep
+        });
     }
 
-    fn retire(&mut self, id: InstanceId, entry: Arc<Entry>, now_ms: u64) {
+    fn entry_for(&mut self, id: &InstanceId, now_ms: u64, marks: &Marks) -> Arc<Entry> {
+        match self.retired.remove(id) {
+            Some(e) if e.is_ejected_at(now_ms) => e,
+            Some(e) => {
+                e.clear_expired(now_ms, marks);
+                Arc::default()
+            }
+            None => Arc::default(),
+        }
+    }
+
+    fn retire(&mut self, id: InstanceId, entry: Arc<Entry>, now_ms: u64, marks: &Marks) {
         if entry.is_ejected_at(now_ms) {
             self.retired.insert(id, entry);
+        } else {
+            entry.clear_expired(now_ms, marks);
         }
     }
 
     /// The slots of `fresh` (any order, duplicates: last wins), keeping the entries of
     /// instances that stay and retiring those of instances that left.
-    fn replace(&mut self, cur: &SetData, fresh: Vec<Instance>, now_ms: u64) -> Vec<Slot> {
+    fn replace(
+        &mut self,
+        cur: &SetData,
+        fresh: Vec<Instance>,
+        now_ms: u64,
+        marks: &Marks,
+    ) -> Vec<Slot> {
         let mut fresh = fresh;
         fresh.sort_by(|a, b| a.id.cmp(&b.id));
         // Keep the last of equal ids: dedup keeps the first, so reverse around it.
@@ -66,17 +117,24 @@ impl Writer {
         fresh.reverse();
         for (i, e) in cur.instances.iter().zip(cur.entries.iter()) {
             if fresh.binary_search_by(|f| f.id.cmp(&i.id)).is_err() {
-                self.retire(i.id.clone(), Arc::clone(e), now_ms);
+                self.retire(i.id.clone(), Arc::clone(e), now_ms, marks);
             }
         }
         fresh
             .into_iter()
             .map(|inst| {
-                let entry = match cur.position(inst.id.as_str()) {
-                    Some(p) => Arc::clone(&cur.entries[p]),
-                    None => self.entry_for(&inst.id, now_ms),
+                let (entry, hash) = match cur.position(inst.id.as_str()) {
+                    Some(p) => (Arc::clone(&cur.entries[p]), cur.id_hashes[p]),
+                    None => (
+                        self.entry_for(&inst.id, now_ms, marks),
+                        key_hash(inst.id.as_str().as_bytes()),
+                    ),
                 };
-                (Arc::new(inst), entry)
+                Slot {
+                    instance: Arc::new(inst),
+                    entry,
+                    hash,
+                }
             })
             .collect()
     }
@@ -84,7 +142,10 @@ impl Writer {
 
 impl Shared {
     pub(crate) fn new(service: ServiceName, options: CacheOptions) -> Self {
-        let set = Arc::new(SetData::empty(options.ring_vnodes.max(1)));
+        let set = Arc::new(SetData::empty(
+            options.ring_vnodes.max(1),
+            options.zone.as_deref(),
+        ));
         let view = CacheView {
             service: service.clone(),
             set,
@@ -96,6 +157,9 @@ impl Shared {
             service,
             options,
             clock: Clock::new(),
+            marks: Marks::default(),
+            id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed),
+            generation: AtomicU64::new(0),
             view: ArcSwap::from_pointee(view),
             changed: watch::Sender::new(0),
             ticket: AtomicUsize::new(0),
@@ -113,7 +177,39 @@ impl Shared {
 
     fn publish(&self, view: CacheView) {
         self.view.store(Arc::new(view));
+        self.generation.fetch_add(1, Ordering::Release);
         self.changed.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Runs `f` on the current view, as this thread last loaded it if nothing was
+    /// published since: then it costs a thread-local lookup and one load of the
+    /// generation, no `ArcSwap` load and no reference count. Each thread keeps the view
+    /// of up to [`VIEW_SLOTS`] caches (the last it picked from), which keeps that view
+    /// alive until the thread picks from that cache or one sharing its slot again, or
+    /// exits. Re-entrant calls (a strategy picking from a cache) load the view directly.
+    #[inline]
+    pub(crate) fn with_view<R>(&self, f: impl FnOnce(&CacheView) -> R) -> R {
+        let generation = self.generation.load(Ordering::Acquire);
+        let mut f = Some(f);
+        let done = VIEWS.try_with(|cell| {
+            let mut slots = cell.try_borrow_mut().ok()?;
+            let slot = &mut slots[(self.id % VIEW_SLOTS as u64) as usize];
+            let fresh = matches!(slot, Some(c) if c.cache == self.id && c.generation == generation);
+            if !fresh {
+                *slot = Some(CachedView {
+                    cache: self.id,
+                    generation,
+                    view: self.view.load_full(),
+                });
+            }
+            let view = &slot.as_ref()?.view;
+            f.take().map(|f| f(view))
+        });
+        match (done, f) {
+            (Ok(Some(r)), _) => r,
+            (_, Some(f)) => f(&self.view.load()),
+            (_, None) => unreachable!("`f` ran but returned nothing"),
+        }
     }
 
     /// Applies one event and publishes the result. All the precomputation for picking
@@ -122,8 +218,9 @@ impl Shared {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let cur = self.view.load_full();
         let now = self.clock.now_ms();
-        w.retired.retain(|_, e| e.is_ejected_at(now));
+        w.expire(now, &self.marks);
         let vnodes = self.vnodes();
+        let zone = self.options.zone.as_deref();
         let changed = |set: Arc<SetData>, revision| CacheView {
             service: self.service.clone(),
             set,
@@ -145,32 +242,41 @@ impl Shared {
                 if cur.stale.is_some() {
                     debug!(service = %self.service, revision, "resynced: the cache is live again");
                 }
-                let slots = w.replace(&cur.set, instances, now);
+                let slots = w.replace(&cur.set, instances, now, &self.marks);
                 CacheView {
                     ready: true,
                     stale: None,
-                    ..changed(build(slots, &cur.set, vnodes), revision)
+                    ..changed(build(slots, &cur.set, vnodes, zone), revision)
                 }
             }
             WatchEvent::Added { instance, revision }
             | WatchEvent::Updated { instance, revision } => {
                 let mut slots = cur.set.slots();
-                match slots.binary_search_by(|(i, _)| i.id.cmp(&instance.id)) {
-                    Ok(p) => slots[p].0 = Arc::new(instance),
+                match slots.binary_search_by(|s| s.instance.id.cmp(&instance.id)) {
+                    Ok(p) => slots[p].instance = Arc::new(instance),
                     Err(p) => {
-                        let entry = w.entry_for(&instance.id, now);
-                        slots.insert(p, (Arc::new(instance), entry));
+                        let entry = w.entry_for(&instance.id, now, &self.marks);
+                        let hash = key_hash(instance.id.as_str().as_bytes());
+                        let instance = Arc::new(instance);
+                        slots.insert(
+                            p,
+                            Slot {
+                                instance,
+                                entry,
+                                hash,
+                            },
+                        );
                     }
                 }
-                changed(build(slots, &cur.set, vnodes), revision)
+                changed(build(slots, &cur.set, vnodes, zone), revision)
             }
             WatchEvent::Removed { id, revision } => {
                 let mut slots = cur.set.slots();
-                match slots.binary_search_by(|(i, _)| i.id.cmp(&id)) {
+                match slots.binary_search_by(|s| s.instance.id.cmp(&id)) {
                     Ok(p) => {
-                        let (_, entry) = slots.remove(p);
-                        w.retire(id, entry, now);
-                        changed(build(slots, &cur.set, vnodes), revision)
+                        let slot = slots.remove(p);
+                        w.retire(id, slot.entry, now, &self.marks);
+                        changed(build(slots, &cur.set, vnodes, zone), revision)
                     }
                     Err(_) => changed(Arc::clone(&cur.set), revision),
                 }
@@ -199,8 +305,8 @@ impl Shared {
     }
 }
 
-fn build(slots: Vec<Slot>, prev: &SetData, vnodes: u32) -> Arc<SetData> {
-    Arc::new(SetData::build(slots, Some(prev), vnodes))
+fn build(slots: Vec<Slot>, prev: &SetData, vnodes: u32, zone: Option<&str>) -> Arc<SetData> {
+    Arc::new(SetData::build(slots, Some(prev), vnodes, zone))
 }
 
 fn stale_view(cur: &CacheView, reason: Arc<Error>) -> CacheView {
