@@ -19,8 +19,13 @@ use std::fmt;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use futures::stream::{BoxStream, StreamExt};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use futures::stream::{BoxStream, Stream, StreamExt};
 use tokio::sync::broadcast;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
 
 use super::{Event, Item, READ_AHEAD};
 use crate::error::{Error, Result};
@@ -145,7 +150,7 @@ impl<K, T: Item> WatchHub<K, T> {
 
 impl<K, T> WatchHub<K, T>
 where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
+    K: Hash + Eq + Clone + Send + Sync + Unpin + 'static,
     T: Item,
 {
     /// A watch of `key`: joins the shared watch of `key` if one runs, else starts one with
@@ -157,17 +162,19 @@ where
         key: K,
         start: impl FnOnce() -> BoxStream<'static, Result<Event<T>>> + Send + 'static,
     ) -> BoxStream<'static, Result<Event<T>>> {
-        let hub = self.clone();
-        futures::stream::once(async move { hub.join(key, start) })
-            .flatten()
-            .boxed()
+        HubStream::Joining {
+            hub: self.clone(),
+            key,
+            start: Box::new(start),
+        }
+        .boxed()
     }
 
     fn join(
         &self,
         key: K,
         start: impl FnOnce() -> BoxStream<'static, Result<Event<T>>>,
-    ) -> BoxStream<'static, Result<Event<T>>> {
+    ) -> Subscriber<T> {
         let mut map = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let live = map
             .get(&key)
@@ -233,7 +240,7 @@ fn spawn<T: Item>(mut events: BoxStream<'static, Result<Event<T>>>) -> Running<T
 /// One subscriber's view of a shared watch.
 struct Subscriber<T: Item> {
     running: Arc<Running<T>>,
-    rx: broadcast::Receiver<Msg<T>>,
+    rx: BroadcastStream<Msg<T>>,
     /// Events to yield before reading the channel.
     queued: std::collections::VecDeque<Msg<T>>,
     /// Whether this subscriber last yielded `Stale` (so `Stale` comes once per outage).
@@ -241,10 +248,10 @@ struct Subscriber<T: Item> {
     done: bool,
 }
 
-fn subscribe<T: Item>(running: Arc<Running<T>>) -> BoxStream<'static, Result<Event<T>>> {
+fn subscribe<T: Item>(running: Arc<Running<T>>) -> Subscriber<T> {
     let (rx, queued) = {
         let st = running.core.lock();
-        let rx = running.core.tx.subscribe();
+        let rx = BroadcastStream::new(running.core.tx.subscribe());
         let mut queued = std::collections::VecDeque::new();
         if let Some(e) = &st.failed {
             queued.push_back(Err(e.clone()));
@@ -256,37 +263,75 @@ fn subscribe<T: Item>(running: Arc<Running<T>>) -> BoxStream<'static, Result<Eve
         }
         (rx, queued)
     };
-    let sub = Subscriber {
+    Subscriber {
         running,
         rx,
         queued,
         stale: false,
         done: false,
-    };
-    futures::stream::unfold(sub, |mut s| async move {
-        let msg = s.next().await?;
-        Some((msg, s))
-    })
-    .boxed()
+    }
+}
+
+/// A watch through a hub: joins at its first poll (on the runtime that polls), then
+/// reads its subscription.
+enum HubStream<K, T: Item> {
+    Joining {
+        hub: WatchHub<K, T>,
+        key: K,
+        start: Box<dyn FnOnce() -> BoxStream<'static, Result<Event<T>>> + Send>,
+    },
+    Joined(Subscriber<T>),
+    /// Transient, while joining.
+    Empty,
+}
+
+// Nothing in a `HubStream` is pinned in place: it holds its subscription by value and
+// polls it through `poll_next_unpin`.
+impl<K: Unpin, T: Item> Unpin for HubStream<K, T> {}
+
+impl<K, T> Stream for HubStream<K, T>
+where
+    K: Hash + Eq + Clone + Send + Sync + Unpin + 'static,
+    T: Item,
+{
+    type Item = Result<Event<T>>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if let HubStream::Joining { .. } = this {
+            let HubStream::Joining { hub, key, start } = std::mem::replace(this, HubStream::Empty)
+            else {
+                unreachable!("matched above")
+            };
+            *this = HubStream::Joined(hub.join(key, start));
+        }
+        match this {
+            HubStream::Joined(sub) => sub.poll_next(cx),
+            _ => Poll::Ready(None),
+        }
+    }
 }
 
 impl<T: Item> Subscriber<T> {
-    async fn next(&mut self) -> Option<Result<Event<T>>> {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Event<T>>>> {
         if self.done {
-            return None;
+            return Poll::Ready(None);
         }
         let msg = match self.queued.pop_front() {
             Some(m) => m,
-            None => match self.rx.recv().await {
-                Ok(m) => m,
-                Err(broadcast::error::RecvError::Lagged(n)) => {
+            None => match ready!(self.rx.poll_next_unpin(cx)) {
+                Some(Ok(m)) => m,
+                Some(Err(BroadcastStreamRecvError::Lagged(n))) => {
                     self.catch_up(n);
-                    self.queued.pop_front()?
+                    match self.queued.pop_front() {
+                        Some(m) => m,
+                        None => return Poll::Ready(None),
+                    }
                 }
-                Err(broadcast::error::RecvError::Closed) => return None,
+                None => return Poll::Ready(None),
             },
         };
-        Some(match msg {
+        Poll::Ready(Some(match msg {
             Ok(ev) => {
                 match &ev {
                     Event::Stale(_) => self.stale = true,
@@ -299,14 +344,14 @@ impl<T: Item> Subscriber<T> {
                 self.done = true;
                 Err(shared_error(&e))
             }
-        })
+        }))
     }
 
     /// Fell `n` events behind: start over from the current set, as after an outage.
     fn catch_up(&mut self, n: u64) {
         tracing::debug!(missed = n, "a watch subscriber fell behind; resyncing it");
         let st = self.running.core.lock();
-        self.rx = self.running.core.tx.subscribe();
+        self.rx = BroadcastStream::new(self.running.core.tx.subscribe());
         if let Some(e) = &st.failed {
             self.queued.push_back(Err(e.clone()));
             return;
