@@ -27,7 +27,7 @@ use zookeeper_client::{AddWatchMode, Client, EventType, PersistentWatcher};
 
 use crate::client::{self, Ctx, Failed};
 use crate::feed::{session_error, zxid};
-use crate::kv::{entry_at, is_key, read, relative, walk};
+use crate::kv_nodes::{entry_at, is_key, read, relative, walk};
 use crate::session::{Driver, ZkSession};
 
 /// How many queued events are read from the server in one pipelined batch.

@@ -126,6 +126,7 @@ mod error;
 mod feed;
 mod kv;
 mod kv_feed;
+mod kv_nodes;
 mod session;
 mod store;
 
