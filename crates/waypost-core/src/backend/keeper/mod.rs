@@ -159,6 +159,12 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Keeper<D, S> {
         self.inner.lock().pending.len()
     }
 
+    /// How many per-id locks the keeper keeps (one per id registered or pending).
+    #[cfg(test)]
+    pub(crate) fn locked_ids(&self) -> usize {
+        self.inner.lock().locks.len()
+    }
+
     /// Shuts down: every registration is `Deregistered` and the session closed (the
     /// registry drops whatever it still holds for it at once). Later calls fail with
     /// [`Error::Closed`].

@@ -361,3 +361,25 @@ async fn a_late_report_about_an_old_session_leaves_the_new_one_alone() {
     );
     assert_eq!(registry.sessions(), vec![second]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn per_id_locks_live_as_long_as_their_registration_or_leftover() {
+    let registry = MemoryRegistry::new("locks");
+    let keeper = keeper_over(&registry, Duration::from_secs(10));
+    let a = keeper.register(inst("a")).await.unwrap();
+    assert_eq!(keeper.locked_ids(), 1, "a registered id keeps its lock");
+    a.deregister().await.unwrap();
+    assert_eq!(
+        keeper.locked_ids(),
+        0,
+        "a deregistered id's lock is forgotten"
+    );
+    // `b` is left pending (its reply was lost): its lock stays, others still go.
+    registry.lose_replies(1);
+    assert!(keeper.register(inst("b")).await.is_err());
+    assert_eq!(keeper.locked_ids(), 1);
+    let c = keeper.register(inst("c")).await.unwrap();
+    assert_eq!(keeper.locked_ids(), 2);
+    c.deregister().await.unwrap();
+    assert_eq!(keeper.locked_ids(), 1, "only the pending id keeps its lock");
+}
