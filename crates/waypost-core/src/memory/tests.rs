@@ -319,6 +319,28 @@ mod kv {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_retried_write_that_meets_another_writers_value_is_a_conflict() {
+        let r = MemoryRegistry::new("kv-other-value");
+        let c = r.client(Duration::from_secs(10));
+        let kv = c.kv().clone();
+        let k = key("app/flag");
+        let v1 = kv.put(&k, b"one".to_vec()).await.unwrap();
+        // The first attempt fails (unreachable: its outcome is unknown to the caller), a
+        // foreign writer changes the key meanwhile, the retry meets its value.
+        r.set_reachable(false);
+        let cas = tokio::spawn({
+            let (kv, k) = (kv.clone(), k.clone());
+            async move { kv.put_if(&k, b"mine".to_vec(), Expected::Version(v1)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        r.kv_put_foreign(&k, b"theirs");
+        r.set_reachable(true);
+        let got = cas.await.unwrap();
+        assert!(matches!(got, Err(Error::Conflict { .. })), "{got:?}");
+        assert_eq!(r.kv_peek(&k).as_deref(), Some(&b"theirs"[..]));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_write_during_an_outage_waits_for_the_registry_within_its_budget() {
         let r = MemoryRegistry::new("kv-outage");
         let c = r.client(Duration::from_secs(10));

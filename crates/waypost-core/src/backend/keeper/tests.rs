@@ -95,6 +95,10 @@ async fn a_budget_reads_back_in_rotation_and_heals_every_entry() {
         batches.iter().all(|b| *b <= 2),
         "read back more than the budget: {batches:?}"
     );
+    assert!(
+        batches.iter().any(|b| *b == 2),
+        "entries written under the live session are read back in batches: {batches:?}"
+    );
 }
 
 fn keeper_over(registry: &MemoryRegistry, ttl: Duration) -> Keeper<Driver, Store> {
@@ -382,4 +386,188 @@ async fn per_id_locks_live_as_long_as_their_registration_or_leftover() {
     assert_eq!(keeper.locked_ids(), 2);
     c.deregister().await.unwrap();
     assert_eq!(keeper.locked_ids(), 1, "only the pending id keeps its lock");
+}
+
+fn budgeted_keeper(
+    registry: &MemoryRegistry,
+    ttl: Duration,
+) -> (Keeper<Driver, Budgeted>, Arc<Mutex<Vec<usize>>>) {
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let keeper = Keeper::new(
+        "memory",
+        Session::new(
+            Driver {
+                registry: registry.clone(),
+                ttl,
+            },
+            BackoffOptions::default(),
+        ),
+        Budgeted {
+            inner: Store {
+                registry: registry.clone(),
+            },
+            batches: batches.clone(),
+        },
+    );
+    (keeper, batches)
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_an_outage_entries_beyond_the_read_budget_are_registered_in_one_round() {
+    let registry = MemoryRegistry::new("budget-outage");
+    let ttl = Duration::from_secs(8);
+    let (keeper, _) = budgeted_keeper(&registry, ttl);
+    let mut regs = Vec::new();
+    for n in 0..5 {
+        regs.push(keeper.register(inst(&format!("i{n}"))).await.unwrap());
+    }
+    registry.set_reachable(false);
+    for r in &regs {
+        r.wait_status(ttl, |s| *s == crate::RegistrationStatus::Suspended)
+            .await
+            .unwrap();
+    }
+    registry.set_reachable(true);
+    // Two are read back in the first round after the outage; the three others count as
+    // held (their session is live again) in that same round: none waits for its turn in
+    // the rotation (rounds are a quarter TTL, 2 s, apart).
+    let registered =
+        |r: &crate::Registration| r.current_status() == crate::RegistrationStatus::Registered;
+    wait_until("the first round after the outage", || {
+        regs.iter().any(registered)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let states: Vec<_> = regs.iter().map(|r| r.current_status()).collect();
+    assert!(
+        regs.iter().all(registered),
+        "all Registered in the round that found the session live again: {states:?}"
+    );
+}
+
+/// The memory store whose inspections can be made to fail.
+#[derive(Debug)]
+struct Flaky {
+    inner: Store,
+    fail: Arc<Mutex<Option<fn() -> crate::Error>>>,
+}
+
+#[async_trait]
+impl RegistryStore for Flaky {
+    type Handle = u64;
+
+    async fn write(&self, s: &u64, i: &Instance, takeover: bool) -> Result<()> {
+        self.inner.write(s, i, takeover).await
+    }
+
+    async fn inspect(&self, s: &u64, i: &Instance) -> Result<Presence> {
+        let fail = *self.fail.lock().unwrap();
+        match fail {
+            Some(e) => Err(e()),
+            None => self.inner.inspect(s, i).await,
+        }
+    }
+
+    async fn delete(&self, s: &u64, i: &Instance) -> Result<()> {
+        self.inner.delete(s, i).await
+    }
+}
+
+fn flaky_keeper(
+    registry: &MemoryRegistry,
+) -> (
+    Keeper<Driver, Flaky>,
+    Arc<Mutex<Option<fn() -> crate::Error>>>,
+) {
+    let fail = Arc::new(Mutex::new(None));
+    let keeper = Keeper::new(
+        "memory",
+        Session::new(
+            Driver {
+                registry: registry.clone(),
+                ttl: Duration::from_secs(4),
+            },
+            BackoffOptions::default(),
+        ),
+        Flaky {
+            inner: Store {
+                registry: registry.clone(),
+            },
+            fail: fail.clone(),
+        },
+    );
+    (keeper, fail)
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leftover_survives_temporary_errors_and_is_removed_once_the_registry_answers() {
+    let registry = MemoryRegistry::new("pending-temporary");
+    let svc: ServiceName = "svc".parse().unwrap();
+    let (keeper, fail) = flaky_keeper(&registry);
+    let _a = keeper.register(inst("a")).await.unwrap();
+    *fail.lock().unwrap() = Some(|| crate::Error::unavailable("inspections fail"));
+    registry.lose_replies(1);
+    assert!(keeper.register(inst("b")).await.is_err());
+    // Several rounds whose inspections fail: the leftover is kept, not forgotten.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(keeper.pending_removals(), 1);
+    assert!(registry.peek(&svc).get(&"b".parse().unwrap()).is_some());
+    *fail.lock().unwrap() = None;
+    wait_until("the leftover removed and confirmed gone", || {
+        registry.peek(&svc).get(&"b".parse().unwrap()).is_none() && keeper.pending_removals() == 0
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leftover_is_given_up_on_an_error_retrying_cannot_fix() {
+    let registry = MemoryRegistry::new("pending-permanent");
+    let (keeper, fail) = flaky_keeper(&registry);
+    registry.lose_replies(1);
+    assert!(keeper.register(inst("b")).await.is_err());
+    assert_eq!(keeper.pending_removals(), 1);
+    *fail.lock().unwrap() = Some(|| crate::Error::Unauthorized {
+        message: "no permission".into(),
+        source: None,
+    });
+    let _a = keeper.register(inst("a")).await.unwrap();
+    wait_until("the leftover given up", || keeper.pending_removals() == 0).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leftover_of_an_expired_session_is_dropped_with_it() {
+    let registry = MemoryRegistry::new("pending-expired");
+    let (keeper, fail) = flaky_keeper(&registry);
+    let _a = keeper.register(inst("a")).await.unwrap();
+    let first = keeper.session().current_state().handle().unwrap();
+    // Rounds under the first session cannot settle `b` (inspections fail).
+    *fail.lock().unwrap() = Some(|| crate::Error::unavailable("inspections fail"));
+    registry.lose_replies(1);
+    assert!(keeper.register(inst("b")).await.is_err());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(keeper.pending_removals(), 1);
+    // The session expires: the registry drops `b` with it. The leftover, bound to that
+    // session, has nothing left to remove under the next one.
+    registry.expire_session(first);
+    *fail.lock().unwrap() = None;
+    wait_until("a new session", || {
+        keeper
+            .session()
+            .current_state()
+            .handle()
+            .is_some_and(|h| h != first)
+    })
+    .await;
+    wait_until("the leftover dropped", || keeper.pending_removals() == 0).await;
 }
