@@ -96,7 +96,7 @@ async fn a_budget_reads_back_in_rotation_and_heals_every_entry() {
         "read back more than the budget: {batches:?}"
     );
     assert!(
-        batches.iter().any(|b| *b == 2),
+        batches.contains(&2),
         "entries written under the live session are read back in batches: {batches:?}"
     );
 }
@@ -445,11 +445,14 @@ async fn after_an_outage_entries_beyond_the_read_budget_are_registered_in_one_ro
     );
 }
 
+/// What `Flaky` inspections fail with, if they fail.
+type Failure = Arc<Mutex<Option<fn() -> crate::Error>>>;
+
 /// The memory store whose inspections can be made to fail.
 #[derive(Debug)]
 struct Flaky {
     inner: Store,
-    fail: Arc<Mutex<Option<fn() -> crate::Error>>>,
+    fail: Failure,
 }
 
 #[async_trait]
