@@ -476,12 +476,7 @@ impl RegistryStore for Flaky {
     }
 }
 
-fn flaky_keeper(
-    registry: &MemoryRegistry,
-) -> (
-    Keeper<Driver, Flaky>,
-    Arc<Mutex<Option<fn() -> crate::Error>>>,
-) {
+fn flaky_keeper(registry: &MemoryRegistry) -> (Keeper<Driver, Flaky>, Failure) {
     let fail = Arc::new(Mutex::new(None));
     let keeper = Keeper::new(
         "memory",
