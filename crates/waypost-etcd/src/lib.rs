@@ -294,7 +294,27 @@ impl waypost_core::backend::TestHooks for EtcdDiscovery {
     /// the connection under them): each watch resumes from its last revision (or resyncs
     /// if that revision was compacted meanwhile), the keep-alive stream is reopened.
     fn drop_connections(&self) {
-        self.drops.send_modify(|n| *n += 1);
+        self.drops
+            .send_modify(|n| *n = (*n & stream::STALL) | ((*n & !stream::STALL) + 1));
+    }
+}
+
+#[cfg(feature = "test-hooks")]
+impl EtcdDiscovery {
+    /// **Test hook.** Stops (`true`) or resumes (`false`) reading every watch stream of
+    /// this client, as a connection that stalls would: etcd keeps the events, the client
+    /// does not see them. With [`drop_connections`](waypost_core::backend::TestHooks::drop_connections)
+    /// afterwards, a watch must resume from its last revision, which a compaction meanwhile
+    /// may have removed.
+    #[doc(hidden)]
+    pub fn stall_watches(&self, stalled: bool) {
+        self.drops.send_modify(|n| {
+            if stalled {
+                *n |= stream::STALL
+            } else {
+                *n &= !stream::STALL
+            }
+        });
     }
 }
 

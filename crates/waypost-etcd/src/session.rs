@@ -108,7 +108,7 @@ impl SessionDriver for LeaseDriver {
 
     async fn keep_alive(&self, lease: &i64) -> Result<()> {
         let lease = *lease;
-        let generation = *self.drops.borrow();
+        let generation = *self.drops.borrow() & !crate::stream::STALL;
         let mut slot = self.stream.lock().await;
         if !matches!(&*slot, Some(k) if k.lease == lease && k.generation == generation) {
             *slot = None;

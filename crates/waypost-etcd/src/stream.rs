@@ -52,6 +52,10 @@ impl Range {
     }
 }
 
+/// The bit of the test-hook channel's value that stalls every watch stream (it is not
+/// read until cleared); the other bits count `drop_connections` calls.
+pub(crate) const STALL: u64 = 1 << 63;
+
 /// One revisioned etcd watch of a [`Range`]: its read, its stream, its probes.
 pub(crate) struct EtcdWatch {
     conn: Conn,
@@ -59,8 +63,11 @@ pub(crate) struct EtcdWatch {
     /// What is watched, for logs (`service greeter`, `config prefix app/`).
     what: String,
     stream: Option<WatchStream>,
-    /// Bumped by the `drop_connections` test hook: the stream is dropped.
+    /// Bumped by the `drop_connections` test hook: the stream is dropped. Its [`STALL`]
+    /// bit (the `stall_watches` hook) stops reading the stream.
     drops: Option<watch::Receiver<u64>>,
+    /// The drop count last acted on.
+    seen_drops: u64,
     last_heard: Instant,
     probe_sent: Option<Instant>,
 }
@@ -72,11 +79,13 @@ impl EtcdWatch {
         what: String,
         drops: watch::Receiver<u64>,
     ) -> Self {
+        let seen_drops = *drops.borrow() & !STALL;
         Self {
             conn: conn.clone(),
             range,
             what,
             stream: None,
+            seen_drops,
             drops: Some(drops),
             last_heard: Instant::now(),
             probe_sent: None,
@@ -155,6 +164,10 @@ impl EtcdWatch {
             let Some(stream) = self.stream.as_mut() else {
                 return Ok(None);
             };
+            let stalled = self
+                .drops
+                .as_ref()
+                .is_some_and(|rx| *rx.borrow() & STALL != 0);
             let hook = self.drops.as_mut();
             tokio::select! {
                 biased;
@@ -164,13 +177,18 @@ impl EtcdWatch {
                         None => std::future::pending().await,
                     }
                 } => {
-                    if !changed {
+                    let Some(rx) = self.drops.as_ref().filter(|_| changed) else {
                         self.drops = None;
                         continue;
+                    };
+                    let drops = *rx.borrow() & !STALL;
+                    if drops == self.seen_drops {
+                        continue; // only the stall changed
                     }
+                    self.seen_drops = drops;
                     tracing::debug!(watch = %self.what, "etcd: watch stream dropped by the test hook");
                 }
-                msg = stream.message() => match msg {
+                msg = stream.message(), if !stalled => match msg {
                     Ok(Some(r)) => {
                         self.last_heard = Instant::now();
                         self.probe_sent = None;
@@ -180,7 +198,7 @@ impl EtcdWatch {
                     Ok(None) => return Err(self.lost(None)),
                     Err(e) => return Err(self.lost(Some(e))),
                 },
-                _ = tokio::time::sleep_until(probe_at) => {
+                _ = tokio::time::sleep_until(probe_at), if !stalled => {
                     if self.probe_sent.is_some() {
                         self.stream = None;
                         return Err(Error::Timeout { operation: "etcd watch progress probe", after: t });

@@ -207,8 +207,9 @@ async fn compaction_while_watch_disconnected_resyncs_to_the_truth() {
     let mut set = InstanceSet::new();
     wait_for_set(&mut watch, &mut set, T, "a listed", |s| s.contains(&a.id)).await;
 
-    // Changes the watch does not read yet, then a compaction past them, then the watch's
-    // connection drops: it cannot resume from its last revision.
+    // Changes the watch does not read (its stream stalls), then a compaction past them,
+    // then the watch's connection drops: it cannot resume from its last revision.
+    w.stall_watches(true);
     let b = ns.instance(&svc, "b", 2);
     let _rb = d.register(b.clone()).await.unwrap();
     ra.deregister().await.unwrap();
@@ -222,6 +223,7 @@ async fn compaction_while_watch_disconnected_resyncs_to_the_truth() {
         .revision();
     admin.compact(rev, None).await.unwrap();
     w.drop_connections();
+    w.stall_watches(false);
 
     let mut seen = Vec::new();
     tokio::time::timeout(T, async {
