@@ -433,3 +433,63 @@ impl std::error::Error for Shared {
         std::error::Error::source(&*self.0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Instance;
+
+    #[test]
+    fn a_shared_error_keeps_the_variant_and_chains_to_the_original() {
+        let io = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "denied by the agent");
+        let original = Arc::new(Error::Unauthorized {
+            message: "token revoked".into(),
+            source: Some(Box::new(io)),
+        });
+        let e = shared_error(&original);
+        assert!(matches!(&e, Error::Unauthorized { message, .. } if message == "token revoked"));
+        let first = std::error::Error::source(&e).expect("the original as source");
+        assert_eq!(first.to_string(), original.to_string());
+        let second = first.source().expect("the original's own source");
+        assert_eq!(second.to_string(), "denied by the agent");
+    }
+
+    fn one_snapshot() -> BoxStream<'static, Result<Event<Instance>>> {
+        futures::stream::iter([Ok(Event::Snapshot(Vec::new(), 1))])
+            .chain(futures::stream::pending())
+            .boxed()
+    }
+
+    #[tokio::test]
+    async fn watches_of_other_keys_do_not_evict_a_running_one() {
+        let hub: WatchHub<&'static str, Instance> = WatchHub::new();
+        assert!(hub.is_empty());
+        let starts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = |starts: Arc<std::sync::atomic::AtomicUsize>| {
+            move || {
+                starts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                one_snapshot()
+            }
+        };
+        let mut a1 = hub.watch("a", counted(starts.clone()));
+        a1.next().await;
+        assert_eq!((hub.len(), hub.is_empty()), (1, false));
+        let mut b = hub.watch("b", counted(starts.clone()));
+        b.next().await;
+        assert_eq!(hub.len(), 2);
+        let mut a2 = hub.watch("a", counted(starts.clone()));
+        a2.next().await;
+        assert_eq!(
+            starts.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "the second watcher of `a` joined the running watch"
+        );
+        drop((a1, a2));
+        assert_eq!(hub.len(), 1, "`a` stopped with its last watcher");
+        // A new key clears the dead entries of the map.
+        let mut c = hub.watch("c", counted(starts.clone()));
+        c.next().await;
+        let map = hub.running.lock().unwrap().len();
+        assert_eq!(map, 2, "b and c, not the stopped a");
+    }
+}

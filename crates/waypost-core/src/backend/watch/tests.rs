@@ -393,3 +393,51 @@ mod shared {
         assert_eq!(starts.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 }
+
+mod shared_lag {
+    use super::*;
+    use crate::memory::MemoryRegistry;
+    use crate::{Registrar, Watcher};
+
+    async fn first(s: &mut BoxStream<'static, Result<WatchEvent>>) -> WatchEvent {
+        tokio::time::timeout(Duration::from_secs(10), s.next())
+            .await
+            .expect("an event in time")
+            .expect("stream open")
+            .expect("no error")
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_falls_behind_after_an_outage_is_told_stale_again() {
+        let registry = MemoryRegistry::new("hub-lag-after-outage");
+        let client = registry.client(Duration::from_secs(60));
+        let svc: ServiceName = "s".parse().unwrap();
+        let mut fast = client.watch(&svc);
+        let mut slow = client.watch(&svc);
+        first(&mut fast).await;
+        first(&mut slow).await;
+        registry.set_reachable(false);
+        for w in [&mut fast, &mut slow] {
+            assert!(matches!(first(w).await, WatchEvent::Stale { .. }));
+        }
+        registry.set_reachable(true);
+        for w in [&mut fast, &mut slow] {
+            assert!(matches!(first(w).await, WatchEvent::Resynced(_)));
+        }
+        // Live again; now `slow` falls more than 1,024 events behind.
+        let mut regs = Vec::new();
+        for i in 0..1500 {
+            regs.push(client.register(inst(&format!("i{i:04}"), 1)).await.unwrap());
+        }
+        // (`fast` may fall behind too while the registrations run: it converges either way.)
+        let mut set = crate::InstanceSet::new();
+        while set.len() < 1500 {
+            set.apply(&first(&mut fast).await);
+        }
+        assert!(
+            matches!(first(&mut slow).await, WatchEvent::Stale { .. }),
+            "a new outage for this watcher: Stale before its Resynced"
+        );
+        assert!(matches!(first(&mut slow).await, WatchEvent::Resynced(s) if s.len() == 1500));
+    }
+}
