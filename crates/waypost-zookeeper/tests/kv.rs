@@ -17,6 +17,17 @@ fn key(s: &str) -> ConfigKey {
     s.parse().unwrap()
 }
 
+/// A ZooKeeper server and a waypost client of it (`None`: not installed, already said).
+async fn started() -> Option<(
+    waypost_testkit::server::ZooKeeperServer,
+    waypost_zookeeper::ZkDiscovery,
+)> {
+    common::init_tracing();
+    let server = common::server().await?;
+    let zk = common::client(&server).await;
+    Some((server, zk))
+}
+
 async fn raw(server: &waypost_testkit::server::ZooKeeperServer) -> Client {
     Client::connector()
         .with_session_timeout(common::SESSION)
@@ -27,11 +38,9 @@ async fn raw(server: &waypost_testkit::server::ZooKeeperServer) -> Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parents_are_directories_and_go_with_their_last_key() {
-    common::init_tracing();
-    let Some(server) = common::server().await else {
+    let Some((server, zk)) = started().await else {
         return;
     };
-    let zk = common::client(&server).await;
     let kv = zk.kv();
     let raw = raw(&server).await;
 
@@ -60,11 +69,9 @@ async fn parents_are_directories_and_go_with_their_last_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_with_keys_below_it() {
-    common::init_tracing();
-    let Some(server) = common::server().await else {
+    let Some((server, zk)) = started().await else {
         return;
     };
-    let zk = common::client(&server).await;
     let kv = zk.kv();
     let raw = raw(&server).await;
     let (a, ab) = (key("a"), key("a/b"));
@@ -102,11 +109,9 @@ async fn a_key_with_keys_below_it() {
 /// not a key, and an empty value written there replaces it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_directory_without_keys() {
-    common::init_tracing();
-    let Some(server) = common::server().await else {
+    let Some((server, zk)) = started().await else {
         return;
     };
-    let zk = common::client(&server).await;
     let kv = zk.kv();
     let raw = raw(&server).await;
     kv.put(&key("d/x"), b"1".to_vec()).await.unwrap();
@@ -122,11 +127,9 @@ async fn a_foreign_directory_without_keys() {
 /// key watch report it removed, though no event names its node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_value_turning_into_a_directory_is_watched() {
-    common::init_tracing();
-    let Some(server) = common::server().await else {
+    let Some((_server, zk)) = started().await else {
         return;
     };
-    let zk = common::client(&server).await;
     let kv = zk.kv();
     let (e, child) = (key("ns/e"), key("ns/e/c"));
     let mut prefix = kv.watch_prefix(&key("ns"));
@@ -162,11 +165,9 @@ async fn an_empty_value_turning_into_a_directory_is_watched() {
 /// parents do not fit into one request beside the value and are created first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_largest_value_at_the_deepest_key() {
-    common::init_tracing();
-    let Some(server) = common::server().await else {
+    let Some((_server, zk)) = started().await else {
         return;
     };
-    let zk = common::client(&server).await;
     let kv = zk.kv();
     let deep = key(&["a"; 256].join("/"));
     assert_eq!(deep.as_str().len(), 511);
@@ -193,11 +194,9 @@ async fn the_largest_value_at_the_deepest_key() {
 /// reads, writes and watches go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_outlives_an_expired_session() {
-    common::init_tracing();
-    let Some(server) = common::server().await else {
+    let Some((server, zk)) = started().await else {
         return;
     };
-    let zk = common::client(&server).await;
     let kv: std::sync::Arc<dyn ConfigStore> = zk.clone().into_discovery().kv().unwrap();
     let k = key("live/k");
     kv.put(&k, b"1".to_vec()).await.unwrap();

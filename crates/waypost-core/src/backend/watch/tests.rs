@@ -392,20 +392,6 @@ mod shared {
         assert!(matches!(w2.next().await, Some(Ok(Event::Snapshot(..)))));
         assert_eq!(starts.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
-}
-
-mod shared_lag {
-    use super::*;
-    use crate::memory::MemoryRegistry;
-    use crate::{Registrar, Watcher};
-
-    async fn first(s: &mut BoxStream<'static, Result<WatchEvent>>) -> WatchEvent {
-        tokio::time::timeout(Duration::from_secs(10), s.next())
-            .await
-            .expect("an event in time")
-            .expect("stream open")
-            .expect("no error")
-    }
 
     #[tokio::test]
     async fn a_watcher_that_falls_behind_after_an_outage_is_told_stale_again() {
