@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use waypost_consul::{ConsulConfig, ConsulDiscovery};
 use waypost_core::kv::{ConfigKey, ConfigStore};
-use waypost_testkit::bench::{kv_row, kv_table, write_readme_section, RawKv};
+use waypost_testkit::bench::{kv_report, kv_row, RawKv};
 
 const SAMPLES: usize = 300;
 const WARMUP: usize = 30;
@@ -157,14 +157,9 @@ async fn main() {
             .await,
         );
     }
-    let table = kv_table(
+    kv_report(
         &mut rows,
         &format!("{SAMPLES} samples per row after {WARMUP} warm-up rounds, raw and waypost interleaved, one Consul 1.8.7 `-dev` agent on loopback; raw is `reqwest` `PUT /v1/kv/{{key}}` + a blocking `GET` (`?raw` on the key, `?recurse` on the prefix); the raw prefix watcher parses the answer as `serde_json::Value` and decodes the probe's value; waypost writes through `/v1/txn`, parses each answer into typed entries and decodes only those whose `ModifyIndex` changed; `cargo bench -p waypost-consul --bench kv_latency`."),
-    );
-    println!("{table}");
-    write_readme_section(
         concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"),
-        "kv_latency",
-        &table,
     );
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, EventType, WatchOptions, WatchStream};
 use waypost_core::kv::ConfigKey;
 use waypost_etcd::{EtcdConfig, EtcdDiscovery};
-use waypost_testkit::bench::{kv_row, kv_table, write_readme_section, RawKv};
+use waypost_testkit::bench::{kv_report, kv_row, RawKv};
 
 const SAMPLES: usize = 300;
 const WARMUP: usize = 30;
@@ -103,14 +103,9 @@ async fn main() {
             .await,
         );
     }
-    let table = kv_table(
+    kv_report(
         &mut rows,
         &format!("{SAMPLES} samples per row after {WARMUP} warm-up rounds, raw and waypost interleaved, one etcd 3.4 on loopback, writer and watcher sharing one connection on both sides; raw is `etcd-client` put + watch; `cargo bench -p waypost-etcd --bench kv_latency`."),
-    );
-    println!("{table}");
-    write_readme_section(
         concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"),
-        "kv_latency",
-        &table,
     );
 }

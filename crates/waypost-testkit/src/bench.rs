@@ -142,3 +142,11 @@ pub fn kv_table(rows: &mut [KvRow], note: &str) -> String {
     }
     format!("{table}\n{note}\n")
 }
+
+/// Prints the table of `rows` (see [`kv_table`]) and writes it into the README at
+/// `readme` between the `bench:kv_latency` markers.
+pub fn kv_report(rows: &mut [KvRow], note: &str, readme: &str) {
+    let table = kv_table(rows, note);
+    println!("{table}");
+    write_readme_section(readme, "kv_latency", &table);
+}

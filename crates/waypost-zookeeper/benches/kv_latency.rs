@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use waypost_core::kv::{ConfigKey, ConfigStore};
-use waypost_testkit::bench::{kv_row, kv_table, write_readme_section, RawKv};
+use waypost_testkit::bench::{kv_report, kv_row, RawKv};
 use waypost_testkit::server::{require, ServerKind, ZooKeeperOptions, ZooKeeperServer};
 use waypost_zookeeper::{ZkConfig, ZkDiscovery};
 use zookeeper_client::{Acls, AddWatchMode, Client, CreateMode, EventType, PersistentWatcher};
@@ -113,14 +113,9 @@ async fn main() {
             .await,
         );
     }
-    let table = kv_table(
+    kv_report(
         &mut rows,
         &format!("{SAMPLES} samples per row after {WARMUP} warm-up rounds, raw and waypost interleaved, one ZooKeeper 3.8 on loopback, writer and watcher sharing one connection on both sides; raw is `zookeeper-client` `set_data` + persistent watch + `get_data`; waypost's put of an existing key is one `set_data` too; `cargo bench -p waypost-zookeeper --bench kv_latency`."),
-    );
-    println!("{table}");
-    write_readme_section(
         concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"),
-        "kv_latency",
-        &table,
     );
 }
