@@ -357,3 +357,37 @@ async fn cluster_leader_killed_registration_and_watch_keep_working() {
     let listed = w.instances(&svc).await.unwrap();
     assert!(listed.get(&a.id).is_some() && listed.get(&b.id).is_some());
 }
+
+/// An idle watch on a healthy server probes it (every `probe_interval`, 1 s here) and stays
+/// live: no `Stale` over several probe rounds, and the next change still arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_watch_on_a_healthy_server_stays_live() {
+    common::init_tracing();
+    let Some(server) = waypost_testkit::server::etcd().await else {
+        return;
+    };
+    let ns = Namespace::new();
+    let svc = ns.service("idle");
+    let d = common::connect(&server.url()).await;
+    let mut watch = d.watch(&svc);
+    let mut set = InstanceSet::new();
+    let first = next_event(&mut watch, T).await;
+    assert!(matches!(first, WatchEvent::Snapshot(_)), "{first:?}");
+    set.apply(&first);
+    match tokio::time::timeout(Duration::from_secs(4), watch.next()).await {
+        Err(_) => {} // nothing happened: right
+        Ok(ev) => panic!("an idle watch of a healthy server yielded {ev:?}"),
+    }
+    let a = ns.instance(&svc, "a", 1);
+    let _ra = d.register(a.clone()).await.unwrap();
+    let events = wait_for_set(&mut watch, &mut set, T, "a after the idle time", |s| {
+        s.contains(&a.id)
+    })
+    .await;
+    assert!(
+        events
+            .iter()
+            .all(|e| !matches!(e, WatchEvent::Stale { .. } | WatchEvent::Resynced(_))),
+        "no outage: {events:?}"
+    );
+}
