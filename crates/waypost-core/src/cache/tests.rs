@@ -94,8 +94,10 @@ async fn stale_keeps_serving_and_resynced_clears_it() {
     cache.wait_ready(T).await.unwrap();
     assert_eq!(cache.age(), Duration::ZERO);
 
+    assert!(!cache.is_stale());
     feed.stale();
     let v = cache.wait_for(T, |v| v.is_stale()).await.unwrap();
+    assert!(cache.is_stale(), "the cache says what its view says");
     assert_eq!(names(&v), ["a", "b"]);
     assert!(v.stale_reason().unwrap().is_temporary());
     assert!(cache.stale_since().is_some());
@@ -477,4 +479,47 @@ fn view_round_trips_to_a_snapshot() {
     let cache = ServiceCache::from_snapshot(s.clone(), CacheOptions::default());
     assert_eq!(cache.view().to_snapshot(), s);
     assert!(format!("{cache:?}").contains("\"b\""));
+}
+
+#[test]
+fn accessors_and_builders_report_what_was_set() {
+    let options = CacheOptions::default()
+        .with_ejection(Duration::from_secs(7))
+        .with_ring_vnodes(13)
+        .with_backoff(Backoff::new(
+            Duration::from_millis(3),
+            Duration::from_millis(9),
+        ));
+    assert_eq!(options.ejection, Duration::from_secs(7));
+    assert_eq!(options.ring_vnodes, 13);
+    // The first delay of the backoff set (3 ms, jittered) is far below the default's.
+    let first = options.backoff.clone().next_delay();
+    assert!(
+        first <= Duration::from_millis(6),
+        "the backoff was set: {first:?}"
+    );
+    let cache = ServiceCache::from_snapshot(snapshot(vec![inst("a", 1, 100)], 1), options.clone());
+    assert_eq!(cache.options().ejection, Duration::from_secs(7));
+    assert_eq!(cache.options().ring_vnodes, 13);
+    assert!(cache.contains("a") && !cache.contains("b"));
+    assert!(!cache.is_empty());
+    let empty = ServiceCache::from_snapshot(snapshot(Vec::new(), 1), options);
+    assert!(empty.is_empty() && !empty.contains("a"));
+    assert!(empty.pick_weighted().is_none());
+}
+
+#[test]
+fn pick_weighted_follows_the_weights() {
+    seed_this_thread(7);
+    let cache = fixed(vec![inst("light", 1, 100), inst("heavy", 1, 300)]);
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..4000 {
+        let picked = cache.pick_weighted().expect("a pick");
+        *counts.entry(picked.id.to_string()).or_default() += 1;
+    }
+    let heavy = counts["heavy"] as f64 / 4000.0;
+    assert!(
+        (0.70..0.80).contains(&heavy),
+        "heavy picked {heavy:.3} of the time, expected 0.75"
+    );
 }
