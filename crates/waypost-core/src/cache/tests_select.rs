@@ -335,3 +335,90 @@ fn other_threads_see_an_update_at_their_next_pick() {
         ["only".to_string()].into()
     );
 }
+
+/// Picks the last candidate and records what it was offered.
+#[derive(Default)]
+struct Recorder {
+    seen: std::sync::Mutex<Vec<(usize, bool, bool)>>,
+    tracked: bool,
+}
+
+impl PickStrategy for Recorder {
+    fn choose(&self, c: &Candidates<'_>) -> Option<usize> {
+        self.seen
+            .lock()
+            .unwrap()
+            .push((c.len(), c.is_empty(), c.is_local_zone()));
+        let a = c.random();
+        let b = c.random();
+        assert_ne!((a, b), (0, 0), "random numbers, not constants");
+        assert_ne!(a, b, "two draws differ");
+        Some(c.len() - 1)
+    }
+
+    fn tracks_in_flight(&self) -> bool {
+        self.tracked
+    }
+}
+
+#[test]
+fn wrapped_strategies_forward_choose_and_tracking() {
+    let cache = ServiceCache::from_snapshot(
+        snapshot(
+            vec![inst("a", 1, 100), inst("b", 1, 100), inst("c", 1, 100)],
+            1,
+        ),
+        CacheOptions::default(),
+    );
+    let plain = Recorder::default();
+    let tracked = Recorder {
+        tracked: true,
+        ..Recorder::default()
+    };
+    // The last candidate is `c`, through a reference, a Box and an Arc.
+    assert_eq!(cache.pick_with(&plain, None).unwrap().id().as_str(), "c");
+    assert_eq!(cache.pick_with(&&plain, None).unwrap().id().as_str(), "c");
+    let boxed: Box<dyn PickStrategy> = Box::new(Recorder::default());
+    assert_eq!(cache.pick_with(&boxed, None).unwrap().id().as_str(), "c");
+    let arc: Arc<dyn PickStrategy> = Arc::new(Recorder::default());
+    assert_eq!(cache.pick_with(&arc, None).unwrap().id().as_str(), "c");
+    // Tracking follows the wrapped strategy.
+    for s in [&plain as &dyn PickStrategy, &tracked] {
+        let via_ref = cache.pick_with(&s, None).unwrap();
+        let via_box = cache.pick_with(&Box::new(s), None).unwrap();
+        let via_arc = cache.pick_with(&Arc::new(s), None).unwrap();
+        let expected = if s.tracks_in_flight() { 3 } else { 0 };
+        assert_eq!(cache.in_flight("c"), Some(expected));
+        drop((via_ref, via_box, via_arc));
+    }
+    let p2c = cache.pick_with(&strategy::PowerOfTwoChoices, None).unwrap();
+    assert_eq!(cache.in_flight(p2c.id()), Some(1), "p2c picks are tracked");
+    let seen = plain.seen.lock().unwrap();
+    assert!(
+        seen.iter()
+            .all(|&(n, empty, local)| n == 3 && !empty && !local),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn the_local_zone_pool_says_so() {
+    let cache = ServiceCache::from_snapshot(
+        snapshot(
+            vec![
+                inst("a", 1, 100).with_zone("z1"),
+                inst("b", 1, 100).with_zone("z2"),
+            ],
+            1,
+        ),
+        CacheOptions::default().with_zone("z1"),
+    );
+    let s = Recorder::default();
+    assert_eq!(cache.pick_with(&s, None).unwrap().id().as_str(), "a");
+    let seen = s.seen.lock().unwrap();
+    assert_eq!(
+        seen.as_slice(),
+        &[(1, false, true)],
+        "offered the local pool first"
+    );
+}

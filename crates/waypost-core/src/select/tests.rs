@@ -268,3 +268,51 @@ fn rendezvous_is_stable_and_moves_only_the_leaver() {
     }
     assert_eq!(rendezvous(1, hashes.iter().copied(), |_| false), None);
 }
+
+/// An rng whose first `QUICK_TRIES` draws of every call land on index 0 (so the quick
+/// draws fail when 0 is ineligible), then draws from `rng`.
+fn past_the_quick_draws(mut rng: impl FnMut() -> u64) -> impl FnMut() -> u64 {
+    let mut n = 0usize;
+    move || {
+        n += 1;
+        if (n - 1) % (QUICK_TRIES + 1) < QUICK_TRIES {
+            0
+        } else {
+            rng()
+        }
+    }
+}
+
+#[test]
+fn the_exact_pass_is_proportional_to_the_eligible_weights() {
+    // Index 0 is heavy and ineligible: every quick draw lands on it, the exact pass
+    // decides. Eligible weights 2, 2, 5.
+    let weights = [6u32, 2, 2, 5];
+    let eligible = |i: usize| i != 0;
+    let cumulative = cumulative_weights(weights);
+    let table = AliasTable::new(weights);
+    assert_eq!((table.len(), table.is_empty()), (4, false));
+    assert!(AliasTable::new(Vec::<u32>::new()).is_empty());
+    let mut by_sums = [0usize; 4];
+    let mut by_alias = [0usize; 4];
+    let mut draws = past_the_quick_draws(rng(11));
+    for _ in 0..9000 {
+        by_sums[weighted_eligible(&cumulative, &mut draws, eligible).unwrap()] += 1;
+    }
+    let mut draws = past_the_quick_draws(rng(12));
+    for _ in 0..9000 {
+        // The alias table's quick draws: r = 0 lands on column 0, which keeps index 0
+        // (the heaviest) with certainty.
+        by_alias[table.sample_eligible(&mut draws, eligible).unwrap()] += 1;
+    }
+    for counts in [by_sums, by_alias] {
+        assert_eq!(counts[0], 0, "never the ineligible index: {counts:?}");
+        for (i, expect) in [(1, 2000.0), (2, 2000.0), (3, 5000.0)] {
+            let got = counts[i] as f64;
+            assert!(
+                (got - expect).abs() < expect * 0.1,
+                "index {i}: {got} of 9000, expected ~{expect}: {counts:?}"
+            );
+        }
+    }
+}
