@@ -1,6 +1,6 @@
 //! Weighted draws in constant time: Vose's alias method.
 
-use super::{bounded, QUICK_TRIES};
+use super::{exact_weighted, QUICK_TRIES};
 
 /// Walker's alias table: a weighted choice in constant time, one random `u64` per draw.
 ///
@@ -87,21 +87,12 @@ impl AliasTable {
                 return Some(i);
             }
         }
-        let weight = |i: usize| u64::from(self.weights[i]);
-        let n = self.weights.len();
-        let total: u64 = (0..n).filter(|&i| eligible(i)).map(weight).sum();
-        if total == 0 {
-            return None;
-        }
-        let mut x = bounded(rng(), total);
-        for i in (0..n).filter(|&i| eligible(i)) {
-            let w = weight(i);
-            if x < w {
-                return Some(i);
-            }
-            x -= w;
-        }
-        (0..n).find(|&i| eligible(i) && weight(i) > 0)
+        exact_weighted(
+            self.weights.len(),
+            |i| u64::from(self.weights[i]),
+            rng,
+            eligible,
+        )
     }
 
     /// Number of indexes.

@@ -139,8 +139,19 @@ pub fn weighted_eligible(
         }
     }
     let weight = |i: usize| cumulative[i] - if i == 0 { 0 } else { cumulative[i - 1] };
-    let n = cumulative.len();
-    let total: u64 = (0..n).filter(|&i| eligible(i)).map(weight).sum();
+    exact_weighted(cumulative.len(), weight, rng, eligible)
+}
+
+/// The exact pass of a weighted draw among the eligible indexes of `0..n` (after the
+/// quick draws missed): one draw over the eligible weights, exactly proportional to them.
+/// `None` if no eligible index has a weight above 0.
+fn exact_weighted(
+    n: usize,
+    weight: impl Fn(usize) -> u64,
+    mut rng: impl FnMut() -> u64,
+    eligible: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    let total: u64 = (0..n).filter(|&i| eligible(i)).map(&weight).sum();
     if total == 0 {
         return None;
     }
