@@ -5,6 +5,8 @@
 #   ZooKeeper 3.8  (bookworm `zookeeper`, run with the system Java)
 #   etcd 3.4       (bookworm `etcd-server`, `etcd-client`)
 #   Consul 1.8.7   (bullseye `consul`, from a bullseye suite pinned low)
+#   Curator 5.4    (bookworm `libcurator-recipes-java`: the reference client the lock and
+#                   election interop tests run against ours)
 #   protoc         (bookworm `protobuf-compiler` + `libprotobuf-dev` for the well-known
 #                   .proto files etcd-client imports) and pkg-config
 #
@@ -23,6 +25,7 @@ have_all() {
   command -v etcdctl >/dev/null || return 1
   command -v consul >/dev/null || return 1
   command -v protoc >/dev/null || return 1
+  ls /usr/share/java/curator-recipes*.jar >/dev/null 2>&1 || return 1
   [ -f /usr/include/google/protobuf/descriptor.proto ] || return 1
   command -v pkg-config >/dev/null || return 1
 }
@@ -78,7 +81,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -q
 $SUDO apt-get install -y -q --no-install-recommends \
-  zookeeper etcd-server etcd-client protobuf-compiler libprotobuf-dev pkg-config
+  zookeeper libcurator-recipes-java etcd-server etcd-client protobuf-compiler libprotobuf-dev pkg-config
 if [ "$need_bullseye" = 1 ]; then
   $SUDO apt-get install -y -q --no-install-recommends consul
 fi

@@ -105,6 +105,15 @@ pub enum Error {
         current: Option<u64>,
     },
 
+    /// A lock (or another coordination primitive) is held by another contender and the
+    /// caller asked not to wait ([`Coordinator::try_lock`](crate::coord::Coordinator::try_lock)).
+    /// Nothing is left behind in the registry.
+    #[error("busy: {what}")]
+    Busy {
+        /// What is held, naming the lock.
+        what: String,
+    },
+
     /// This backend does not implement the operation.
     #[error("unsupported: {what}")]
     Unsupported {

@@ -11,6 +11,7 @@ pub mod backend;
 pub mod backoff;
 pub mod cache;
 pub mod config;
+pub mod coord;
 #[cfg(feature = "tower")]
 pub mod discover;
 pub mod error;

@@ -37,6 +37,15 @@ pub trait SessionDriver: Clone + Debug + Send + Sync + 'static {
     /// How long between two keep-alives while healthy (a third of a lease's TTL, say).
     fn interval(&self) -> Duration;
 
+    /// How long after last hearing from the client the registry may drop the session (a
+    /// lease's TTL, a ZooKeeper session timeout, a Consul session TTL). Locks and
+    /// leaderships count a holder as lost locally once this much time passed since the
+    /// last keep-alive the registry confirmed (see [`Session::confirmed_until`]). `None`:
+    /// unknown, no local deadline.
+    fn bound(&self) -> Option<Duration> {
+        None
+    }
+
     /// **Test hooks.** The process "crashed" ([`Session::crash`]): stop whatever keeps
     /// `handle` alive by itself (a client library's own pings) without closing it, so the
     /// registry expires it by its timeout. Nothing by default.
@@ -81,6 +90,18 @@ struct Inner<D: SessionDriver> {
     task_started: AtomicBool,
     crashed: AtomicBool,
     backoff: BackoffOptions,
+    /// When the last keep-alive (or the open) the registry answered was *sent*: the
+    /// registry heard from the client at or after this instant.
+    confirmed: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl<D: SessionDriver> Inner<D> {
+    fn confirm(&self, sent: tokio::time::Instant) {
+        let mut c = self.confirmed.lock().unwrap_or_else(|p| p.into_inner());
+        if c.map_or(true, |at| at < sent) {
+            *c = Some(sent);
+        }
+    }
 }
 
 /// A client's session in the registry; cheap to clone (clones share it).
@@ -122,6 +143,7 @@ impl<D: SessionDriver> Session<D> {
                 task_started: AtomicBool::new(false),
                 crashed: AtomicBool::new(false),
                 backoff,
+                confirmed: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -166,6 +188,24 @@ impl<D: SessionDriver> Session<D> {
         self.check_open().is_err()
     }
 
+    /// Until when the open session is certainly alive in the registry, as far as this
+    /// client can tell without asking: the instant the last confirmed keep-alive was sent,
+    /// plus [`SessionDriver::bound`] less a tenth (the margin for the registry's clock
+    /// running faster than ours, and for its own timer granularity). `None` without a
+    /// bound or before the first open.
+    ///
+    /// The clock assumption: the local monotonic clock and the registry's run at rates
+    /// within 10% of each other over one bound.
+    pub fn confirmed_until(&self) -> Option<tokio::time::Instant> {
+        let bound = self.inner.driver.bound()?;
+        let sent = (*self
+            .inner
+            .confirmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()))?;
+        Some(sent + bound - bound / 10)
+    }
+
     /// The open session's handle, opening one if there is none (the first call starts
     /// the keep-alive loop).
     pub async fn current(&self) -> Result<D::Handle> {
@@ -179,7 +219,9 @@ impl<D: SessionDriver> Session<D> {
         if let Some(h) = self.inner.state.borrow().handle() {
             return Ok(h);
         }
+        let sent = tokio::time::Instant::now();
         let h = self.inner.driver.open().await?;
+        self.inner.confirm(sent);
         tracing::debug!(session = ?h, "session opened");
         self.inner.state.send_replace(SessionState::Live(h.clone()));
         self.inner.kick.notify_one();
@@ -254,8 +296,10 @@ async fn drive<D: SessionDriver>(
                 SessionState::Closed => return,
                 SessionState::Idle => None,
                 SessionState::Live(h) | SessionState::Suspended(h) => {
+                    let sent = tokio::time::Instant::now();
                     match inner.driver.keep_alive(&h).await {
                         Ok(()) => {
+                            inner.confirm(sent);
                             backoff.reset();
                             inner.state.send_if_modified(|s| match s {
                                 SessionState::Suspended(x) if *x == h => {
@@ -295,8 +339,10 @@ async fn drive<D: SessionDriver>(
                     if *inner.state.borrow() != SessionState::Expired {
                         continue;
                     }
+                    let sent = tokio::time::Instant::now();
                     match inner.driver.open().await {
                         Ok(h) => {
+                            inner.confirm(sent);
                             tracing::info!(session = ?h, "new session opened");
                             backoff.reset();
                             inner.state.send_if_modified(|s| {

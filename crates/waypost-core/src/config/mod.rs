@@ -189,6 +189,9 @@ pub struct Discovery {
     /// Configuration keys and values, where the backend offers them; see
     /// [`Discovery::kv`].
     pub config_store: Option<Arc<dyn ConfigStore>>,
+    /// Locks, semaphores and elections, where the backend offers them; see
+    /// [`Discovery::coordinator`].
+    pub coordination: Option<Arc<dyn crate::coord::Coordinator>>,
 }
 
 impl Discovery {
@@ -199,7 +202,23 @@ impl Discovery {
             watcher,
             hooks: None,
             config_store: None,
+            coordination: None,
         }
+    }
+
+    /// With the backend's coordination.
+    pub fn with_coordinator(mut self, coordinator: Arc<dyn crate::coord::Coordinator>) -> Self {
+        self.coordination = Some(coordinator);
+        self
+    }
+
+    /// The registry's locks, semaphores and elections ([`Coordinator`](crate::coord::Coordinator)),
+    /// bound to the same session as this client's registrations. [`Error::Unsupported`]
+    /// for a backend without them.
+    pub fn coordinator(&self) -> Result<Arc<dyn crate::coord::Coordinator>> {
+        self.coordination
+            .clone()
+            .ok_or_else(|| Error::unsupported("locks and elections on this backend"))
     }
 
     /// With the backend's configuration store.

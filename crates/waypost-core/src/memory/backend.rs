@@ -48,6 +48,10 @@ impl SessionDriver for Driver {
     fn interval(&self) -> Duration {
         (self.ttl / 4).clamp(Duration::from_millis(5), Duration::from_secs(1))
     }
+
+    fn bound(&self) -> Option<Duration> {
+        Some(self.ttl)
+    }
 }
 
 /// The registration primitives: one entry per instance at the key named by its id.

@@ -9,10 +9,13 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 
 use super::backend::{Driver, Store, WatchFeed};
+use super::coord::MemoryCoord;
 use super::kv::MemoryKv;
 use super::registry::{MemoryRegistry, SessionId};
 use crate::backend::watch::WatchHub;
-use crate::backend::{watch, BackoffOptions, Keeper, Kv, KvOptions, Session, TestHooks};
+use crate::backend::{
+    watch, BackoffOptions, Coord, CoordOptions, Keeper, Kv, KvOptions, Session, TestHooks,
+};
 use crate::error::Result;
 use crate::event::{Snapshot, WatchEvent};
 use crate::model::{Instance, ServiceName};
@@ -30,6 +33,7 @@ pub struct MemoryClient {
     registry: MemoryRegistry,
     keeper: Keeper<Driver, Store>,
     kv: Kv<MemoryKv>,
+    coord: Coord<MemoryCoord, Driver>,
     hub: WatchHub<ServiceName, Instance>,
     backoff: BackoffOptions,
 }
@@ -59,9 +63,20 @@ impl MemoryClient {
         let store = Store {
             registry: registry.clone(),
         };
+        let coord = Coord::new(
+            MemoryCoord {
+                registry: registry.clone(),
+            },
+            session.clone(),
+            CoordOptions {
+                backoff,
+                ..CoordOptions::default()
+            },
+        );
         Self {
             registry: registry.clone(),
             keeper: Keeper::new("memory", session, store),
+            coord,
             kv: Kv::new(
                 MemoryKv {
                     registry: registry.clone(),
@@ -79,6 +94,17 @@ impl MemoryClient {
     /// The client's configuration store.
     pub fn kv(&self) -> &Kv<MemoryKv> {
         &self.kv
+    }
+
+    /// The client's locks and elections.
+    pub fn coordinator(&self) -> &dyn crate::coord::Coordinator {
+        &self.coord
+    }
+
+    /// The memory registry's contender queues, for tests: how many contenders `name`
+    /// has (an election's, with `election`).
+    pub fn contenders(&self, name: &crate::coord::Name, election: bool) -> usize {
+        self.coord.driver().contenders(name, election)
     }
 
     /// The registry this client talks to.
@@ -148,6 +174,7 @@ impl MemoryClient {
         let c = Arc::new(self);
         crate::Discovery::new(c.clone(), c.clone())
             .with_config_store(Arc::new(c.kv.clone()))
+            .with_coordinator(Arc::new(c.coord.clone()))
             .with_hooks(c)
     }
 }

@@ -23,6 +23,7 @@
 
 pub(crate) mod backend;
 mod client;
+mod coord;
 mod kv;
 mod registry;
 
@@ -34,6 +35,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 pub use client::MemoryClient;
+pub use coord::{LeaderFeed as MemoryLeaderFeed, MemoryCoord, Ticket as MemoryTicket};
 pub use kv::{KvFeed as MemoryKvFeed, MemoryKv, MAX_VALUE_LEN};
 pub use registry::{MemoryRegistry, SessionId};
 

@@ -38,6 +38,8 @@ pub(super) struct State {
     subscribers: HashMap<ServiceName, Vec<mpsc::UnboundedSender<Change<Instance>>>>,
     /// Configuration keys.
     pub(super) kv: super::kv::KvState,
+    /// Lock and election queues.
+    pub(super) coord: super::coord::CoordState,
 }
 
 /// Every later change of one service.
@@ -102,8 +104,13 @@ impl State {
         removed
     }
 
+    pub(super) fn sessions_contains(&self, session: SessionId) -> bool {
+        self.sessions.contains_key(&session)
+    }
+
     fn drop_session(&mut self, session: SessionId) -> usize {
         self.sessions.remove(&session);
+        self.coord_drop_session(session);
         let doomed: Vec<(ServiceName, String)> = self
             .services
             .iter()
