@@ -101,12 +101,6 @@ impl MemoryClient {
         &self.coord
     }
 
-    /// The memory registry's contender queues, for tests: how many contenders `name`
-    /// has (an election's, with `election`).
-    pub fn contenders(&self, name: &crate::coord::Name, election: bool) -> usize {
-        self.coord.driver().contenders(name, election)
-    }
-
     /// The registry this client talks to.
     pub fn registry(&self) -> &MemoryRegistry {
         &self.registry

@@ -129,10 +129,13 @@ impl MemoryCoord {
             }
         }
     }
+}
 
-    /// How many contenders the queue of `name` holds (tests).
+impl MemoryRegistry {
+    /// How many contenders (holding and waiting) lock `name` has, or election `name`
+    /// with `election`.
     pub fn contenders(&self, name: &Name, election: bool) -> usize {
-        let st = self.registry.inner.lock();
+        let st = self.inner.lock();
         st.queue(&(name.clone(), election)).map_or(0, BTreeMap::len)
     }
 }
@@ -148,7 +151,8 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 impl CoordDriver for MemoryCoord {
     type Handle = SessionId;
     type Ticket = Ticket;
-    type Wait = u64;
+    /// The predecessor's token, and how many contenders were ahead.
+    type Wait = (u64, usize);
     type Feed = LeaderFeed;
 
     fn max_value_len(&self) -> usize {
@@ -193,7 +197,7 @@ impl CoordDriver for MemoryCoord {
         })
     }
 
-    async fn position(&self, t: &Ticket) -> Result<Position<u64>> {
+    async fn position(&self, t: &Ticket) -> Result<Position<(u64, usize)>> {
         let st = self.registry.inner.op()?;
         let Some(q) = st.queue(&t.queue).filter(|q| q.contains_key(&t.token)) else {
             return Ok(Position::Gone);
@@ -206,15 +210,18 @@ impl CoordDriver for MemoryCoord {
         Ok(if ahead.len() < permits {
             Position::Held(FencingToken(t.token))
         } else {
-            // Herd-free: wait on the one contender right before.
-            Position::Waiting(*ahead.last().expect("ahead is not empty"))
+            // A lock waits on the one contender right before (herd-free); a semaphore
+            // waiter on any contender ahead leaving (any holder's release frees a permit).
+            Position::Waiting((*ahead.last().expect("ahead is not empty"), ahead.len()))
         })
     }
 
-    async fn wait(&self, t: &Ticket, predecessor: &u64) -> Result<()> {
+    async fn wait(&self, t: &Ticket, &(predecessor, ahead): &(u64, usize)) -> Result<()> {
         self.wait_until(|st| {
             st.queue(&t.queue).map_or(true, |q| {
-                !q.contains_key(predecessor) || !q.contains_key(&t.token)
+                !q.contains_key(&predecessor)
+                    || !q.contains_key(&t.token)
+                    || q.range(..t.token).count() < ahead
             })
         })
         .await

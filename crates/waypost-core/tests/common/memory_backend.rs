@@ -89,6 +89,10 @@ impl Faults for MemoryBackend {
         self.registry.open_watches()
     }
 
+    async fn coord_contenders(&self, name: &waypost_core::coord::Name) -> usize {
+        self.registry.contenders(name, false)
+    }
+
     async fn kv_foreign_put(&self, key: &ConfigKey, value: &str) {
         self.registry.kv_put_foreign(key, value.as_bytes());
     }
@@ -111,3 +115,4 @@ impl Faults for MemoryBackend {
 
 waypost_testkit::conformance_tests!(memory);
 waypost_testkit::kv_conformance_tests!(memory);
+waypost_testkit::coord_conformance_tests!(memory);

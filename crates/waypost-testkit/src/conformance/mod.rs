@@ -9,6 +9,7 @@
 //! generates one `#[tokio::test]` per suite.
 
 mod basic;
+mod coord;
 mod faults;
 mod heal;
 mod hostile;
@@ -24,6 +25,7 @@ use async_trait::async_trait;
 use waypost_core::{Discovery, Instance};
 
 pub use basic::*;
+pub use coord::*;
 pub use faults::*;
 pub use heal::*;
 pub use hostile::*;
@@ -186,6 +188,13 @@ pub trait Faults: Send + Sync {
         panic!("this backend cannot count the watches its registry serves (never skipped silently)")
     }
 
+    /// How many contenders the registry holds for lock `name` (waiting and holding),
+    /// counted natively (ZooKeeper: `-lock-` children; etcd: keys under the lock's
+    /// prefix; memory: its queue). For the suites that need to know a waiter queued.
+    async fn coord_contenders(&self, name: &waypost_core::coord::Name) -> usize {
+        panic!("this backend cannot count the contenders of lock {name} (never skipped silently)")
+    }
+
     /// The foreign writer removes the entry [`Faults::foreign_claim`] added at `key`.
     async fn foreign_remove(&self, instance: &Instance, key: &str) {
         panic!("this backend offers no foreign writer: cannot remove {key} of {instance:?} (never skipped silently)")
@@ -213,6 +222,44 @@ macro_rules! kv_conformance_tests {
             kv_server_restart,
             kv_foreign_writer,
             kv_live_config,
+        );
+    };
+}
+
+/// Generates one `#[tokio::test]` per coordination suite (`coord_*`), for a backend that
+/// offers a [`Coordinator`](waypost_core::coord::Coordinator): the same forms as
+/// [`conformance_tests!`](crate::conformance_tests) (`backend` or `named: backend`).
+/// Add `; unqueued` for a registry whose locks do not queue their waiters (Consul, like
+/// `consul lock`): the FIFO and semaphore suites are left out.
+#[macro_export]
+macro_rules! coord_conformance_tests {
+    (named: $backend:path; unqueued) => {
+        $crate::coord_conformance_tests!(@each [named] $backend);
+    };
+    ($backend:path; unqueued) => {
+        $crate::coord_conformance_tests!(@each [plain] $backend);
+    };
+    (named: $backend:path) => {
+        $crate::coord_conformance_tests!(@each [named] $backend);
+        $crate::coord_conformance_tests!(@queued [named] $backend);
+    };
+    ($backend:path) => {
+        $crate::coord_conformance_tests!(@each [plain] $backend);
+        $crate::coord_conformance_tests!(@queued [plain] $backend);
+    };
+    (@queued [$how:ident] $backend:path) => {
+        $crate::conformance_tests!(@suites [$how] $backend; coord_fifo, coord_semaphore);
+    };
+    (@each [$how:ident] $backend:path) => {
+        $crate::conformance_tests!(@suites [$how] $backend;
+            coord_mutual_exclusion,
+            coord_try_lock_and_timeout,
+            coord_holder_crash,
+            coord_lost_before_next_holder,
+            coord_release_after_expiry_spares_new_holder,
+            coord_dropped_acquisition_cleans_up,
+            coord_election,
+            coord_observe_resyncs,
         );
     };
 }
