@@ -19,3 +19,7 @@ echo "== quickstart"
 cargo run --quiet --example quickstart
 echo "== config_manager"
 cargo run --quiet --example config_manager
+echo "== lock"
+cargo run --quiet --example lock
+echo "== leader"
+cargo run --quiet --example leader

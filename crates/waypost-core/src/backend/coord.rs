@@ -498,7 +498,7 @@ where
                 false
             }
         });
-        if first {
+        if first && why != Lost::Released {
             tracing::warn!(name = %self.name, "lost: {why}");
         }
     }
@@ -589,7 +589,7 @@ where
     }
 
     async fn release(self, reply: Option<tokio::sync::oneshot::Sender<Result<()>>>) {
-        self.set_lost(Lost::Closed);
+        self.set_lost(Lost::Released);
         self.dequeue_until_done(reply).await;
     }
 

@@ -102,6 +102,8 @@ pub enum Lost {
     Deleted,
     /// The client was shut down.
     Closed,
+    /// Its holder released it (or resigned).
+    Released,
 }
 
 impl fmt::Display for Lost {
@@ -111,6 +113,7 @@ impl fmt::Display for Lost {
             Lost::Unconfirmed => "the registry did not confirm the session within its bound",
             Lost::Deleted => "the entry was deleted behind the holder's back",
             Lost::Closed => "the client was shut down",
+            Lost::Released => "released by its holder",
         })
     }
 }
