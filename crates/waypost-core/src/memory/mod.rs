@@ -24,6 +24,8 @@
 pub(crate) mod backend;
 mod client;
 mod coord;
+#[cfg(test)]
+mod coord_tests;
 mod kv;
 mod registry;
 

@@ -1,0 +1,109 @@
+//! Coordination on the memory backend beyond the conformance suites: lost replies, lost
+//! signals and the local deadline, on tokio's paused clock where timing matters.
+
+use std::time::Duration;
+
+use super::MemoryRegistry;
+use crate::coord::{Coordinator, Lost, Name, Wait};
+use crate::Error;
+
+fn name(n: &str) -> Name {
+    n.parse().unwrap()
+}
+
+#[tokio::test]
+async fn an_enqueue_whose_reply_is_lost_is_found_again_not_written_twice() {
+    let r = MemoryRegistry::new("coord-lost-reply");
+    let c = r.client(Duration::from_secs(10));
+    let n = name("jobs/a");
+    // The enqueue is applied but answered with a timeout: the retry must find it.
+    r.lose_replies(1);
+    let g = c.coordinator().lock(&n).await.expect("lock");
+    assert_eq!(r.contenders(&n, false), 1, "one entry, not two");
+    // The release's reply is lost too: it is retried until confirmed.
+    r.lose_replies(1);
+    g.release().await.expect("release");
+    assert_eq!(r.contenders(&n, false), 0);
+    let other = r.client(Duration::from_secs(10));
+    let _free = other.coordinator().try_lock(&n).await.expect("free");
+}
+
+#[tokio::test]
+async fn a_busy_try_lock_leaves_nothing_even_when_its_dequeue_reply_is_lost() {
+    let r = MemoryRegistry::new("coord-busy");
+    let (a, b) = (r.client(Duration::from_secs(10)), r.client(Duration::from_secs(10)));
+    let n = name("jobs/b");
+    let _held = a.coordinator().lock(&n).await.unwrap();
+    r.lose_replies(2); // b's enqueue reply (found again) and its dequeue reply (retried)
+    let e = b.coordinator().try_lock(&n).await.unwrap_err();
+    assert!(matches!(e, Error::Busy { .. }), "{e:?}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while r.contenders(&n, false) != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the busy contender stayed queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_registry_makes_the_holder_lost_at_ninety_percent_of_its_ttl() {
+    let r = MemoryRegistry::new("coord-deadline");
+    let ttl = Duration::from_secs(10);
+    let c = r.client(ttl);
+    let g = c.coordinator().lock(&name("jobs/c")).await.unwrap();
+    let cut = tokio::time::Instant::now();
+    r.set_reachable(false);
+    let why = tokio::time::timeout(ttl * 2, g.lost()).await.expect("lost");
+    assert_eq!(why, Lost::Unconfirmed);
+    let after = cut.elapsed();
+    // The last keep-alive was sent at most one interval (ttl/4) before the cut.
+    assert!(after <= ttl * 9 / 10, "lost {after:?} after the cut, past 90% of {ttl:?}");
+    assert!(after >= ttl * 9 / 10 - ttl / 4, "lost too early: {after:?}");
+    assert!(g.is_lost());
+}
+
+#[tokio::test]
+async fn leadership_lost_refuses_proclaim_and_release_reports_released_to_signals() {
+    let r = MemoryRegistry::new("coord-proclaim");
+    let c = r.client(Duration::from_secs(10));
+    let e = name("elections/x");
+    let l = c.coordinator().campaign(&e, b"v1".to_vec()).await.unwrap();
+    l.proclaim(b"v2".to_vec()).await.unwrap();
+    let now = c.coordinator().leader(&e).await.unwrap().unwrap();
+    assert_eq!((now.value.as_slice(), now.token), (&b"v2"[..], l.token()));
+    let signal = l.lost_signal();
+    l.resign().await.unwrap();
+    assert_eq!(*signal.borrow(), Some(Lost::Released));
+    assert_eq!(c.coordinator().leader(&e).await.unwrap(), None);
+
+    let l = c.coordinator().campaign(&e, b"v3".to_vec()).await.unwrap();
+    r.expire_all_sessions();
+    let why = tokio::time::timeout(Duration::from_secs(10), l.lost()).await.unwrap();
+    assert!(matches!(why, Lost::SessionExpired | Lost::Deleted), "{why:?}");
+    assert!(matches!(l.proclaim(b"v4".to_vec()).await, Err(Error::Closed { .. })));
+}
+
+#[tokio::test]
+async fn local_contenders_of_one_client_queue_in_order() {
+    let r = MemoryRegistry::new("coord-local");
+    let c = r.client(Duration::from_secs(10));
+    let n = name("jobs/local");
+    let first = c.coordinator().lock(&n).await.unwrap();
+    assert!(matches!(
+        c.coordinator().try_lock(&n).await,
+        Err(Error::Busy { .. })
+    ));
+    let c2 = c.clone();
+    let n2 = n.clone();
+    let waiting = tokio::spawn(async move { c2.coordinator().acquire(&n2, 1, Wait::Forever).await });
+    // Only one contender per client reaches the registry.
+    tokio::task::yield_now().await;
+    assert_eq!(r.contenders(&n, false), 1);
+    let t1 = first.token();
+    first.release().await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(second.token() > t1);
+}
