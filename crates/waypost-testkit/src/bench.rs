@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{BoxStream, StreamExt};
 use waypost_core::backend::watch::Event;
+use waypost_core::coord::{Coordinator, Name};
 use waypost_core::kv::{ConfigEvent, ConfigKey, ConfigStore};
 use waypost_core::Result;
 
@@ -149,4 +150,122 @@ pub fn kv_report(rows: &mut [KvRow], note: &str, readme: &str) {
     let table = kv_table(rows, note);
     println!("{table}");
     write_readme_section(readme, "kv_latency", &table);
+}
+
+/// The raw client's side of the lock benchmark: the registry's own client doing the same
+/// requests as one uncontended lock and release.
+#[async_trait::async_trait]
+pub trait RawLock: Send {
+    /// Acquires the raw probe lock and releases it; returns how long both took.
+    async fn lock_release(&mut self) -> Duration;
+}
+
+/// Times one uncontended `lock` + `release` through waypost.
+pub async fn coord_lock_release(coord: &dyn Coordinator, name: &Name) -> Duration {
+    let started = Instant::now();
+    let g = coord.lock(name).await.expect("lock");
+    g.release().await.expect("release");
+    started.elapsed()
+}
+
+/// Runs `warmup + samples` rounds, each a raw lock+release then a waypost one.
+pub async fn coord_row(
+    (warmup, samples): (usize, usize),
+    raw: &mut dyn RawLock,
+    coord: &dyn Coordinator,
+    name: &Name,
+) -> KvRow {
+    let (mut r, mut w) = (Vec::new(), Vec::new());
+    for n in 0..warmup + samples {
+        let rs = raw.lock_release().await;
+        let ws = coord_lock_release(coord, name).await;
+        if n >= warmup {
+            r.push(rs);
+            w.push(ws);
+        }
+    }
+    KvRow {
+        scenario: "uncontended lock + release".into(),
+        raw: r,
+        waypost: w,
+    }
+}
+
+/// How long after `crash` (which kills the current leader's client) the candidate `next`
+/// (already campaigning in `election`, through `observer`) leads: `rounds` times, each with
+/// two fresh clients from `connect`.
+pub async fn coord_failover<C, F>(
+    rounds: usize,
+    election: &Name,
+    mut connect: C,
+    crash: impl Fn(&waypost_core::Discovery),
+) -> Vec<Duration>
+where
+    C: FnMut() -> F,
+    F: std::future::Future<Output = waypost_core::Discovery>,
+{
+    let mut out = Vec::new();
+    for _ in 0..rounds {
+        let (a, b) = (connect().await, connect().await);
+        let leader = a
+            .coordinator()
+            .unwrap()
+            .campaign(election, b"a".to_vec())
+            .await
+            .expect("campaign");
+        let coord_b = b.coordinator().unwrap();
+        let e = election.clone();
+        let next = tokio::spawn(async move { coord_b.campaign(&e, b"b".to_vec()).await });
+        // Whether b queues before or after the crash, it leads only once a's session ran
+        // out in the registry: the measured time is the same.
+        let crashed = Instant::now();
+        crash(&a);
+        let l = next.await.unwrap().expect("campaign");
+        out.push(crashed.elapsed());
+        l.resign().await.expect("resign");
+        drop(leader);
+    }
+    out
+}
+
+/// The lock benchmark's table: the lock row against the raw client, then failover times
+/// against the session's bound (`bound`) plus one round trip (`rtt`, the raw p50).
+pub fn coord_table(
+    row: &mut KvRow,
+    failover: &mut [Duration],
+    bound: Duration,
+    note: &str,
+) -> String {
+    let mut table = kv_table(std::slice::from_mut(row), "")
+        .replace("| watched |", "| operation |")
+        .trim_end()
+        .to_string();
+    table.push('\n');
+    let rtt = percentile(&mut row.raw, 0.5) / 2;
+    let (f50, fmax) = (percentile(failover, 0.5), *failover.iter().max().unwrap());
+    let goal = bound + rtt;
+    table.push_str(&format!(
+        "\n| failover after a leader crash | session bound | p50 | max | p50 / (bound + rtt) | max / (bound + rtt) |\n| --- | ---: | ---: | ---: | ---: | ---: |\n| {} rounds | {} | {} | {} | {:.2}x | {:.2}x |\n\n{note}\n",
+        failover.len(),
+        ms(bound),
+        ms(f50),
+        ms(fmax),
+        f50.as_secs_f64() / goal.as_secs_f64(),
+        fmax.as_secs_f64() / goal.as_secs_f64(),
+    ));
+    table
+}
+
+/// Prints [`coord_table`] and writes it into the README at `readme` between the
+/// `bench:coord` markers.
+pub fn coord_report(
+    row: &mut KvRow,
+    failover: &mut [Duration],
+    bound: Duration,
+    note: &str,
+    readme: &str,
+) {
+    let table = coord_table(row, failover, bound, note);
+    println!("{table}");
+    write_readme_section(readme, "coord", &table);
 }
