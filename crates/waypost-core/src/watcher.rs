@@ -31,8 +31,20 @@ use crate::model::ServiceName;
 ///   `Err` item is only yielded for errors that retrying cannot fix (an invalid name,
 ///   missing permissions); the stream ends after it.
 /// - Dropping the stream stops the watch and releases its resources.
+/// - [`services`](Watcher::services) lists the services that have at least one entry in
+///   the registry (on registries that keep empty service paths, such as ZooKeeper, those
+///   with no live instance may be listed too), sorted; names that are not valid
+///   [`ServiceName`]s are skipped and logged.
 #[async_trait]
 pub trait Watcher: Debug + Send + Sync {
+    /// The services the registry holds, sorted. [`Error::Unsupported`](crate::Error::Unsupported)
+    /// where the backend cannot list them.
+    async fn services(&self) -> Result<Vec<ServiceName>> {
+        Err(crate::Error::unsupported(
+            "listing services on this backend",
+        ))
+    }
+
     /// The authoritative set of live instances of `service`, read now.
     async fn instances(&self, service: &ServiceName) -> Result<Snapshot>;
 
@@ -42,6 +54,9 @@ pub trait Watcher: Debug + Send + Sync {
 
 #[async_trait]
 impl<T: Watcher + ?Sized> Watcher for Arc<T> {
+    async fn services(&self) -> Result<Vec<ServiceName>> {
+        (**self).services().await
+    }
     async fn instances(&self, service: &ServiceName) -> Result<Snapshot> {
         (**self).instances(service).await
     }
@@ -52,6 +67,9 @@ impl<T: Watcher + ?Sized> Watcher for Arc<T> {
 
 #[async_trait]
 impl<T: Watcher + ?Sized> Watcher for Box<T> {
+    async fn services(&self) -> Result<Vec<ServiceName>> {
+        (**self).services().await
+    }
     async fn instances(&self, service: &ServiceName) -> Result<Snapshot> {
         (**self).instances(service).await
     }

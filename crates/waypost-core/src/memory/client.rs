@@ -146,6 +146,11 @@ impl Registrar for MemoryClient {
 
 #[async_trait]
 impl Watcher for MemoryClient {
+    async fn services(&self) -> Result<Vec<ServiceName>> {
+        self.keeper.session().check_open()?;
+        self.registry.inner.services()
+    }
+
     async fn instances(&self, service: &ServiceName) -> Result<Snapshot> {
         self.keeper.session().check_open()?;
         let feed = WatchFeed::new(&self.registry, service);

@@ -31,7 +31,10 @@ async fn an_enqueue_whose_reply_is_lost_is_found_again_not_written_twice() {
 #[tokio::test]
 async fn a_busy_try_lock_leaves_nothing_even_when_its_dequeue_reply_is_lost() {
     let r = MemoryRegistry::new("coord-busy");
-    let (a, b) = (r.client(Duration::from_secs(10)), r.client(Duration::from_secs(10)));
+    let (a, b) = (
+        r.client(Duration::from_secs(10)),
+        r.client(Duration::from_secs(10)),
+    );
     let n = name("jobs/b");
     let _held = a.coordinator().lock(&n).await.unwrap();
     r.lose_replies(2); // b's enqueue reply (found again) and its dequeue reply (retried)
@@ -39,7 +42,10 @@ async fn a_busy_try_lock_leaves_nothing_even_when_its_dequeue_reply_is_lost() {
     assert!(matches!(e, Error::Busy { .. }), "{e:?}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while r.contenders(&n, false) != 1 {
-        assert!(tokio::time::Instant::now() < deadline, "the busy contender stayed queued");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the busy contender stayed queued"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -56,7 +62,10 @@ async fn an_unreachable_registry_makes_the_holder_lost_at_ninety_percent_of_its_
     assert_eq!(why, Lost::Unconfirmed);
     let after = cut.elapsed();
     // The last keep-alive was sent at most one interval (ttl/4) before the cut.
-    assert!(after <= ttl * 9 / 10, "lost {after:?} after the cut, past 90% of {ttl:?}");
+    assert!(
+        after <= ttl * 9 / 10,
+        "lost {after:?} after the cut, past 90% of {ttl:?}"
+    );
     assert!(after >= ttl * 9 / 10 - ttl / 4, "lost too early: {after:?}");
     assert!(g.is_lost());
 }
@@ -77,9 +86,17 @@ async fn leadership_lost_refuses_proclaim_and_release_reports_released_to_signal
 
     let l = c.coordinator().campaign(&e, b"v3".to_vec()).await.unwrap();
     r.expire_all_sessions();
-    let why = tokio::time::timeout(Duration::from_secs(10), l.lost()).await.unwrap();
-    assert!(matches!(why, Lost::SessionExpired | Lost::Deleted), "{why:?}");
-    assert!(matches!(l.proclaim(b"v4".to_vec()).await, Err(Error::Closed { .. })));
+    let why = tokio::time::timeout(Duration::from_secs(10), l.lost())
+        .await
+        .unwrap();
+    assert!(
+        matches!(why, Lost::SessionExpired | Lost::Deleted),
+        "{why:?}"
+    );
+    assert!(matches!(
+        l.proclaim(b"v4".to_vec()).await,
+        Err(Error::Closed { .. })
+    ));
 }
 
 #[tokio::test]
@@ -94,7 +111,8 @@ async fn local_contenders_of_one_client_queue_in_order() {
     ));
     let c2 = c.clone();
     let n2 = n.clone();
-    let waiting = tokio::spawn(async move { c2.coordinator().acquire(&n2, 1, Wait::Forever).await });
+    let waiting =
+        tokio::spawn(async move { c2.coordinator().acquire(&n2, 1, Wait::Forever).await });
     // Only one contender per client reaches the registry.
     tokio::task::yield_now().await;
     assert_eq!(r.contenders(&n, false), 1);

@@ -249,6 +249,19 @@ impl Inner {
         }
     }
 
+    /// The services with at least one entry, sorted.
+    pub(crate) fn services(&self) -> Result<Vec<ServiceName>> {
+        let st = self.op()?;
+        let mut out: Vec<ServiceName> = st
+            .services
+            .iter()
+            .filter(|(_, entries)| !entries.is_empty())
+            .map(|(s, _)| s.clone())
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
     pub(crate) fn close_session(&self, session: SessionId) -> Result<()> {
         let mut st = self.op()?;
         st.drop_session(session);
