@@ -18,6 +18,7 @@ pub mod error;
 pub mod event;
 pub mod kv;
 pub mod memory;
+pub mod metrics;
 pub mod model;
 pub mod registrar;
 pub mod secret;

@@ -325,7 +325,7 @@ where
                 if self.session.current_state().handle().as_ref() != Some(&handle) {
                     break;
                 }
-                match self.driver.position(&ticket).await {
+                match crate::metrics::timed("position", self.driver.position(&ticket)).await {
                     Ok(Position::Held(token)) => {
                         backoff.reset();
                         if self.session.current_state().handle().as_ref() != Some(&handle) {
@@ -391,7 +391,9 @@ where
         let give_up = Instant::now() + self.options.retry_for;
         let mut retry = false;
         loop {
-            match self.driver.enqueue(handle, contender, retry).await {
+            match crate::metrics::timed("enqueue", self.driver.enqueue(handle, contender, retry))
+                .await
+            {
                 Ok(t) => return Ok(Some(t)),
                 Err(e) if e.is_temporary() => {
                     retry = true;
@@ -499,6 +501,12 @@ where
             }
         });
         if first && why != Lost::Released {
+            crate::metrics::lock_lost(match why {
+                Lost::SessionExpired => "session_expired",
+                Lost::Unconfirmed => "unconfirmed",
+                Lost::Deleted => "deleted",
+                _ => "closed",
+            });
             tracing::warn!(name = %self.name, "lost: {why}");
         }
     }
@@ -608,7 +616,7 @@ where
             let r = if gone_with_session {
                 Ok(())
             } else {
-                self.driver.dequeue(&self.ticket).await
+                crate::metrics::timed("dequeue", self.driver.dequeue(&self.ticket)).await
             };
             match r {
                 Ok(()) => {
@@ -657,16 +665,22 @@ where
                 "a semaphore needs at least one permit (permits = 0)",
             ));
         }
-        let hold = self
-            .hold(name, Kind::Lock { permits }, Vec::new(), wait)
-            .await?;
+        let span = tracing::info_span!("waypost.lock", %name, permits);
+        let hold = tracing::Instrument::instrument(
+            self.hold(name, Kind::Lock { permits }, Vec::new(), wait),
+            span,
+        )
+        .await?;
         Ok(LockGuard::new(hold))
     }
 
     async fn campaign(&self, election: &Name, value: Vec<u8>) -> Result<Leadership> {
-        let hold = self
-            .hold(election, Kind::Election, value, Wait::Forever)
-            .await?;
+        let span = tracing::info_span!("waypost.campaign", %election);
+        let hold = tracing::Instrument::instrument(
+            self.hold(election, Kind::Election, value, Wait::Forever),
+            span,
+        )
+        .await?;
         Ok(Leadership::new(hold))
     }
 

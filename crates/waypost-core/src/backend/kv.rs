@@ -177,10 +177,14 @@ impl<D: KvDriver> Kv<D> {
         loop {
             let attempt = match &write {
                 Write::Put(value, expected) => {
-                    self.driver.put(key, value, *expected).await.map(Done::Put)
+                    crate::metrics::timed("kv_put", self.driver.put(key, value, *expected))
+                        .await
+                        .map(Done::Put)
                 }
                 Write::Delete(expected) => {
-                    self.driver.delete(key, *expected).await.map(Done::Delete)
+                    crate::metrics::timed("kv_delete", self.driver.delete(key, *expected))
+                        .await
+                        .map(Done::Delete)
                 }
             };
             match attempt {
@@ -236,7 +240,7 @@ impl<D: KvDriver> ConfigStore for Kv<D> {
     }
 
     async fn get(&self, key: &ConfigKey) -> Result<Option<ConfigEntry>> {
-        self.driver.get(key).await
+        crate::metrics::timed("kv_get", self.driver.get(key)).await
     }
 
     async fn put(&self, key: &ConfigKey, value: Vec<u8>) -> Result<Version> {
@@ -268,7 +272,7 @@ impl<D: KvDriver> ConfigStore for Kv<D> {
     }
 
     async fn list(&self, prefix: &ConfigKey) -> Result<ConfigListing> {
-        let listing = self.driver.list(prefix).await?;
+        let listing = crate::metrics::timed("kv_list", self.driver.list(prefix)).await?;
         Ok(ConfigListing::new(
             listing.entries.into_iter().map(|e| e.item).collect(),
             listing.revision,

@@ -220,7 +220,7 @@ impl<D: SessionDriver> Session<D> {
             return Ok(h);
         }
         let sent = tokio::time::Instant::now();
-        let h = self.inner.driver.open().await?;
+        let h = crate::metrics::timed("open", self.inner.driver.open()).await?;
         self.inner.confirm(sent);
         tracing::debug!(session = ?h, "session opened");
         self.inner.state.send_replace(SessionState::Live(h.clone()));
@@ -239,6 +239,7 @@ impl<D: SessionDriver> Session<D> {
             _ => false,
         });
         if changed {
+            crate::metrics::session_expired();
             tracing::warn!(session = ?handle, "session expired");
             self.inner.kick.notify_one();
         }
@@ -297,7 +298,7 @@ async fn drive<D: SessionDriver>(
                 SessionState::Idle => None,
                 SessionState::Live(h) | SessionState::Suspended(h) => {
                     let sent = tokio::time::Instant::now();
-                    match inner.driver.keep_alive(&h).await {
+                    match crate::metrics::timed("keep_alive", inner.driver.keep_alive(&h)).await {
                         Ok(()) => {
                             inner.confirm(sent);
                             backoff.reset();
@@ -313,6 +314,7 @@ async fn drive<D: SessionDriver>(
                         Err(Error::SessionExpired) => {
                             inner.state.send_if_modified(|s| match s.handle() {
                                 Some(x) if x == h => {
+                                    crate::metrics::session_expired();
                                     tracing::warn!(session = ?h, "session expired");
                                     *s = SessionState::Expired;
                                     true
@@ -340,7 +342,7 @@ async fn drive<D: SessionDriver>(
                         continue;
                     }
                     let sent = tokio::time::Instant::now();
-                    match inner.driver.open().await {
+                    match crate::metrics::timed("open", inner.driver.open()).await {
                         Ok(h) => {
                             inner.confirm(sent);
                             tracing::info!(session = ?h, "new session opened");

@@ -324,6 +324,7 @@ impl ServiceCache {
         let view = self.shared.view.load();
         match view.set.position(id.as_ref()) {
             Some(i) => {
+                self.shared.ejections.increment(1);
                 view.set.entries[i].eject(
                     &self.shared.clock,
                     &self.shared.marks,

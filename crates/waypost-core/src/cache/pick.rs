@@ -101,6 +101,7 @@ impl ServiceCache {
                     key,
                 };
                 if let Some(q) = strategy.choose(&candidates) {
+                    shared.picks.increment(1);
                     return Some(out(set, pool.slots[q] as usize));
                 }
             }

@@ -57,6 +57,10 @@ pub(crate) struct Shared {
     changed: watch::Sender<u64>,
     /// Round-robin tickets.
     pub(crate) ticket: AtomicUsize,
+    /// `waypost_cache_picks_total` of this service (a no-op without a recorder).
+    pub(crate) picks: metrics::Counter,
+    /// `waypost_cache_ejections_total` of this service.
+    pub(crate) ejections: metrics::Counter,
     /// Serializes writers (the watch task, `ServiceCache::apply`); readers never take it.
     writer: Mutex<Writer>,
 }
@@ -153,6 +157,10 @@ impl Shared {
             ready: false,
             stale: None,
         };
+        let picks =
+            metrics::counter!("waypost_cache_picks_total", "service" => service.to_string());
+        let ejections =
+            metrics::counter!("waypost_cache_ejections_total", "service" => service.to_string());
         Self {
             service,
             options,
@@ -163,6 +171,8 @@ impl Shared {
             view: ArcSwap::from_pointee(view),
             changed: watch::Sender::new(0),
             ticket: AtomicUsize::new(0),
+            picks,
+            ejections,
             writer: Mutex::new(Writer::default()),
         }
     }

@@ -142,6 +142,7 @@ impl Leader {
 }
 
 impl Item for Leader {
+    const KIND: &'static str = "leader";
     type Id = Name;
     fn id(&self) -> &Name {
         &self.election

@@ -93,6 +93,7 @@ impl Debug for ConfigEntry {
 }
 
 impl Item for ConfigEntry {
+    const KIND: &'static str = "config";
     type Id = ConfigKey;
     fn id(&self) -> &ConfigKey {
         &self.key

@@ -55,14 +55,17 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
             }
         }
         let instances: Vec<Instance> = written.iter().map(|(_, i)| i.clone()).collect();
-        let presence = match self.store.inspect_many(session, &instances).await {
-            Ok(p) => p,
-            Err(Error::SessionExpired) => {
-                self.session.expired(session);
-                return Err(Error::SessionExpired);
-            }
-            Err(e) => return Err(e),
-        };
+        let presence =
+            match crate::metrics::timed("inspect", self.store.inspect_many(session, &instances))
+                .await
+            {
+                Ok(p) => p,
+                Err(Error::SessionExpired) => {
+                    self.session.expired(session);
+                    return Err(Error::SessionExpired);
+                }
+                Err(e) => return Err(e),
+            };
         for ((key, instance), p) in written.into_iter().zip(presence) {
             if p == (Presence::Ours { current: true }) {
                 self.with_reg(&key, |reg| {
@@ -141,9 +144,9 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
         if self.lock().regs.contains_key(key) {
             return Ok(false); // registered again meanwhile: the registration owns the entry
         }
-        match self.store.inspect(session, instance).await? {
+        match crate::metrics::timed("inspect", self.store.inspect(session, instance)).await? {
             Presence::Ours { .. } => {
-                self.store.delete(session, instance).await?;
+                crate::metrics::timed("delete", self.store.delete(session, instance)).await?;
                 tracing::info!(
                     backend = self.backend, service = %key.0, id = %key.1,
                     "removed an entry whose write or delete had an unknown outcome"
@@ -164,7 +167,7 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
             (reg.instance.clone(), reg.written.clone())
         };
         let presence = if written.as_ref() == Some(session) {
-            self.store.inspect(session, &instance).await?
+            crate::metrics::timed("inspect", self.store.inspect(session, &instance)).await?
         } else {
             Presence::Missing
         };
@@ -186,8 +189,9 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
         self.with_reg(key, |reg| {
             set_status(&reg.status, RegistrationStatus::Reregistering)
         });
-        match self.store.write(session, &instance, true).await {
+        match crate::metrics::timed("write", self.store.write(session, &instance, true)).await {
             Ok(()) => {
+                crate::metrics::reregistration(self.backend);
                 tracing::info!(
                     backend = self.backend, service = %key.0, id = %key.1,
                     "registered again ({why})"

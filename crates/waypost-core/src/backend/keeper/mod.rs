@@ -68,10 +68,17 @@ fn set_status(tx: &watch::Sender<RegistrationStatus>, s: RegistrationStatus) {
         if *cur == s || *cur == RegistrationStatus::Deregistered {
             false
         } else {
+            crate::metrics::registration_status(Some(*cur), s);
             *cur = s;
             true
         }
     });
+}
+
+/// The registration is over: `Deregistered`, final.
+fn set_deregistered(tx: &watch::Sender<RegistrationStatus>) {
+    let old = tx.send_replace(RegistrationStatus::Deregistered);
+    crate::metrics::registration_status(Some(old), RegistrationStatus::Deregistered);
 }
 
 struct Inner<D: SessionDriver, S> {
@@ -172,7 +179,7 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Keeper<D, S> {
         {
             let mut t = self.inner.lock();
             for (_, reg) in t.regs.drain() {
-                reg.status.send_replace(RegistrationStatus::Deregistered);
+                set_deregistered(&reg.status);
             }
         }
         self.inner.kick.notify_one();
@@ -256,10 +263,12 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
             self.lock().pending.retain(|p| key_of(&p.instance) != *key);
             // If this future is dropped mid-write, the write's outcome is unknown.
             let mut unknown = Unknown::arm(self, &session, instance);
-            match self.store.write(&session, instance, false).await {
+            match crate::metrics::timed("write", self.store.write(&session, instance, false)).await
+            {
                 Ok(()) => {
                     unknown.disarm();
                     let (tx, rx) = watch::channel(RegistrationStatus::Registered);
+                    crate::metrics::registration_status(None, RegistrationStatus::Registered);
                     self.lock().regs.insert(
                         key.clone(),
                         Reg {
@@ -308,7 +317,7 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
             });
         }
         let session = self.session.current().await?;
-        match self.store.write(&session, &instance, true).await {
+        match crate::metrics::timed("write", self.store.write(&session, &instance, true)).await {
             Ok(()) => {
                 if let Some(reg) = self.lock().regs.get_mut(key) {
                     reg.instance = instance;
@@ -344,14 +353,14 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
         let Some(reg) = self.lock().regs.remove(key) else {
             return Ok(());
         };
-        reg.status.send_replace(RegistrationStatus::Deregistered);
+        set_deregistered(&reg.status);
         if self.session.is_closed() {
             return Ok(());
         }
         let Some(session) = reg.written else {
             return Ok(());
         };
-        match self.store.delete(&session, &reg.instance).await {
+        match crate::metrics::timed("delete", self.store.delete(&session, &reg.instance)).await {
             Ok(()) | Err(Error::SessionExpired) => Ok(()),
             Err(e) => {
                 self.add_pending(session, reg.instance);
@@ -364,7 +373,7 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
     fn deregister_later(&self, key: &Key) {
         let mut t = self.lock();
         if let Some(reg) = t.regs.remove(key) {
-            reg.status.send_replace(RegistrationStatus::Deregistered);
+            set_deregistered(&reg.status);
             if let Some(session) = reg.written {
                 t.pending.push(Pending {
                     session,
@@ -445,7 +454,7 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> RegistrationControl
     fn deregister_in_background(&self) {
         if self.keeper.inner.session.is_closed() {
             if let Some(reg) = self.keeper.inner.lock().regs.remove(&self.key) {
-                reg.status.send_replace(RegistrationStatus::Deregistered);
+                set_deregistered(&reg.status);
             }
             return;
         }
@@ -470,7 +479,14 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Registrar for Keepe
         instance.validate()?;
         self.inner.session.check_open()?;
         self.ensure_task();
-        let status = self.inner.register(instance.clone()).await?;
+        let span = tracing::info_span!(
+            "waypost.register",
+            backend = self.inner.backend,
+            service = %instance.service,
+            id = %instance.id
+        );
+        let status =
+            tracing::Instrument::instrument(self.inner.register(instance.clone()), span).await?;
         Ok(Registration::new(
             instance.clone(),
             status,

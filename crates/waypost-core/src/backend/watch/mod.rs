@@ -46,10 +46,13 @@ pub trait Item: Clone + PartialEq + Debug + Send + Sync + 'static {
     type Id: Ord + Clone + Debug + Send + Sync + 'static;
     /// This item's id.
     fn id(&self) -> &Self::Id;
+    /// What kind of item, as a metrics label (`instance`, `config`, `leader`).
+    const KIND: &'static str = "item";
 }
 
 impl Item for Instance {
     type Id = InstanceId;
+    const KIND: &'static str = "instance";
     fn id(&self) -> &InstanceId {
         &self.id
     }
@@ -295,10 +298,33 @@ pub fn watch<F: Feed>(
         retry_at: None,
         what: what.into(),
     };
-    futures::stream::unfold(machine, |mut m| async move {
-        let ev = m.next().await?;
-        Some((ev, m))
-    })
+    let stale_since: Option<std::time::Instant> = None;
+    futures::stream::unfold(
+        (machine, stale_since),
+        |(mut m, mut stale_since)| async move {
+            let ev = m.next().await?;
+            if let Ok(e) = &ev {
+                let kind = match e {
+                    Event::Snapshot(..) => "snapshot",
+                    Event::Added(..) => "added",
+                    Event::Updated(..) => "updated",
+                    Event::Removed(..) => "removed",
+                    Event::Stale(_) => {
+                        stale_since = Some(std::time::Instant::now());
+                        "stale"
+                    }
+                    Event::Resynced(..) => {
+                        if let Some(at) = stale_since.take() {
+                            crate::metrics::watch_stale(F::Item::KIND, at.elapsed().as_secs_f64());
+                        }
+                        "resynced"
+                    }
+                };
+                crate::metrics::watch_event(F::Item::KIND, kind);
+            }
+            Some((ev, (m, stale_since)))
+        },
+    )
     .boxed()
 }
 
