@@ -32,7 +32,42 @@ use crate::watcher::Watcher;
 ///
 /// The stream implements [`Discover`](tower::discover::Discover) (through tower's impl
 /// for every `TryStream` of `Change`). Map the `Instance` to a service with
-/// `futures::TryStreamExt::map_ok`.
+/// `futures::TryStreamExt::map_ok`; here, a power-of-two-choices balancer over a
+/// service of each instance (any `tower::Service`, an HTTP or gRPC client in practice):
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> waypost_core::Result<()> {
+/// use std::sync::Arc;
+/// use futures::TryStreamExt;
+/// use tower::{balance::p2c::Balance, load::{CompleteOnResponse, PendingRequests}};
+/// use tower::{discover::Change, service_fn, Service, ServiceExt};
+/// use waypost_core::{Instance, Registrar};
+///
+/// let d = waypost_core::memory::MemoryRegistry::new("discover-doc")
+///     .client(std::time::Duration::from_secs(10))
+///     .into_discovery();
+/// let _r = d.registrar.register(Instance::parse("greeter", "g-1", "10.0.0.5", 8001)?).await?;
+///
+/// // Each instance becomes a service that answers with the endpoint it would call.
+/// let service_of = |instance: Instance| {
+///     let endpoint = instance.endpoint.to_string();
+///     let svc = service_fn(move |_req: ()| {
+///         let e = endpoint.clone();
+///         async move { Ok::<_, waypost_core::Error>(e) }
+///     });
+///     PendingRequests::new(svc, CompleteOnResponse::default())
+/// };
+/// let endpoints = waypost_core::discover(d.watcher.clone(), "greeter".parse()?).map_ok(move |change| {
+///     match change {
+///         Change::Insert(id, instance) => Change::Insert(id, service_of(instance)),
+///         Change::Remove(id) => Change::Remove(id),
+///     }
+/// });
+/// let mut balancer = Balance::new(endpoints);
+/// let answer = balancer.ready().await.map_err(|e| waypost_core::Error::unavailable(e.to_string()))?.call(()).await;
+/// assert_eq!(answer.map_err(|e| e.to_string()).unwrap(), "10.0.0.5:8001");
+/// # Ok(()) }
+/// ```
 pub fn discover(
     watcher: Arc<dyn Watcher>,
     service: ServiceName,

@@ -90,7 +90,6 @@ mod tests {
 
     use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 
-    use crate::coord::Coordinator;
     use crate::memory::MemoryRegistry;
     use crate::{Instance, Registrar, Watcher};
 

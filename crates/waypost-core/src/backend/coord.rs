@@ -298,7 +298,17 @@ where
         let mut backoff = self.options.backoff.backoff();
         loop {
             self.session.check_open()?;
-            let handle = self.session.current().await?;
+            // A session that cannot be opened now (the registry is unreachable after an
+            // expiry) is retried: the acquisition waits, it does not fail.
+            let handle = match self.session.current().await {
+                Ok(h) => h,
+                Err(e) if e.is_temporary() && wait != Wait::No => {
+                    tracing::debug!(%name, "no session to contend with yet: {e}");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let contender = Contender {
                 name: name.clone(),
                 kind,

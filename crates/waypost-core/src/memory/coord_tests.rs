@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::MemoryRegistry;
-use crate::coord::{Coordinator, Lost, Name, Wait};
+use crate::coord::{Lost, Name, Wait};
 use crate::Error;
 
 fn name(n: &str) -> Name {

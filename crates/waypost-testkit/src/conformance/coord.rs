@@ -81,7 +81,8 @@ pub async fn coord_mutual_exclusion(backend: &dyn TestBackend) {
     let ns = Namespace::new();
     let name = ns.config_key("mutex");
     // (start, end, token, client)
-    let log: Arc<Mutex<Vec<(Instant, Instant, FencingToken, usize)>>> = Arc::default();
+    type Interval = (Instant, Instant, FencingToken, usize);
+    let log: Arc<Mutex<Vec<Interval>>> = Arc::default();
     let limit = backend.settings().timeout * 3;
     let mut tasks = Vec::new();
     for c in 0..CLIENTS {
@@ -619,7 +620,7 @@ pub async fn coord_observe_resyncs(backend: &dyn TestBackend) {
         &mut got,
         t,
         "no leader after the resignation",
-        |l| l.as_ref().is_none_or(|l| l.value != b"before"),
+        |l| l.as_ref().map_or(true, |l| l.value != b"before"),
     )
     .await;
 }
