@@ -6,7 +6,8 @@
 //! fallback watch for servers older than 3.6. The foreign writer is a raw
 //! `zookeeper-client` session; for configuration keys it is ZooKeeper's own CLI,
 //! `zkCli.sh` (`$WAYPOST_ZKCLI`, else on `PATH`, else Debian's
-//! `/usr/share/zookeeper/bin/zkCli.sh`).
+//! `/usr/share/zookeeper/bin/zkCli.sh`). Locks and elections run once, on the default
+//! layout (their nodes do not depend on it); contenders are counted by a raw client.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -447,6 +448,24 @@ impl Faults for ZkBackend {
         self.zkcli_script(script).await;
     }
 
+    /// The contender nodes of lock `name` (Curator's `-lock-`, and our `-semaphore-`)
+    /// below the default `coord_prefix`, listed by a raw client.
+    async fn coord_contenders(&self, name: &waypost_core::coord::Name) -> usize {
+        let raw = self.raw().await;
+        match raw.list_children(&format!("/coord/{name}")).await {
+            Ok(names) => names
+                .iter()
+                .filter(|n| {
+                    let head = n.trim_end_matches(|c: char| c.is_ascii_digit());
+                    head.len() < n.len()
+                        && (head.ends_with("-lock-") || head.ends_with("-semaphore-"))
+                })
+                .count(),
+            Err(ZkErr::NoNode) => 0,
+            Err(e) => panic!("listing the contenders of {name}: {e}"),
+        }
+    }
+
     async fn foreign_remove(&self, _instance: &Instance, key: &str) {
         let raw = self.raw().await;
         raw.delete(key, None)
@@ -457,6 +476,7 @@ impl Faults for ZkBackend {
 
 waypost_testkit::conformance_tests!(zookeeper; network);
 waypost_testkit::kv_conformance_tests!(zookeeper);
+waypost_testkit::coord_conformance_tests!(zookeeper);
 
 /// The whole suite again with the optional layout and payload format.
 mod sequential_spring {

@@ -16,6 +16,8 @@ pub const DEFAULT_PORT: u16 = 2181;
 pub const DEFAULT_ROOT: &str = "/services";
 /// The default node under which configuration keys live.
 pub const DEFAULT_CONFIG_PREFIX: &str = "/config";
+/// The default node under which locks and elections live.
+pub const DEFAULT_COORD_PREFIX: &str = "/coord";
 
 /// How the instance data is written: which `payload` the Curator JSON carries.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +89,9 @@ pub struct ZkConfig {
     /// The node under which configuration keys live: key `a/b` is the node
     /// `{config_prefix}/a/b`. Default `/config`.
     pub config_prefix: String,
+    /// The node under which locks, semaphores and elections live: name `jobs/x` is the
+    /// parent node `{coord_prefix}/jobs/x` of its contenders' nodes. Default `/coord`.
+    pub coord_prefix: String,
     /// The session timeout asked of the server (it clamps it to its
     /// `minSessionTimeout..maxSessionTimeout`). A crashed process's instances vanish this
     /// long after it died. Default 10 s.
@@ -130,6 +135,7 @@ impl Default for ZkConfig {
             endpoints: vec![format!("127.0.0.1:{DEFAULT_PORT}")],
             root: DEFAULT_ROOT.into(),
             config_prefix: DEFAULT_CONFIG_PREFIX.into(),
+            coord_prefix: DEFAULT_COORD_PREFIX.into(),
             session_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
@@ -203,6 +209,7 @@ impl ZkConfig {
         for (option, path, example) in [
             ("root", &self.root, DEFAULT_ROOT),
             ("config_prefix", &self.config_prefix, DEFAULT_CONFIG_PREFIX),
+            ("coord_prefix", &self.coord_prefix, DEFAULT_COORD_PREFIX),
         ] {
             if !is_node_path(path) {
                 return Err(Error::invalid_config(format!(
@@ -272,6 +279,12 @@ impl ZkConfig {
     /// Sets the node under which configuration keys live.
     pub fn with_config_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.config_prefix = prefix.into();
+        self
+    }
+
+    /// Sets the node under which locks and elections live.
+    pub fn with_coord_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.coord_prefix = prefix.into();
         self
     }
 
@@ -391,6 +404,7 @@ mod tests {
         assert_eq!(c.endpoints, ["h:2181"]);
         assert_eq!(c.root, "/services");
         assert_eq!(c.config_prefix, "/config");
+        assert_eq!(c.coord_prefix, "/coord");
         assert_eq!(c.session_timeout, Duration::from_secs(10));
     }
 
@@ -410,6 +424,24 @@ mod tests {
                 .unwrap_err();
             assert!(matches!(e, Error::InvalidConfig { .. }), "{bad}: {e:?}");
             assert!(e.to_string().contains("config_prefix"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn coord_prefix_from_url_and_options_is_validated() {
+        let c = ZkConfig::from_url("zk://h/services?coord_prefix=/my_app/locks").unwrap();
+        assert_eq!(c.coord_prefix, "/my_app/locks");
+        let c = ZkConfig::from_config(&options(serde_json::json!({"coord_prefix": "/l"}))).unwrap();
+        assert_eq!(c.coord_prefix, "/l");
+        assert_eq!(
+            ZkConfig::default().with_coord_prefix("/x").coord_prefix,
+            "/x"
+        );
+        for bad in ["coord", "/", "/a/", "/a//b", "/a/./b", ""] {
+            let e = ZkConfig::from_config(&options(serde_json::json!({"coord_prefix": bad})))
+                .unwrap_err();
+            assert!(matches!(e, Error::InvalidConfig { .. }), "{bad}: {e:?}");
+            assert!(e.to_string().contains("coord_prefix"), "{bad}: {e}");
         }
     }
 

@@ -1,7 +1,8 @@
 //! The ZooKeeper backend of waypost: instances as ephemeral nodes in Apache Curator
 //! x-discovery's layout and JSON, so Java services (Curator, Spring Cloud Zookeeper) and
 //! Rust services find each other; watches that cost one read per change; configuration
-//! keys as persistent nodes below `/config`.
+//! keys as persistent nodes below `/config`; locks and elections as Curator's recipes
+//! write them, below `/coord`.
 //!
 //! A binary picks the registry by URL, e.g. through the `waypost` facade with the
 //! `zookeeper` feature, or directly:
@@ -111,6 +112,60 @@
 //!   always rising. Disconnect → `Stale`; reconnect (or a new session) → listed again →
 //!   `Resynced`.
 //!
+//! # Locks and elections
+//!
+//! [`ZkDiscovery::coordinator`] (or [`Discovery::coordinator`] through the facade) is a
+//! [`Coordinator`](waypost_core::coord::Coordinator): core's `Coord` over Curator 5.x's
+//! recipe nodes, bound to the same session as the registrations, so that a Java service
+//! holding an `InterProcessMutex` or a `LeaderLatch` on the same path and a waypost
+//! client exclude each other.
+//!
+//! ```no_run
+//! # async fn run() -> waypost_core::Result<()> {
+//! use waypost_zookeeper::ZkDiscovery;
+//!
+//! let zk = ZkDiscovery::from_url("zk://127.0.0.1:2181/services?coord_prefix=/coord").await?;
+//! let name = "jobs/nightly".parse()?; // Curator: new InterProcessMutex(client, "/coord/jobs/nightly")
+//! let guard = zk.coordinator().lock(&name).await?;
+//! println!("fencing token {}", guard.token()); // the node's czxid
+//! guard.release().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! - **Layout**: name `jobs/x` is the node `{coord_prefix}/jobs/x` (option
+//!   `coord_prefix`, default `/coord`), created with its parents as **container** nodes
+//!   (the server removes them once their last contender is gone), as Curator's
+//!   `creatingParentContainersIfNeeded` does. Contenders are **ephemeral sequential**
+//!   nodes with Curator's protected prefix: a lock `_c_{uuid}-lock-{%010d}` (exactly
+//!   `InterProcessMutex`'s), an election candidate `_c_{uuid}-latch-{%010d}` holding the
+//!   candidate's value (exactly `LeaderLatch`'s, whose value is the participant id). A
+//!   counting semaphore's contender is `_c_{uuid}-semaphore-{%010d}`: waypost's own
+//!   marker, **not** Curator's `InterProcessSemaphoreV2` layout (Curator's recipes do not
+//!   see these nodes). Locks and semaphores of one name share one queue (a contender
+//!   asking for `permits` holds while fewer than `permits` are ahead of it); elections
+//!   queue apart.
+//! - **Order and waiting**: the queue is ordered by the sequence suffix; the first
+//!   contender holds (the first `permits` of a semaphore). A waiting lock or candidate
+//!   sets a data watch on its predecessor only (herd-free, as Curator); a semaphore
+//!   waiter watches the name's children (any holder ahead may leave). Every wait looks
+//!   at the queue again after 30 s regardless. Children whose names are no contender
+//!   (no marker and sequence) are skipped and logged.
+//! - **Fencing tokens** are the contender node's `czxid`, a registry-wide zxid: it rises
+//!   from one holder to the next even after the container node was reaped and its
+//!   sequence numbers restarted.
+//! - **Lost**: the node deleted (by an operator, a foreign client) reports
+//!   [`Lost::Deleted`](waypost_core::coord::Lost::Deleted); the session expiring,
+//!   `SessionExpired`. The session's bound is the **negotiated** session timeout, and the
+//!   keep-alive is a real round trip (`exists /`, bounded by the request timeout): a
+//!   guard reports `Unconfirmed` 90% of the session timeout after the last keep-alive
+//!   the server answered, before the server can expire the session and hand the lock on.
+//! - **Retries**: an enqueue whose reply was lost is found again by its `_c_{uuid}`
+//!   prefix (Curator's protected mode); an abandoned one is deleted the same way.
+//!   Release deletes exactly our node (a newer holder's node is never touched); a node
+//!   already gone is success. `proclaim` sets the candidate node's data.
+//! - **Observing** an election: one-shot watches on the election node's children and on
+//!   the leader's node; each firing lists again (the leader is the first `latch-` child).
+//!
 //! # Dependencies
 //! The client is [`zookeeper-client`](https://crates.io/crates/zookeeper-client): a pure
 //! async Rust client that speaks ZooKeeper 3.4–3.9 including persistent recursive
@@ -122,6 +177,9 @@
 mod client;
 pub mod codec;
 mod config;
+mod coord;
+mod coord_feed;
+mod coord_nodes;
 mod error;
 mod feed;
 mod kv;
@@ -138,19 +196,22 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use waypost_core::backend::watch::WatchHub;
-use waypost_core::backend::{watch, Keeper, Kv, KvOptions, Session};
+use waypost_core::backend::{watch, Coord, CoordOptions, Keeper, Kv, KvOptions, Session};
 use waypost_core::{
     Config, Connector, Discovery, Instance, Registrar, Registration, Result, ServiceName, Snapshot,
     WatchEvent, Watcher,
 };
 
 pub use config::{
-    NodeLayout, PayloadFormat, ZkConfig, DEFAULT_CONFIG_PREFIX, DEFAULT_PORT, DEFAULT_ROOT,
+    NodeLayout, PayloadFormat, ZkConfig, DEFAULT_CONFIG_PREFIX, DEFAULT_COORD_PREFIX, DEFAULT_PORT,
+    DEFAULT_ROOT,
 };
+
 pub use kv::{ZkKv, MAX_VALUE_LEN};
 pub use kv_feed::ZkKvFeed;
 
 use client::Ctx;
+use coord::ZkCoord;
 use feed::ZkFeed;
 use session::Driver;
 use store::Store;
@@ -168,6 +229,7 @@ pub const SCHEMES: &[&str] = &["zookeeper", "zk"];
 pub struct ZkDiscovery {
     keeper: Keeper<Driver, Store>,
     kv: Kv<ZkKv>,
+    coord: Coord<ZkCoord, Driver>,
     /// One ZooKeeper watch per service, whatever the number of local watchers.
     hub: WatchHub<ServiceName, Instance>,
     ctx: Arc<Ctx>,
@@ -198,9 +260,18 @@ impl ZkDiscovery {
                 ..KvOptions::default()
             },
         );
+        let coord = Coord::new(
+            ZkCoord::new(session.clone(), ctx.clone()),
+            session.clone(),
+            CoordOptions {
+                backoff,
+                ..CoordOptions::default()
+            },
+        );
         Ok(Self {
             keeper: Keeper::new("zookeeper", session, Store::new(ctx.clone())),
             kv,
+            coord,
             hub: WatchHub::new(),
             ctx,
         })
@@ -215,6 +286,12 @@ impl ZkDiscovery {
     /// client's session (see "Configuration keys" in the crate docs).
     pub fn kv(&self) -> &Kv<ZkKv> {
         &self.kv
+    }
+
+    /// Locks, semaphores and elections below [`ZkConfig::coord_prefix`], bound to this
+    /// client's session (see "Locks and elections" in the crate docs).
+    pub fn coordinator(&self) -> &dyn waypost_core::coord::Coordinator {
+        &self.coord
     }
 
     /// The configuration in use.
@@ -253,8 +330,9 @@ impl ZkDiscovery {
     /// This client as a [`Discovery`] (with its test hooks under the `test-hooks` feature).
     pub fn into_discovery(self) -> Discovery {
         let d = Arc::new(self);
-        let discovery =
-            Discovery::new(d.clone(), d.clone()).with_config_store(Arc::new(d.kv.clone()));
+        let discovery = Discovery::new(d.clone(), d.clone())
+            .with_config_store(Arc::new(d.kv.clone()))
+            .with_coordinator(Arc::new(d.coord.clone()));
         #[cfg(feature = "test-hooks")]
         let discovery = discovery.with_hooks(d);
         discovery

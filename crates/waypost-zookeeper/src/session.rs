@@ -78,6 +78,9 @@ impl ZkSession {
 pub(crate) struct Driver {
     ctx: Arc<Ctx>,
     opened: Arc<AtomicU64>,
+    /// The session timeout the server granted the last session opened, in milliseconds
+    /// (the configured one before the first).
+    negotiated: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for Driver {
@@ -90,10 +93,16 @@ impl fmt::Debug for Driver {
 }
 
 impl Driver {
+    fn bound_now(&self) -> Duration {
+        Duration::from_millis(self.negotiated.load(Ordering::Acquire))
+    }
+
     pub(crate) fn new(ctx: Arc<Ctx>) -> Self {
+        let asked = ctx.config.session_timeout.as_millis() as u64;
         Self {
             ctx,
             opened: Arc::new(AtomicU64::new(0)),
+            negotiated: Arc::new(AtomicU64::new(asked)),
         }
     }
 }
@@ -105,6 +114,10 @@ impl SessionDriver for Driver {
     async fn open(&self) -> Result<ZkSession> {
         let client = client::open(&self.ctx.config).await?;
         let id = client.session_id().0;
+        self.negotiated.store(
+            client.session_timeout().as_millis() as u64,
+            Ordering::Release,
+        );
         self.ctx
             .sessions
             .lock()
@@ -117,8 +130,10 @@ impl SessionDriver for Driver {
         })))
     }
 
-    /// The client pings by itself; this only reads its state. A disconnected client gets
-    /// up to one interval to reconnect before the session counts as suspended.
+    /// One real round trip (`exists /`), bounded by the request timeout: only an answer of
+    /// the server confirms the session (the client's own state lags behind a paused server
+    /// by up to two thirds of the timeout). A disconnected client gets up to one interval
+    /// to reconnect first.
     async fn keep_alive(&self, session: &ZkSession) -> Result<()> {
         let client = session.client().map_err(|_| Error::SessionExpired)?;
         let mut states = client.state_watcher();
@@ -129,16 +144,36 @@ impl SessionDriver for Driver {
             }
         }
         match state {
-            SessionState::SyncConnected | SessionState::ConnectedReadOnly => Ok(()),
-            SessionState::Disconnected => Err(Error::unavailable(
-                "lost the connection to ZooKeeper (the client is reconnecting)",
-            )),
-            SessionState::Expired | SessionState::Closed => Err(Error::SessionExpired),
-            SessionState::AuthFailed => Err(Error::Unauthorized {
-                message: "ZooKeeper authentication failed".into(),
-                source: None,
-            }),
+            SessionState::SyncConnected | SessionState::ConnectedReadOnly => {}
+            SessionState::Disconnected => {
+                return Err(Error::unavailable(
+                    "lost the connection to ZooKeeper (the client is reconnecting)",
+                ))
+            }
+            SessionState::Expired | SessionState::Closed => return Err(Error::SessionExpired),
+            SessionState::AuthFailed => {
+                return Err(Error::Unauthorized {
+                    message: "ZooKeeper authentication failed".into(),
+                    source: None,
+                })
+            }
         }
+        let ctx = &self.ctx;
+        let limit = ctx.config.request_timeout.min(self.bound_now());
+        ctx.call(
+            tokio::time::Instant::now() + limit,
+            "zookeeper keep-alive (exists)",
+            "/",
+            client.check_stat("/"),
+        )
+        .await
+        .map(drop)
+        .map_err(|f| match ctx.error(f) {
+            Error::Timeout { .. } => Error::unavailable(format!(
+                "ZooKeeper did not answer a keep-alive within {limit:?}"
+            )),
+            e => e,
+        })
     }
 
     async fn close(&self, session: &ZkSession) -> Result<()> {
@@ -152,6 +187,12 @@ impl SessionDriver for Driver {
 
     fn interval(&self) -> Duration {
         (self.ctx.config.session_timeout / 4).min(Duration::from_secs(1))
+    }
+
+    /// The negotiated session timeout: the server expires a session no earlier than this
+    /// long after it last heard from the client (it rounds expiries up to its tick).
+    fn bound(&self) -> Option<Duration> {
+        Some(self.bound_now())
     }
 
     /// A crashed process: the client is dropped without closing its session (the library
