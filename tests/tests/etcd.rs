@@ -229,6 +229,14 @@ impl Faults for EtcdBackend {
         assert_eq!(deleted.trim(), "1", "etcdctl deleted {deleted:?}");
     }
 
+    async fn coord_contenders(&self, name: &waypost_core::coord::Name) -> usize {
+        // Every key under the lock's prefix (the default `coord_prefix`), one per line.
+        let out = self
+            .etcdctl(&["get", "--prefix", "--keys-only", &format!("/coord/{name}/")])
+            .await;
+        out.lines().filter(|l| !l.trim().is_empty()).count()
+    }
+
     async fn kv_write_malformed(&self, prefix: &ConfigKey) {
         let p = Self::config_key(prefix);
         for key in [
@@ -245,3 +253,4 @@ impl Faults for EtcdBackend {
 
 waypost_testkit::conformance_tests!(etcd; network);
 waypost_testkit::kv_conformance_tests!(etcd);
+waypost_testkit::coord_conformance_tests!(etcd);

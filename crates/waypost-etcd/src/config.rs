@@ -101,6 +101,11 @@ pub struct EtcdConfig {
     /// configuration key `app/db` is the etcd key `/config/app/db`. Empty: keys start at
     /// `/` (`/app/db`).
     pub config_prefix: String,
+    /// The key prefix under which locks, semaphores and elections live, `/coord` by
+    /// default: lock `jobs/x` is the etcd prefix `/coord/jobs/x/`, the name to give
+    /// `etcdctl lock /coord/jobs/x` or `etcdctl elect /coord/jobs/x`. Empty: names start
+    /// at `/`. The same rules as `config_prefix`, and apart from both other prefixes.
+    pub coord_prefix: String,
 }
 
 impl Default for EtcdConfig {
@@ -123,6 +128,7 @@ impl Default for EtcdConfig {
             tls_domain: None,
             layout: Layout::Waypost,
             config_prefix: "/config".into(),
+            coord_prefix: "/coord".into(),
         }
     }
 }
@@ -213,11 +219,29 @@ impl EtcdConfig {
     }
 
     fn validate_config_prefix(&self) -> Result<()> {
-        let cp = self.config_key_prefix();
+        self.validate_prefix(
+            "config_prefix",
+            &self.config_prefix,
+            &[("service prefix", &self.prefix)],
+        )?;
+        self.validate_prefix(
+            "coord_prefix",
+            &self.coord_prefix,
+            &[
+                ("service prefix", &self.prefix),
+                ("configuration prefix", &self.config_prefix),
+            ],
+        )
+    }
+
+    /// Checks a prefix option: starts with `/` (or is empty), no empty segment, no space,
+    /// at most 1 KiB, and apart from each of `others` (neither within the other).
+    fn validate_prefix(&self, option: &str, value: &str, others: &[(&str, &str)]) -> Result<()> {
+        let cp = value.trim_end_matches('/');
         let bad = |why: &str| {
             Err(Error::invalid_config(format!(
-                "etcd option `config_prefix` {why}, got `{}`",
-                self.config_prefix.escape_debug()
+                "etcd option `{option}` {why}, got `{}`",
+                value.escape_debug()
             )))
         };
         if !cp.is_empty() && !cp.starts_with('/') {
@@ -234,17 +258,19 @@ impl EtcdConfig {
         if cp.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return bad("must not contain spaces or control characters");
         }
-        // Services and configuration must not share keys: the prefixes differ, and
-        // neither lies within the other. (An empty prefix is the root; beside it the other
-        // prefix is allowed, and naming no service like its first segment is the user's
-        // part.)
-        let sp = self.key_prefix();
+        // Services, configuration and coordination must not share keys: the prefixes
+        // differ, and neither lies within the other. (An empty prefix is the root; beside
+        // it the other prefix is allowed, and naming nothing like its first segment is the
+        // user's part.)
         let within = |inner: &str, outer: &str| inner.starts_with(&format!("{outer}/"));
-        if cp == sp || (!cp.is_empty() && !sp.is_empty() && (within(cp, sp) || within(sp, cp))) {
-            return bad(&format!(
-                "must differ from the service prefix `{}` and neither may lie within the other",
-                self.prefix
-            ));
+        for (what, other) in others {
+            let sp = other.trim_end_matches('/');
+            if cp == sp || (!cp.is_empty() && !sp.is_empty() && (within(cp, sp) || within(sp, cp)))
+            {
+                return bad(&format!(
+                    "must differ from the {what} `{other}` and neither may lie within the other"
+                ));
+            }
         }
         Ok(())
     }
@@ -252,6 +278,11 @@ impl EtcdConfig {
     /// The configuration key prefix without a trailing `/` (possibly empty).
     pub(crate) fn config_key_prefix(&self) -> &str {
         self.config_prefix.trim_end_matches('/')
+    }
+
+    /// The coordination key prefix without a trailing `/` (possibly empty).
+    pub(crate) fn coord_key_prefix(&self) -> &str {
+        self.coord_prefix.trim_end_matches('/')
     }
 
     /// Whether TLS is configured.
@@ -384,6 +415,12 @@ impl EtcdConfig {
     /// Sets the prefix of configuration keys (`/config` by default).
     pub fn with_config_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.config_prefix = prefix.into();
+        self
+    }
+
+    /// Sets the prefix of locks, semaphores and elections (`/coord` by default).
+    pub fn with_coord_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.coord_prefix = prefix.into();
         self
     }
 }
@@ -572,6 +609,50 @@ mod tests {
         // Beside services at the root, or a sibling of the service prefix: allowed.
         EtcdConfig::from_url("etcd://h/svc?config_prefix=/svc-config").unwrap();
         EtcdConfig::from_config(&Config::from_url("etcd://h").with_option("prefix", "")).unwrap();
+    }
+
+    #[test]
+    fn coord_prefix_default_url_serde_and_validation() {
+        let c = EtcdConfig::from_url("etcd://h").unwrap();
+        assert_eq!(c.coord_key_prefix(), "/coord");
+        let c = EtcdConfig::from_url("etcd://h/svc?coord_prefix=/prod/locks/").unwrap();
+        assert_eq!(c.coord_key_prefix(), "/prod/locks");
+        let c = EtcdConfig::from_url("etcd://h/svc?coord_prefix=").unwrap();
+        assert_eq!(c.coord_key_prefix(), "", "empty: names at the root");
+        let cfg: Config =
+            serde_json::from_str(r#"{"backend":"etcd","coord_prefix":"/locks"}"#).unwrap();
+        assert_eq!(
+            EtcdConfig::from_config(&cfg).unwrap().coord_prefix,
+            "/locks"
+        );
+        assert_eq!(
+            EtcdConfig::default().with_coord_prefix("/x").coord_prefix,
+            "/x"
+        );
+        for (url, needle) in [
+            ("etcd://h/svc?coord_prefix=locks", "start with `/`"),
+            ("etcd://h/svc?coord_prefix=/a//b", "empty segment"),
+            ("etcd://h/svc?coord_prefix=/a%20b", "spaces"),
+            ("etcd://h/svc?coord_prefix=/svc", "service prefix"),
+            ("etcd://h/svc?coord_prefix=/svc/locks", "service prefix"),
+            ("etcd://h/svc?coord_prefix=/config", "configuration prefix"),
+            (
+                "etcd://h/svc?coord_prefix=/config/locks",
+                "configuration prefix",
+            ),
+            (
+                "etcd://h/svc?config_prefix=/cfg&coord_prefix=/cfg/",
+                "configuration prefix",
+            ),
+        ] {
+            let e = EtcdConfig::from_url(url).unwrap_err();
+            assert!(matches!(e, Error::InvalidConfig { .. }), "{url}: {e:?}");
+            assert!(
+                e.to_string().contains("coord_prefix") && e.to_string().contains(needle),
+                "{url}: {e}"
+            );
+        }
+        EtcdConfig::from_url("etcd://h/svc?coord_prefix=/svc-locks").unwrap();
     }
 
     #[test]

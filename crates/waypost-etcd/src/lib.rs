@@ -107,6 +107,59 @@
 //!   `/`, a non-ASCII character, not UTF-8) is skipped with a warning in listings and
 //!   watches; its value never reaches a consumer.
 //!
+//! # Locks and elections
+//!
+//! [`EtcdDiscovery::coordinator`] (or
+//! [`Discovery::coordinator`](waypost_core::Discovery::coordinator) through the facade) is
+//! waypost's [`Coordinator`] on etcd, bound to the same
+//! lease as the registrations, and laid out as Go's `concurrency.Mutex` and
+//! `concurrency.Election` lay it out, so `etcdctl lock` and `etcdctl elect` interoperate:
+//!
+//! ```no_run
+//! # async fn run() -> waypost_core::Result<()> {
+//! let etcd = waypost_etcd::EtcdDiscovery::from_url("etcd://127.0.0.1:2379").await?;
+//! let coord = etcd.coordinator();
+//! // The same lock as `etcdctl lock /coord/jobs/nightly`.
+//! let guard = coord.lock(&"jobs/nightly".parse()?).await?;
+//! let token = guard.token(); // the key's create revision: pass it to the resource
+//! guard.release().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! - **Keys** (`coord/`): lock or election `a/b` is the prefix `{coord_prefix}/a/b/`
+//!   (`/coord` by default, option `coord_prefix`; the name to give `etcdctl lock` or
+//!   `etcdctl elect` is `/coord/a/b`). A contender is the key `{prefix}{lease id as
+//!   lowercase hex}`, bound to the lease, created by a transaction comparing
+//!   `create_revision == 0` (else it reads the key: a key this client already has is
+//!   taken over, as Go's `Mutex` does). The value is empty for a lock, the candidate's
+//!   value for an election. One key per lease and name: a lock and an election of the
+//!   same name are one queue (as for `etcdctl`), and one client cannot contend for both
+//!   at once ([`Error::Busy`](waypost_core::Error::Busy)).
+//! - **Order and waiting**: the holder (the leader) is the key with the smallest create
+//!   revision. A waiter reads, in one transaction that also checks its own key, the
+//!   keys created before its own, and watches the deletion of the last of them (its
+//!   predecessor) only, as Go's `waitDeletes` does; it asks again after a change, after
+//!   30 s, or after an error. Keys under the prefix that are no contenders (a nested
+//!   name's `a/b/c/...`, foreign keys) are skipped, the foreign ones with a warning.
+//! - **Tokens**: a holder's fencing token is its key's create revision, which rises
+//!   strictly from one holder of a name to the next.
+//! - **Holding**: the key is watched; deleted, re-created or detached from the lease, the
+//!   guard reports it lost. Locally, a guard reports
+//!   [`Lost::Unconfirmed`](waypost_core::coord::Lost::Unconfirmed) once 90% of the
+//!   granted lease TTL passed since the last keep-alive etcd answered (a keep-alive counts
+//!   only when its answer came back with a TTL above 0).
+//! - **Release, resign, proclaim**: a delete, or a put under the lease, guarded by
+//!   `create_revision == ours`: a key re-created since (a newer contender's) is never
+//!   touched. (Go's `Mutex.Unlock` deletes unguarded.)
+//! - **Semaphores** (`permits > 1`): one key per contender, `{prefix}{lease hex}-{id}`;
+//!   the first `permits` by create revision hold. A waiter watches the whole prefix for
+//!   deletions (not herd-free). No etcd tool knows this layout: do not mix it with
+//!   `etcdctl lock` on one name.
+//! - **Leaders**: [`leader`](waypost_core::coord::Coordinator::leader) reads the prefix
+//!   (the smallest create revision leads, as `etcdctl elect -l` shows it);
+//!   [`observe`](waypost_core::coord::Coordinator::observe) watches the prefix from the
+//!   revision of that read, with the service watches' stream handling.
+//!
 //! # Dependencies
 //!
 //! `etcd-client` (tonic/gRPC) is the maintained Rust client of etcd's v3 API; it needs
@@ -117,6 +170,7 @@
 mod client;
 mod codec;
 mod config;
+mod coord;
 mod error;
 mod feed;
 mod kv;
@@ -132,7 +186,10 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use waypost_core::backend::watch::WatchHub;
-use waypost_core::backend::{watch, BackoffOptions, Keeper, Kv, KvOptions, Session};
+use waypost_core::backend::{
+    watch, BackoffOptions, Coord, CoordOptions, Keeper, Kv, KvOptions, Session,
+};
+use waypost_core::coord::Coordinator;
 use waypost_core::kv::ConfigStore;
 use waypost_core::{
     Config, Connector, Discovery, Instance, Registrar, Registration, Result, ServiceName, Snapshot,
@@ -140,6 +197,7 @@ use waypost_core::{
 };
 
 use crate::client::Conn;
+use crate::coord::EtcdCoord;
 use crate::feed::WatchFeed;
 use crate::kv::EtcdKv;
 use crate::session::LeaseDriver;
@@ -166,6 +224,8 @@ pub struct EtcdDiscovery {
     keeper: Keeper<LeaseDriver, KeyStore>,
     watch_backoff: BackoffOptions,
     kv: Kv<EtcdKv>,
+    /// Locks and elections, bound to the registrations' lease.
+    coord: Coord<EtcdCoord, LeaseDriver>,
     /// One etcd watcher per service, whatever the number of local watchers.
     hub: WatchHub<ServiceName, Instance>,
     /// Bumped by the `drop_connections` test hook.
@@ -202,8 +262,17 @@ impl EtcdDiscovery {
                 ..KvOptions::default()
             },
         );
+        let coord = Coord::new(
+            EtcdCoord::new(conn.clone(), drops.subscribe()),
+            session.clone(),
+            CoordOptions {
+                backoff: watch_backoff,
+                ..CoordOptions::default()
+            },
+        );
         Ok(Self {
             keeper: Keeper::new("etcd", session, KeyStore::new(conn.clone())),
+            coord,
             conn,
             watch_backoff,
             kv,
@@ -241,6 +310,12 @@ impl EtcdDiscovery {
     /// "Configuration keys"). Shares this client's connection; cheap to clone.
     pub fn kv(&self) -> Arc<dyn ConfigStore> {
         Arc::new(self.kv.clone())
+    }
+
+    /// Locks, semaphores and elections (see the crate docs, "Locks and elections"),
+    /// bound to the same lease as the registrations. Cheap to clone.
+    pub fn coordinator(&self) -> Arc<dyn Coordinator> {
+        Arc::new(self.coord.clone())
     }
 
     /// Shuts down: revokes the lease (etcd deletes every key bound to it at once), marks
@@ -323,8 +398,9 @@ impl EtcdDiscovery {
     /// feature).
     pub fn into_discovery(self) -> Discovery {
         let d = Arc::new(self);
-        let discovery =
-            Discovery::new(d.clone(), d.clone()).with_config_store(Arc::new(d.kv.clone()));
+        let discovery = Discovery::new(d.clone(), d.clone())
+            .with_config_store(Arc::new(d.kv.clone()))
+            .with_coordinator(Arc::new(d.coord.clone()));
         #[cfg(feature = "test-hooks")]
         let discovery = discovery.with_hooks(d);
         discovery

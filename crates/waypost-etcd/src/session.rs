@@ -146,6 +146,14 @@ impl SessionDriver for LeaseDriver {
         }
     }
 
+    /// The lease's TTL: etcd's leader revokes a lease no earlier than its TTL after the
+    /// last keep-alive it answered, and a keep-alive counts only once its answer (with a
+    /// TTL above 0) came back on the stream. Before the first grant, the TTL asked for
+    /// (etcd never grants less).
+    fn bound(&self) -> Option<Duration> {
+        Some(self.granted_ttl().unwrap_or(self.conn.config.lease_ttl))
+    }
+
     fn interval(&self) -> Duration {
         let ttl = self.granted_ttl().unwrap_or(self.conn.config.lease_ttl);
         (ttl / 3).max(Duration::from_millis(200))
