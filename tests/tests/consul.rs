@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use waypost_consul::{ConsulConfig, ConsulDiscovery, DEFAULT_CONFIG_PREFIX};
+use waypost_consul::{
+    ConsulConfig, ConsulDiscovery, ContenderProbe, DEFAULT_CONFIG_PREFIX, DEFAULT_COORD_PREFIX,
+    LOCK_RETRY,
+};
 use waypost_core::kv::ConfigKey;
 use waypost_core::{Discovery, Instance, ServiceName};
 use waypost_testkit::conformance::{Faults, Settings, TestBackend};
@@ -34,6 +37,10 @@ const FOREIGN_NODE: &str = "foreign-node";
 struct ConsulBackend {
     ttl: Duration,
     timeout: Duration,
+    /// A coordination suite: clients' contenders are counted, sessions expire by
+    /// destruction (see [`Faults::expire_sessions`]).
+    coord: bool,
+    probes: std::sync::Mutex<Vec<ContenderProbe>>,
     server: tokio::sync::Mutex<ConsulServer>,
     url: String,
     address: String,
@@ -49,6 +56,8 @@ async fn consul(suite: &'static str) -> Option<ConsulBackend> {
     Some(ConsulBackend {
         ttl: if scale { SCALE_TTL } else { TTL },
         timeout: if scale { SCALE_TIMEOUT } else { TIMEOUT },
+        coord: suite.starts_with("coord_"),
+        probes: std::sync::Mutex::default(),
         url: server.url(),
         address: server.address(),
         server: tokio::sync::Mutex::new(server),
@@ -67,19 +76,30 @@ impl TestBackend for ConsulBackend {
             .with_ttl(self.ttl)
             .with_request_timeout(self.timeout)
             .with_connect_timeout(Duration::from_secs(2));
-        // With its test hooks and its configuration store.
-        ConsulDiscovery::connect(config)
-            .await
-            .expect("connect")
-            .into_discovery()
+        // With its test hooks, its configuration store and its coordinator.
+        let d = ConsulDiscovery::connect(config).await.expect("connect");
+        if self.coord {
+            self.probes.lock().unwrap().push(d.coord_contenders());
+        }
+        d.into_discovery()
     }
 
     fn settings(&self) -> Settings {
         Settings {
             timeout: Duration::from_secs(10),
-            // The TTL check goes critical after TTL; Consul's TTL timer is exact, plus the
-            // watch's round trip.
-            liveness: self.ttl + Duration::from_secs(8),
+            liveness: if self.coord {
+                // A crashed holder's Consul session is invalidated up to twice its TTL
+                // after its last renewal (Consul's timer), then its lock-delay runs, and
+                // a waiter tries again every `LOCK_RETRY`.
+                2 * self.ttl
+                    + ConsulConfig::default().lock_delay
+                    + LOCK_RETRY
+                    + Duration::from_secs(4)
+            } else {
+                // The TTL check goes critical after TTL; Consul's TTL timer is exact, plus
+                // the watch's round trip.
+                self.ttl + Duration::from_secs(8)
+            },
             concurrency: 32,
         }
     }
@@ -168,11 +188,31 @@ fn service_id(instance: &Instance) -> String {
     format!("{}:{}", instance.service, instance.id)
 }
 
+/// The Consul session of every session entry in `body` (`/v1/session/list`).
+fn session_ids(body: &str) -> Vec<String> {
+    let list: Vec<serde_json::Value> = serde_json::from_str(body).expect("a session list");
+    list.iter()
+        .filter_map(|s| s["ID"].as_str().map(str::to_string))
+        .collect()
+}
+
 #[async_trait]
 impl Faults for ConsulBackend {
     /// Restarts the dev agent, which comes back empty: every service and check is gone,
-    /// as when a real agent loses its state.
+    /// as when a real agent loses its state. In the coordination suites, destroys every
+    /// Consul session instead (what Consul does when a session's TTL runs out): the agent
+    /// keeps its indexes, so fencing tokens keep rising (a restarted `-dev` agent starts
+    /// its indexes over).
     async fn expire_sessions(&self) {
+        if self.coord {
+            let (status, body) = self.http("GET", "/v1/session/list", "").await;
+            assert_eq!(status, 200, "session list: {body}");
+            for id in session_ids(&body) {
+                self.http_ok("PUT", &format!("/v1/session/destroy/{id}"), "")
+                    .await;
+            }
+            return;
+        }
         self.server
             .lock()
             .await
@@ -325,6 +365,36 @@ impl Faults for ConsulBackend {
         n
     }
 
+    /// Consul keeps no queue (a waiter is a blocking read): the contenders the test's
+    /// clients hold between enqueue and dequeue whose Consul session is alive, or 1 when
+    /// none is known and the lock key has a holder (a native one, say).
+    async fn coord_contenders(&self, name: &waypost_core::coord::Name) -> usize {
+        let (status, body) = self.http("GET", "/v1/session/list", "").await;
+        assert_eq!(status, 200, "session list: {body}");
+        let live = session_ids(&body);
+        let ours = self
+            .probes
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p.sessions(DEFAULT_COORD_PREFIX, name))
+            .filter(|s| live.contains(s))
+            .count();
+        let (status, body) = self
+            .http(
+                "GET",
+                &format!("/v1/kv/{DEFAULT_COORD_PREFIX}/{name}/.lock"),
+                "",
+            )
+            .await;
+        let held = status == 200
+            && serde_json::from_str::<Vec<serde_json::Value>>(&body)
+                .ok()
+                .and_then(|l| l.first().and_then(|p| p["Session"].as_str().map(str::len)))
+                .is_some_and(|n| n > 0);
+        ours.max(usize::from(held))
+    }
+
     /// `PUT /v1/catalog/deregister` of the entry [`Faults::foreign_claim`] wrote.
     async fn foreign_remove(&self, _instance: &Instance, key: &str) {
         let (node, sid) = key.split_once('/').expect("a node/service key");
@@ -336,3 +406,4 @@ impl Faults for ConsulBackend {
 
 waypost_testkit::conformance_tests!(named: consul; network);
 waypost_testkit::kv_conformance_tests!(named: consul);
+waypost_testkit::coord_conformance_tests!(named: consul; unqueued);

@@ -44,6 +44,8 @@ pub const MAX_WAIT: Duration = Duration::from_secs(600);
 /// | `check_interval` | `10s` | how often the agent runs `http_check` / `tcp_check` |
 /// | `check_timeout` | `5s` | timeout of each agent-run check (at most `check_interval`) |
 /// | `config_prefix` | `config` | KV prefix of configuration keys: key `a/b` is KV key `config/a/b` (a configuration key itself: no leading or trailing `/`) |
+/// | `coord_prefix` | `coord` | KV prefix of locks and elections: name `a/b` is the lock key `coord/a/b/.lock` (`consul lock coord/a/b` takes the same lock); validated like `config_prefix` |
+/// | `lock_delay` | `1s` | `LockDelay` of the coordination session (0 to 60s): how long Consul refuses to hand a lock on after the session was invalidated |
 ///
 /// Agent-run checks start **passing** when an instance is registered (so `register`
 /// returning still means a watcher lists it) and leave watches at the first failing run,
@@ -122,6 +124,13 @@ pub struct ConsulConfig {
     /// Where configuration keys live in the KV store: key `a/b` is the KV key
     /// `{config_prefix}/a/b`. See the crate docs, "Configuration keys".
     pub config_prefix: ConfigKey,
+    /// Where locks and elections live in the KV store: name `a/b` is the lock key
+    /// `{coord_prefix}/a/b/.lock`. See the crate docs, "Locks and elections".
+    pub coord_prefix: ConfigKey,
+    /// The `LockDelay` of the session locks and leaderships are bound to: after Consul
+    /// invalidated it (not after a release), nobody acquires its locks for this long.
+    #[serde(with = "waypost_core::config::duration")]
+    pub lock_delay: Duration,
 }
 
 impl Default for ConsulConfig {
@@ -146,6 +155,8 @@ impl Default for ConsulConfig {
             check_interval: Duration::from_secs(10),
             check_timeout: Duration::from_secs(5),
             config_prefix: crate::kv::default_config_prefix(),
+            coord_prefix: crate::coord::default_coord_prefix(),
+            lock_delay: crate::coord::DEFAULT_LOCK_DELAY,
         }
     }
 }
@@ -177,6 +188,8 @@ impl fmt::Debug for ConsulConfig {
             .field("check_interval", &self.check_interval)
             .field("check_timeout", &self.check_timeout)
             .field("config_prefix", &self.config_prefix)
+            .field("coord_prefix", &self.coord_prefix)
+            .field("lock_delay", &self.lock_delay)
             .finish()
     }
 }
@@ -279,6 +292,11 @@ impl ConsulConfig {
             ));
         }
         self.validate_checks()?;
+        if self.lock_delay > crate::coord::MAX_LOCK_DELAY {
+            return Err(Error::invalid_config(
+                "consul option `lock_delay` must be at most 60s (Consul's limit)",
+            ));
+        }
         if let Some(dc) = &self.datacenter {
             if dc.is_empty()
                 || !dc
@@ -478,6 +496,18 @@ impl ConsulConfig {
     /// Sets the KV prefix of configuration keys.
     pub fn with_config_prefix(mut self, prefix: ConfigKey) -> Self {
         self.config_prefix = prefix;
+        self
+    }
+
+    /// Sets the KV prefix of locks and elections.
+    pub fn with_coord_prefix(mut self, prefix: ConfigKey) -> Self {
+        self.coord_prefix = prefix;
+        self
+    }
+
+    /// Sets the `LockDelay` of the coordination session.
+    pub fn with_lock_delay(mut self, delay: Duration) -> Self {
+        self.lock_delay = delay;
         self
     }
 }

@@ -176,6 +176,43 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Locks and elections
+//!
+//! [`ConsulDiscovery::coordinator`] (or [`Discovery::coordinator`]) is a
+//! [`Coordinator`] on Consul's own lock recipe,
+//! `api.Lock`, which `consul lock` runs (`coord/`):
+//!
+//! - **Keys**: name `a/b` is the KV key `{coord_prefix}/a/b/.lock` (option `coord_prefix`,
+//!   default `coord`, validated like `config_prefix`), so `consul lock coord/a/b CMD`
+//!   takes the same lock, both ways. Its `Flags` are Consul's lock flag value
+//!   ([`LOCK_FLAG_VALUE`]); a key with other flags (another tool's, `consul lock -n`'s
+//!   semaphore) is `Error::Conflict`, as `api.Lock` refuses it, and is never overwritten.
+//!   An **election is the same lock** with the leader's value in the key (Consul's
+//!   leader-election recipe): `consul lock` on the name is a candidate too, and a lock and
+//!   an election of one name are one thing.
+//! - **Session**: locks bind to a real Consul session of their own (registrations keep
+//!   using agent TTL checks), opened on the first acquisition: `TTL` = the `ttl` option
+//!   (at least Consul's minimum, 10 s), `LockDelay` = the `lock_delay` option (1 s by
+//!   default), `Behavior = release`, and **no health checks**, so that only its TTL ends
+//!   it. It is renewed every third of its TTL; a renewal that does not reach the servers
+//!   is not a confirmation. The holders' bound is the TTL: a guard reports
+//!   `Lost::Unconfirmed` at 90 % of it after the last confirmed renewal, before Consul may
+//!   invalidate the session (it waits at least the TTL, in practice up to twice it). So a
+//!   **crashed holder is replaced after up to 2 × TTL + `lock_delay`**.
+//! - **Acquire**: a consistent read, then a `lock` transaction (`PUT /v1/txn`) whose answer
+//!   carries the entry: the **fencing token** is its `ModifyIndex`, in one round trip.
+//!   **Waiting** is a consistent blocking read of the key until it is free, then another
+//!   attempt; an acquire refused on a free key (Consul's lock-delay after an invalidated
+//!   session) is retried after [`LOCK_RETRY`] (1 s), never in a hot loop. **Waiters are
+//!   not queued** (Consul's own locks are not FIFO): whoever tries first after a release
+//!   wins.
+//! - **Release** (and resign): an `unlock` transaction, applied only if our session still
+//!   holds the key: a newer holder is never released. **Proclaim**: `check-session` +
+//!   `lock` with the new value. `leader()` and `observe` read the holder, its value and the
+//!   key's `ModifyIndex`: the leadership's token until the leader proclaims, a larger
+//!   index after (every write is a new index).
+//! - **Semaphores** (`permits > 1`) are `Error::Unsupported`.
+//!
 //! # Dependencies
 //!
 //! A small client on `reqwest` (rustls with `ring`, OS trust store, HTTP/1.1, no system
@@ -188,6 +225,7 @@
 mod client;
 mod codec;
 mod config;
+mod coord;
 mod error;
 mod feed;
 mod kv;
@@ -201,17 +239,20 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use waypost_core::backend::watch::WatchHub;
-use waypost_core::backend::{watch, Keeper, Kv, KvOptions, Listing, Session};
+use waypost_core::backend::{watch, Coord, CoordOptions, Keeper, Kv, KvOptions, Listing, Session};
+use waypost_core::coord::Coordinator;
 use waypost_core::{
     Config, Connector, Discovery, Error, Instance, Registrar, Registration, Result, ServiceName,
     Snapshot, WatchEvent, Watcher,
 };
 
 use client::Agent;
-use session::{AgentDriver, Written};
+use coord::ConsulCoord;
+use session::{AgentDriver, LockSessionDriver, Written};
 use store::AgentStore;
 
 pub use config::{ConsulConfig, DEFAULT_PORT, MAX_WAIT, MIN_DEREGISTER_CRITICAL_AFTER, SCHEMES};
+pub use coord::{DEFAULT_COORD_PREFIX, LOCK_FLAG_VALUE, LOCK_RETRY};
 pub use kv::{ConsulKv, KvFeed, DEFAULT_CONFIG_PREFIX, MAX_CONFIG_VALUE_LEN};
 
 /// The backend's canonical name, as `backend = "consul"` in configs.
@@ -227,6 +268,8 @@ pub struct ConsulDiscovery {
     config: Arc<ConsulConfig>,
     keeper: Keeper<AgentDriver, AgentStore>,
     kv: Kv<ConsulKv>,
+    /// Locks and elections, bound to a Consul session of their own.
+    coord: Coord<ConsulCoord, LockSessionDriver>,
     /// One blocking query per service, whatever the number of local watchers.
     hub: WatchHub<ServiceName, Instance>,
 }
@@ -290,11 +333,25 @@ impl ConsulDiscovery {
                 ..KvOptions::default()
             },
         );
+        // Locks and elections: a real Consul session (its TTL is the holders' bound),
+        // opened on the first acquisition.
+        let coord = Coord::new(
+            ConsulCoord::new(agent.clone(), &config.coord_prefix, config.wait),
+            Session::new(
+                LockSessionDriver::new(agent.clone(), config.ttl, config.lock_delay),
+                config.backoff(),
+            ),
+            CoordOptions {
+                backoff: config.backoff(),
+                ..CoordOptions::default()
+            },
+        );
         Ok(Self {
             agent,
             config: Arc::new(config),
             keeper: Keeper::new(NAME, session, store),
             kv,
+            coord,
             hub: WatchHub::new(),
         })
     }
@@ -306,6 +363,27 @@ impl ConsulDiscovery {
         &self.kv
     }
 
+    /// Locks and elections: `api.Lock`'s keys under `coord_prefix` (see "Locks and
+    /// elections" in the crate docs). Also reached as
+    /// [`Discovery::coordinator`](waypost_core::Discovery::coordinator).
+    pub fn coordinator(&self) -> &dyn Coordinator {
+        &self.coord
+    }
+
+    /// **Test hook.** Whether the lock key of `name` has a holder now.
+    #[cfg(feature = "test-hooks")]
+    pub async fn lock_is_held(&self, name: &waypost_core::coord::Name) -> Result<bool> {
+        self.coord.driver().is_held(name).await
+    }
+
+    /// **Test hook.** This client's contenders (holding or waiting) per lock key, with
+    /// their Consul session: Consul keeps no queue of waiters (a waiter is a blocking
+    /// read), so tests count contenders on the clients' side.
+    #[cfg(feature = "test-hooks")]
+    pub fn coord_contenders(&self) -> ContenderProbe {
+        ContenderProbe(self.coord.driver().contenders())
+    }
+
     /// The configuration.
     pub fn config(&self) -> &ConsulConfig {
         &self.config
@@ -314,15 +392,19 @@ impl ConsulDiscovery {
     /// Shuts down: every registration is deregistered from the agent and reads
     /// `Deregistered`; later calls fail with [`Error::Closed`].
     pub async fn shutdown(&self) -> Result<()> {
-        self.keeper.shutdown().await
+        // Destroying the session releases every lock and leadership at once.
+        let coord = self.coord.session().close().await;
+        self.keeper.shutdown().await?;
+        coord
     }
 
     /// This client as a [`Discovery`] (with its test hooks under the `test-hooks`
     /// feature).
     pub fn into_discovery(self) -> Discovery {
         let d = Arc::new(self);
-        let discovery =
-            Discovery::new(d.clone(), d.clone()).with_config_store(Arc::new(d.kv.clone()));
+        let discovery = Discovery::new(d.clone(), d.clone())
+            .with_config_store(Arc::new(d.kv.clone()))
+            .with_coordinator(Arc::new(d.coord.clone()));
         #[cfg(feature = "test-hooks")]
         let discovery = discovery.with_hooks(d);
         discovery
@@ -365,10 +447,32 @@ impl Watcher for ConsulDiscovery {
     }
 }
 
+/// **Test hook.** The contenders of one client (see
+/// [`ConsulDiscovery::coord_contenders`]); holds nothing of the client alive.
+#[cfg(feature = "test-hooks")]
+#[derive(Clone, Debug)]
+pub struct ContenderProbe(coord::Contenders);
+
+#[cfg(feature = "test-hooks")]
+impl ContenderProbe {
+    /// The Consul sessions of the client's contenders for lock `name` (its key under
+    /// `prefix`), one per contender.
+    pub fn sessions(&self, prefix: &str, name: &waypost_core::coord::Name) -> Vec<String> {
+        let key = format!("{prefix}/{name}/.lock");
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .map(|ids| ids.values().map(|s| s.to_string()).collect())
+            .unwrap_or_default()
+    }
+}
+
 #[cfg(feature = "test-hooks")]
 impl waypost_core::backend::TestHooks for ConsulDiscovery {
     fn crash(&self) {
         self.keeper.crash();
+        self.coord.session().crash();
     }
 
     fn drop_connections(&self) {

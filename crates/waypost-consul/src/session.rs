@@ -26,6 +26,7 @@ use waypost_core::backend::SessionDriver;
 use waypost_core::{Error, Result};
 
 use crate::client::Agent;
+use crate::error::ConsulError;
 
 /// One session of a client with its agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,5 +110,140 @@ impl SessionDriver for AgentDriver {
 
     fn interval(&self) -> Duration {
         self.ttl / 3
+    }
+}
+
+/// Consul's shortest session TTL: the agent refuses shorter ones.
+pub(crate) const MIN_SESSION_TTL: Duration = Duration::from_secs(10);
+
+/// One Consul session (its ID), the handle of the coordination session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct LockSession(pub(crate) Arc<str>);
+
+/// The session locks and leaderships are bound to: a real Consul session
+/// (`/v1/session/...`), apart from the agent epoch registrations live by.
+///
+/// - `open`: `PUT /v1/session/create` with `TTL` (the client's `ttl`, at least Consul's
+///   minimum of 10 s), `LockDelay`, `Behavior = release`, and **no health checks**
+///   (`Checks = []`): only the TTL (or a destroy) ends it, so the holder's local deadline
+///   ([`SessionDriver::bound`]) is the whole story. With the default `serfHealth` check a
+///   node marked failed by the servers would lose its locks at once, before its holders
+///   could know (what `api.Lock` warns about).
+/// - `keep_alive`: `PUT /v1/session/renew/{id}`, a round trip to the servers' leader;
+///   `404` is [`Error::SessionExpired`].
+/// - `close`: `PUT /v1/session/destroy/{id}` (it releases every lock of the session).
+#[derive(Clone)]
+pub(crate) struct LockSessionDriver {
+    pub(crate) agent: Agent,
+    pub(crate) ttl: Duration,
+    pub(crate) lock_delay: Duration,
+}
+
+impl fmt::Debug for LockSessionDriver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsulLockSession")
+            .field("ttl", &self.ttl)
+            .field("lock_delay", &self.lock_delay)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LockSessionDriver {
+    pub(crate) fn new(agent: Agent, ttl: Duration, lock_delay: Duration) -> Self {
+        Self {
+            agent,
+            ttl: ttl.max(MIN_SESSION_TTL),
+            lock_delay,
+        }
+    }
+}
+
+/// Go's duration syntax in whole milliseconds, as Consul parses it.
+fn go_duration(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+#[async_trait]
+impl SessionDriver for LockSessionDriver {
+    type Handle = LockSession;
+
+    async fn open(&self) -> Result<LockSession> {
+        #[derive(serde::Deserialize)]
+        struct Created {
+            #[serde(rename = "ID")]
+            id: String,
+        }
+        let op = "create a session";
+        let body = serde_json::json!({
+            "Name": "waypost coordination",
+            "TTL": go_duration(self.ttl),
+            "LockDelay": go_duration(self.lock_delay),
+            "Behavior": "release",
+            "Checks": [],
+        });
+        let reply = self
+            .agent
+            .request_limited(
+                op,
+                reqwest::Method::PUT,
+                "/v1/session/create",
+                &[],
+                Some(body.to_string().into_bytes()),
+            )
+            .await?;
+        if reply.status != 200 {
+            return Err(ConsulError::status(op, reply.status, &reply.body).into());
+        }
+        let created: Created = serde_json::from_slice(&reply.body)
+            .map_err(|source| ConsulError::Decode { op, source })?;
+        Ok(LockSession(created.id.into()))
+    }
+
+    async fn keep_alive(&self, session: &LockSession) -> Result<()> {
+        let op = "renew the session";
+        let reply = self
+            .agent
+            .request_limited(
+                op,
+                reqwest::Method::PUT,
+                &format!("/v1/session/renew/{}", session.0),
+                &[],
+                None,
+            )
+            .await?;
+        match reply.status {
+            200 => Ok(()),
+            404 => Err(Error::SessionExpired),
+            s => Err(ConsulError::status(op, s, &reply.body).into()),
+        }
+    }
+
+    async fn close(&self, session: &LockSession) -> Result<()> {
+        let op = "destroy the session";
+        let reply = self
+            .agent
+            .request_limited(
+                op,
+                reqwest::Method::PUT,
+                &format!("/v1/session/destroy/{}", session.0),
+                &[],
+                None,
+            )
+            .await?;
+        match reply.status {
+            200 | 404 => Ok(()),
+            s => Err(ConsulError::status(op, s, &reply.body).into()),
+        }
+    }
+
+    fn interval(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    /// The session's TTL. Consul invalidates a session no earlier than its TTL after the
+    /// last renewal it received (in practice up to twice the TTL: its timer is
+    /// generous), so the TTL is the safe lower bound.
+    fn bound(&self) -> Option<Duration> {
+        Some(self.ttl)
     }
 }
