@@ -34,8 +34,7 @@ async fn main() -> Result<(), BoxError> {
         )
         .init();
     // WAYPOST_URL (and WAYPOST_<OPTION>) pick the registry; in-memory by default.
-    let config =
-        Config::from_env().unwrap_or_else(|| Config::from_url("memory://leader-example"));
+    let config = Config::from_env().unwrap_or_else(|| Config::from_url("memory://leader-example"));
     run(&config).await
 }
 
@@ -74,7 +73,11 @@ impl Follower {
     async fn next(&mut self, what: &str, not: Option<Vec<u8>>) -> Result<Leader, BoxError> {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            if let Some(l) = self.current.as_ref().filter(|l| Some(&l.value) != not.as_ref()) {
+            if let Some(l) = self
+                .current
+                .as_ref()
+                .filter(|l| Some(&l.value) != not.as_ref())
+            {
                 return Ok(l.clone());
             }
             let event = tokio::time::timeout_at(deadline, self.leaders.next())
@@ -82,7 +85,9 @@ impl Follower {
                 .map_err(|_| format!("{what}: no leader within {WAIT:?}"))?
                 .ok_or("the observer stopped")??;
             match event {
-                Event::Snapshot(l, _) | Event::Resynced(l, _) => self.current = l.into_iter().next(),
+                Event::Snapshot(l, _) | Event::Resynced(l, _) => {
+                    self.current = l.into_iter().next()
+                }
                 Event::Added(l, _) | Event::Updated(l, _) => self.current = Some(l),
                 Event::Removed(..) => self.current = None,
                 Event::Stale(e) => println!("   [observer] registry unreachable: {e}"),
@@ -125,7 +130,9 @@ pub(crate) async fn run(config: &Config) -> Result<(), BoxError> {
         // Without test hooks, the closest to a kill: its replica stops at once.
         None => drop(stops.remove(&first_name)),
     }
-    let second = follower.next("a new leader after the kill", Some(first.value.clone())).await?;
+    let second = follower
+        .next("a new leader after the kill", Some(first.value.clone()))
+        .await?;
     let second_name = String::from_utf8(second.value.clone())?;
     println!(
         "   [observer] leader: {second_name} (term {}), {:?} after the kill",
@@ -139,7 +146,9 @@ pub(crate) async fn run(config: &Config) -> Result<(), BoxError> {
     println!("3. {second_name} steps down: the last replica takes over at once");
     let resigned_at = Instant::now();
     let _ = stops.remove(&second_name).ok_or("unknown leader")?.send(());
-    let third = follower.next("a leader after the resignation", Some(second.value.clone())).await?;
+    let third = follower
+        .next("a leader after the resignation", Some(second.value.clone()))
+        .await?;
     println!(
         "   [observer] leader: {} (term {}), {:?} after the resignation",
         String::from_utf8_lossy(&third.value),

@@ -75,7 +75,10 @@ pub(crate) async fn run(config: &Config) -> Result<(), BoxError> {
     let started = Instant::now();
     match other.lock_for(&lock, Duration::from_millis(300)).await {
         Err(waypost::Error::Timeout { .. }) => {
-            println!("   lock_for(300 ms): timed out after {:?}", started.elapsed())
+            println!(
+                "   lock_for(300 ms): timed out after {:?}",
+                started.elapsed()
+            )
         }
         other => return Err(format!("lock_for on a held lock: {other:?}").into()),
     }
@@ -112,7 +115,11 @@ pub(crate) async fn run(config: &Config) -> Result<(), BoxError> {
     let total: u64 = std::str::from_utf8(&kv.get(&counter).await?.ok_or("gone")?.value)?.parse()?;
     println!("   counter = {total}");
     if total != WORKERS as u64 * ROUNDS {
-        return Err(format!("increments were lost: {total} of {}", WORKERS as u64 * ROUNDS).into());
+        return Err(format!(
+            "increments were lost: {total} of {}",
+            WORKERS as u64 * ROUNDS
+        )
+        .into());
     }
     kv.delete(&counter).await?;
     println!("done");

@@ -176,7 +176,7 @@ mod tests {
         assert_eq!(endpoint("10.0.0.1:80").ok(), Some(("10.0.0.1".into(), 80)));
         assert_eq!(endpoint("[::1]:8080").ok(), Some(("::1".into(), 8080)));
         for bad in ["10.0.0.1", ":80", "h:99999", "h:x"] {
-            let f = endpoint(bad).err().expect(bad);
+            let f = endpoint(bad).expect_err(bad);
             assert_eq!(f.code, 2, "{bad}");
         }
     }

@@ -31,9 +31,14 @@
 //! # Features
 //! - `zookeeper`, `consul`, `etcd`: the registry backends. A URL whose backend is not
 //!   compiled in is an [`Error::UnknownScheme`] naming the feature to enable.
+//! - `tonic`: [`grpc::balanced_channel`], a tonic `Channel` over a service's live
+//!   instances (see `examples/grpc_greeter.rs`).
 #![forbid(unsafe_code)]
 
 pub use waypost_core::*;
+
+#[cfg(feature = "tonic")]
+pub mod grpc;
 
 /// The ZooKeeper backend (feature `zookeeper`).
 #[cfg(feature = "zookeeper")]
