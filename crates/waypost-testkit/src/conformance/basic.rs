@@ -482,3 +482,48 @@ pub async fn update_and_drain(b: &dyn TestBackend) {
     );
     drain.await.unwrap().expect("drain");
 }
+
+/// `services()` lists every service with a live instance, sorted, from any client; a
+/// service whose last instance left is no longer listed (registries that keep empty
+/// service paths, like ZooKeeper, may list it until the path is removed: then it must be
+/// listed with no instances).
+pub async fn services_are_listed(b: &dyn TestBackend) {
+    let ns = Namespace::new();
+    let (a, z) = (ns.service("alpha"), ns.service("zulu"));
+    let reg_side = b.connect().await;
+    let other = b.connect().await;
+    let ra = reg_side
+        .registrar
+        .register(ns.instance(&a, "a-1", 8001))
+        .await
+        .expect("register");
+    let _rz = reg_side
+        .registrar
+        .register(ns.instance(&z, "z-1", 8002))
+        .await
+        .expect("register");
+    let listed = other.watcher.services().await.expect("services");
+    let pos = |s| listed.iter().position(|x| *x == s);
+    let (pa, pz) = (pos(a.clone()), pos(z.clone()));
+    assert!(
+        pa.is_some() && pz.is_some(),
+        "{}: both services listed, got {listed:?}",
+        b.name()
+    );
+    assert!(pa < pz, "services are sorted: {listed:?}");
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_eq!(listed, sorted, "the whole listing is sorted");
+
+    ra.deregister().await.expect("deregister");
+    let listed = other.watcher.services().await.expect("services");
+    if listed.contains(&a) {
+        let left = other.watcher.instances(&a).await.expect("instances");
+        assert!(
+            left.is_empty(),
+            "{}: a service listed after its last instance left must be empty",
+            b.name()
+        );
+    }
+    assert!(listed.contains(&z), "the other service is still listed");
+}

@@ -319,6 +319,7 @@ macro_rules! conformance_tests {
             malformed_entries_are_skipped,
             dropped_watches_are_released,
             local_watchers_share_one_registry_watch,
+            services_are_listed,
         );
     };
     (@call [plain] $backend:path, $suite:ident) => {
