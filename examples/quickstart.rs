@@ -96,10 +96,12 @@ async fn call(cache: &ServiceCache) -> Result<String, BoxError> {
         match tokio::time::timeout(Duration::from_secs(2), attempt).await {
             Ok(Ok(reply)) if !reply.is_empty() => return Ok(reply),
             other => {
-                println!(
-                    "    {} at {addr} failed ({other:?}); ejecting it",
-                    instance.id
-                );
+                let why = match other {
+                    Ok(Ok(_)) => "an empty reply".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "no reply within 2 s".to_string(),
+                };
+                println!("    {} at {addr} failed ({why}); ejecting it", instance.id);
                 cache.report_failure(&instance.id);
             }
         }

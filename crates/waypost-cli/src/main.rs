@@ -1,19 +1,4 @@
-//! `waypost`: what an operator on call needs, on any registry, by URL.
-//!
-//! ```text
-//! waypost --url zk://127.0.0.1:2181/services services
-//! WAYPOST_URL=etcd://127.0.0.1:2379/services waypost instances greeter --json
-//! waypost watch greeter                       # snapshot, then changes; NDJSON with --json
-//! waypost register greeter g-1 10.0.0.5:8001 --meta version=2 --zone eu-1a   # until Ctrl-C
-//! waypost config put my_app/config '{"pool": 8}'
-//! waypost lock jobs/migrate -- ./migrate.sh   # runs the command while holding the lock
-//! waypost elect scheduler "$(hostname)"       # leads until Ctrl-C
-//! waypost completions bash > /etc/bash_completion.d/waypost
-//! ```
-//!
-//! Errors are one line on stderr naming the cause and what to do; the exit code is 1 (2
-//! for a usage error, 3 when a held lock or leadership was lost, the command's own code
-//! for `lock -- CMD`). The URL is never printed with its password.
+#![doc = include_str!("../README.md")]
 
 mod coord;
 mod discovery;

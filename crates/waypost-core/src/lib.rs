@@ -1,9 +1,4 @@
-//! The core of waypost: the [`Registrar`] and [`Watcher`] contract, the instance model,
-//! the one [`Error`] type, configuration, the [`ServiceCache`] with its selection
-//! strategies, and the in-memory backend that is the embedded default.
-//!
-//! Most users depend on the `waypost` facade crate, which re-exports all of this and adds
-//! the registry backends behind cargo features.
+#![doc = include_str!("../README.md")]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 #![forbid(unsafe_code)]
 

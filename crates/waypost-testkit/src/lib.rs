@@ -1,6 +1,4 @@
-//! Test support for waypost backends: a harness that runs the real registries
-//! (ZooKeeper, etcd, Consul) as child processes, and the conformance suites every
-//! backend passes.
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
 pub mod bench;

@@ -1,38 +1,4 @@
-//! Service discovery for Rust services: announce instances and find them, with the same
-//! code on ZooKeeper, Consul, etcd or an in-memory registry, chosen by a URL.
-//!
-//! ```
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> waypost::Result<()> {
-//! use waypost::{Instance, WatchEvent};
-//! use futures::StreamExt;
-//!
-//! // `memory://` runs in-process; `zk://…`, `consul://…`, `etcd://…` need their feature.
-//! let d = waypost::connect("memory://readme").await?;
-//! let service = "greeter".parse()?;
-//! let mut watch = d.watcher.watch(&service);
-//! assert!(matches!(watch.next().await, Some(Ok(WatchEvent::Snapshot(s))) if s.is_empty()));
-//!
-//! let reg = d.registrar.register(Instance::parse("greeter", "g-1", "127.0.0.1", 8001)?).await?;
-//! assert!(matches!(watch.next().await, Some(Ok(WatchEvent::Added { .. }))));
-//! reg.deregister().await?;
-//! assert!(matches!(watch.next().await, Some(Ok(WatchEvent::Removed { .. }))));
-//! # Ok(()) }
-//! ```
-//!
-//! The same connection holds configuration: [`Discovery::kv`] is a
-//! [`ConfigStore`](kv::ConfigStore) (get, put, compare-and-set, watch a key or a prefix),
-//! and [`kv::LiveConfig`] keeps a typed value current (see `examples/config_manager.rs`).
-//!
-//! # In libraries and in executables
-//! Libraries take an `Arc<dyn Registrar>` or `Arc<dyn Watcher>` and never choose a
-//! registry. Executables call [`connect`] (or [`connect_config`] with a serde
-//! [`Config`]) once, at start-up, from their configuration.
-//!
-//! # Features
-//! - `zookeeper`, `consul`, `etcd`: the registry backends. A URL whose backend is not
-//!   compiled in is an [`Error::UnknownScheme`] naming the feature to enable.
-//! - `tonic`: [`grpc::balanced_channel`], a tonic `Channel` over a service's live
-//!   instances (see `examples/grpc_greeter.rs`).
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
 pub use waypost_core::*;
