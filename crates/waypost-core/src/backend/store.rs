@@ -30,14 +30,14 @@ pub enum Presence {
 /// session.
 #[async_trait]
 pub trait RegistryStore: Debug + Send + Sync + 'static {
-    /// The session handle entries are bound to ([`SessionDriver::Handle`]).
+    /// The session handle entries are bound to ([`SessionDriver::Handle`](super::SessionDriver::Handle)).
     type Handle: Clone + Debug + PartialEq + Send + Sync + 'static;
 
     /// Writes `instance`'s entry bound to `session`. An absent entry is created and our own
     /// entry replaced. An [`Presence::Unowned`] entry is replaced only when `takeover` is
     /// set (the keeper heals a registration it held), else it is
-    /// [`Error::AlreadyExists`], as is a [`Presence::Foreign`] entry always.
-    /// [`Error::SessionExpired`] if the registry no longer knows `session`.
+    /// [`Error::AlreadyExists`](crate::Error::AlreadyExists), as is a [`Presence::Foreign`] entry always.
+    /// [`Error::SessionExpired`](crate::Error::SessionExpired) if the registry no longer knows `session`.
     async fn write(
         &self,
         session: &Self::Handle,

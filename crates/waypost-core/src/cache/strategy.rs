@@ -4,7 +4,7 @@
 //! The cache decides *which pool* a pick draws from (the caller's zone, then serving
 //! instances, then draining ones, ejected instances last: see the
 //! [module docs](super)); a strategy decides *which candidate* of that pool. Every
-//! built-in [`Strategy`](super::Strategy) is also a unit struct here implementing the
+//! built-in [`Strategy`] is also a unit struct here implementing the
 //! trait, so a strategy of your own can wrap one.
 //!
 //! ```
