@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod conformance;
+pub mod proxy;
 pub mod server;
 
 pub use server::{

@@ -16,6 +16,7 @@ mod hostile;
 mod input;
 mod kv;
 mod kv_view;
+mod partition;
 mod scale;
 mod util;
 
@@ -32,6 +33,7 @@ pub use hostile::*;
 pub use input::*;
 pub use kv::*;
 pub use kv_view::{first_snapshot, wait_for_config, ConfigView};
+pub use partition::*;
 pub use scale::*;
 pub use util::{
     assert_stale_before_resynced, next_event, wait_for_event, wait_for_set, Namespace, StatusLog,
@@ -186,6 +188,13 @@ pub trait Faults: Send + Sync {
     /// the agent, one per blocking query).
     async fn registry_watches(&self) -> usize {
         panic!("this backend cannot count the watches its registry serves (never skipped silently)")
+    }
+
+    /// The registry's client endpoint (`127.0.0.1:port`), for the suites that put a
+    /// fault-injecting [`Proxy`](crate::proxy::Proxy) between a client and the registry
+    /// (clients made with [`TestBackend::connect_to`] the proxy's address).
+    fn registry_endpoint(&self) -> std::net::SocketAddr {
+        panic!("this backend cannot name its registry's endpoint (never skipped silently)")
     }
 
     /// How many contenders the registry holds for lock `name` (waiting and holding),
