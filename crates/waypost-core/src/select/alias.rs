@@ -18,6 +18,29 @@ pub struct AliasTable {
     pub(super) total: u64,
 }
 
+/// Vose's method: `left[i]` holds index i's units (`w_i * n`); each column holds `cap`
+/// (the total weight) units. Every count stays below `max(w_i) * n`, and with at most 2^32
+/// indexes of weights below 2^32 that fits in 64 bits (128-bit counts cost a library call
+/// per conversion to a float, which dominated building the table).
+fn fill(mut left: Vec<u64>, cap: u64, keep: &mut [u64], alias: &mut [u32]) {
+    // A column's share as a fraction of 2^64; f64 keeps it to 2^-52 of the column, far
+    // below what sampling can tell apart, and avoids an integer division per column.
+    let scale = 2f64.powi(64) / cap as f64;
+    let (mut small, mut large): (Vec<usize>, Vec<usize>) =
+        (0..left.len()).partition(|&i| left[i] < cap);
+    while let (Some(s), Some(&l)) = (small.pop(), large.last()) {
+        let units = left[s];
+        keep[s] = (units as f64 * scale) as u64;
+        alias[s] = l as u32;
+        left[l] -= cap - units;
+        if left[l] < cap {
+            large.pop();
+            small.push(l);
+        }
+    }
+    // What is left is full up to rounding: keeps its own index.
+}
+
 impl AliasTable {
     /// The table of `weights` (index `i` has weight `weights[i]`; 0 is never drawn).
     pub fn new(weights: impl IntoIterator<Item = u32>) -> AliasTable {
@@ -26,26 +49,13 @@ impl AliasTable {
         let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
         let mut keep = vec![u64::MAX; n];
         let mut alias: Vec<u32> = (0..n as u32).collect();
+        assert!(
+            u32::try_from(n).is_ok(),
+            "an alias table indexes at most 2^32 weights"
+        );
         if total > 0 {
-            // Each column holds `total` units; index i brings `w_i * n` of them.
-            let mut left: Vec<u128> = weights.iter().map(|&w| u128::from(w) * n as u128).collect();
-            let cap = u128::from(total);
-            // A column's share as a fraction of 2^64; f64 keeps it to 2^-52 of the
-            // column, far below what sampling can tell apart, and avoids a 128-bit
-            // division per column.
-            let scale = 2f64.powi(64) / total as f64;
-            let (mut small, mut large): (Vec<usize>, Vec<usize>) =
-                (0..n).partition(|&i| left[i] < cap);
-            while let (Some(s), Some(&l)) = (small.pop(), large.last()) {
-                keep[s] = (left[s] as f64 * scale) as u64;
-                alias[s] = l as u32;
-                left[l] -= cap - left[s];
-                if left[l] < cap {
-                    large.pop();
-                    small.push(l);
-                }
-            }
-            // What is left is full up to rounding: keeps its own index.
+            let left = weights.iter().map(|&w| u64::from(w) * n as u64).collect();
+            fill(left, total, &mut keep, &mut alias);
         }
         AliasTable {
             keep: keep.into(),

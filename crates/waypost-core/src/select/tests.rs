@@ -316,3 +316,30 @@ fn the_exact_pass_is_proportional_to_the_eligible_weights() {
         }
     }
 }
+
+#[test]
+fn alias_table_is_exact_with_extreme_weights() {
+    // Weights near 2^32: the units `w * n` approach 2^64 and must not overflow.
+    let weights = [u32::MAX, 1, u32::MAX - 5, 0, 1 << 31];
+    let t = AliasTable::new(weights);
+    let total: u128 = weights.iter().map(|&w| u128::from(w)).sum();
+    let n = weights.len() as u128;
+    let mut mass = vec![0u128; weights.len()];
+    for col in 0..weights.len() {
+        let own = if t.keep[col] == u64::MAX {
+            1u128 << 64
+        } else {
+            u128::from(t.keep[col])
+        };
+        mass[col] += own;
+        mass[t.alias[col] as usize] += (1u128 << 64) - own;
+    }
+    for (i, &w) in weights.iter().enumerate() {
+        let expected = ((u128::from(w) * n) << 64) / total;
+        assert!(
+            mass[i].abs_diff(expected) <= n << 13,
+            "{i}: {} vs {expected}",
+            mass[i]
+        );
+    }
+}
