@@ -45,6 +45,16 @@ pub(crate) fn service_prefix(prefix: &str, service: &ServiceName) -> String {
     format!("{prefix}/{service}/")
 }
 
+/// The service a key found under the service prefix belongs to: the segment between
+/// `{prefix}/` and the next `/`, as bytes (`None` when the key is not
+/// `{prefix}/{segment}/...`, so lies under no service's prefix). Whether the segment is
+/// a valid [`ServiceName`] is the caller's question.
+pub(crate) fn service_segment<'k>(prefix: &str, key: &'k [u8]) -> Option<&'k [u8]> {
+    let rest = key.strip_prefix(prefix.as_bytes())?.strip_prefix(b"/")?;
+    let end = rest.iter().position(|&b| b == b'/')?;
+    Some(&rest[..end])
+}
+
 /// The key of an instance in `layout`.
 pub(crate) fn key(layout: Layout, prefix: &str, instance: &Instance) -> String {
     match layout {
@@ -164,6 +174,32 @@ mod tests {
 
     fn svc() -> ServiceName {
         ServiceName::new("greeter").unwrap()
+    }
+
+    #[test]
+    fn service_segment_is_the_first_segment_below_the_prefix() {
+        let seg = |p, k: &'static [u8]| service_segment(p, k);
+        assert_eq!(
+            seg("/services", b"/services/greeter/g-1"),
+            Some(&b"greeter"[..])
+        );
+        assert_eq!(
+            seg("/services", b"/services/greeter/g-1/deeper"),
+            Some(&b"greeter"[..])
+        );
+        assert_eq!(
+            seg("/services", b"/services/greeter/"),
+            Some(&b"greeter"[..])
+        );
+        assert_eq!(seg("/services", b"/services//x"), Some(&b""[..]));
+        assert_eq!(seg("/services", b"/services/\xff/x"), Some(&b"\xff"[..]));
+        // Not below any service's prefix.
+        assert_eq!(seg("/services", b"/services/greeter"), None);
+        assert_eq!(seg("/services", b"/servicesx/greeter/g-1"), None);
+        assert_eq!(seg("/services", b"/other/greeter/g-1"), None);
+        // The root prefix: keys are `/{service}/{id}`.
+        assert_eq!(seg("", b"/greeter/g-1"), Some(&b"greeter"[..]));
+        assert_eq!(seg("", b"greeter/g-1"), None);
     }
 
     #[test]

@@ -53,6 +53,10 @@
 //!   `probe_interval` and expects an answer within `request_timeout`), the watch yields
 //!   `Stale` and, once etcd answers, `Resynced` with a fresh snapshot. Values that are
 //!   not instances are skipped with a warning.
+//! - **Listing services**: [`Watcher::services`] is one keys-only prefix read of
+//!   `{prefix}/`, the first segment of each key once, sorted; segments that are not
+//!   service names are skipped with a warning, and with the root as `prefix` the keys
+//!   under `config_prefix` and `coord_prefix` are left out.
 //! - **Shutdown**: `deregister()` deletes the key (only if still bound to our lease);
 //!   [`EtcdDiscovery::shutdown`], or dropping the last handle and every guard, revokes the
 //!   lease.
@@ -136,7 +140,9 @@
 //!   same name are one queue (as for `etcdctl`), and one client cannot contend for both
 //!   at once ([`Error::Busy`](waypost_core::Error::Busy)).
 //! - **Order and waiting**: the holder (the leader) is the key with the smallest create
-//!   revision. A waiter reads, in one transaction that also checks its own key, the
+//!   revision. The creating transaction also reads the first-created key under the
+//!   prefix, so an uncontended lock is one round trip (as Go's `Mutex.tryAcquire`). A
+//!   waiter reads, in one transaction that also checks its own key, the
 //!   keys created before its own, and watches the deletion of the last of them (its
 //!   predecessor) only, as Go's `waitDeletes` does; it asks again after a change, after
 //!   30 s, or after an error. Keys under the prefix that are no contenders (a nested
@@ -178,6 +184,7 @@ mod session;
 mod store;
 mod stream;
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -339,6 +346,68 @@ impl Registrar for EtcdDiscovery {
 
 #[async_trait]
 impl Watcher for EtcdDiscovery {
+    /// One keys-only prefix read of `{prefix}/`; the first segment of each key, once.
+    async fn services(&self) -> Result<Vec<ServiceName>> {
+        self.keeper.session().check_open()?;
+        let config = &self.conn.config;
+        // Keys only: the values (instances, up to `MAX_VALUE_LEN` each) are not needed to
+        // name their services. One read of the whole prefix rather than a range per
+        // service: the names are what we are looking for, and skipping from one service
+        // to the next (`{prefix}/{service}0`) would cost a round trip per service, each at
+        // its own revision, where this is one round trip at one revision. Its size is the
+        // number of keys (about 50 bytes each), well within the 4 MiB a gRPC response may
+        // carry for registries of tens of thousands of instances.
+        let range = format!("{}/", config.key_prefix());
+        let resp = self
+            .conn
+            .call("listing services", || {
+                let mut kv = self.conn.client.kv_client();
+                let range = range.clone();
+                let opts = etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only();
+                async move { kv.get(range, Some(opts)).await }
+            })
+            .await?;
+        // With the root as service prefix, configuration and coordination keys lie in the
+        // range too: they name no service.
+        let elsewhere: Vec<String> = [config.config_key_prefix(), config.coord_key_prefix()]
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .map(|p| format!("{p}/"))
+            .collect();
+        let (mut names, mut skipped) = (BTreeSet::new(), BTreeSet::new());
+        for kv in resp.kvs() {
+            let key = kv.key();
+            if elsewhere.iter().any(|p| key.starts_with(p.as_bytes())) {
+                continue;
+            }
+            let Some(segment) = codec::service_segment(config.key_prefix(), key) else {
+                tracing::debug!(
+                    key = %String::from_utf8_lossy(key),
+                    "etcd: a key directly under the service prefix names no service"
+                );
+                continue;
+            };
+            match std::str::from_utf8(segment).map(ServiceName::new) {
+                Ok(Ok(name)) => {
+                    names.insert(name);
+                }
+                _ => {
+                    skipped.insert(segment.to_vec());
+                }
+            }
+        }
+        for segment in skipped {
+            tracing::warn!(
+                segment = ?String::from_utf8_lossy(&segment),
+                prefix = %config.prefix,
+                "etcd: skipping keys whose service segment is not a valid service name"
+            );
+        }
+        Ok(names.into_iter().collect())
+    }
+
     async fn instances(&self, service: &ServiceName) -> Result<Snapshot> {
         self.keeper.session().check_open()?;
         let feed = self.feed(service);

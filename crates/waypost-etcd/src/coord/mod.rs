@@ -73,6 +73,9 @@ pub(crate) struct Ticket {
     rev: i64,
     permits: u32,
     id: String,
+    /// Whether the enqueueing transaction found this entry first under the name (the
+    /// holder): the first [`position`](CoordDriver::position) then answers without a read.
+    first: bool,
 }
 
 /// What a waiting contender waits on.
@@ -90,13 +93,26 @@ fn header_revision(resp: &TxnResponse) -> i64 {
 }
 
 fn got(resp: &TxnResponse) -> Vec<KeyValue> {
+    gets(resp).into_iter().next().unwrap_or_default()
+}
+
+/// The keys each `get` of a transaction read, in the order of the gets.
+fn gets(resp: &TxnResponse) -> Vec<Vec<KeyValue>> {
     resp.op_responses()
         .into_iter()
-        .find_map(|op| match op {
+        .filter_map(|op| match op {
             TxnOpResponse::Get(mut g) => Some(g.take_kvs()),
             _ => None,
         })
-        .unwrap_or_default()
+        .collect()
+}
+
+/// Whether the first-created key read by a transaction's `first_create` get is the entry
+/// `key` created at `rev`.
+fn is_first(first: Option<&Vec<KeyValue>>, key: &str, rev: i64) -> bool {
+    first
+        .and_then(|kvs| kvs.first())
+        .is_some_and(|kv| kv.key() == key.as_bytes() && kv.create_revision() == rev)
 }
 
 impl EtcdCoord {
@@ -198,32 +214,47 @@ impl CoordDriver for EtcdCoord {
         };
         let _one = self.enqueueing.lock().await;
         let stale = self.claim(&key, lease, c)?;
-        let ticket = |rev| Ticket {
+        let ticket = |rev, first| Ticket {
             key: key.clone(),
             np: np.clone(),
             lease,
             rev,
             permits,
             id: c.id.clone(),
+            first,
+        };
+        // The first-created key under the name, read in the same transaction: the
+        // uncontended path needs no second round trip (as Go's Mutex.tryAcquire does).
+        let first_create = || {
+            let opts = GetOptions::new()
+                .with_prefix()
+                .with_keys_only()
+                .with_sort(SortTarget::Create, SortOrder::Ascend)
+                .with_limit(1);
+            TxnOp::get(np.as_str(), Some(opts))
         };
         for _ in 0..3 {
             // Go's Mutex.Lock / Election.Campaign: create the key under the lease unless
             // it exists, else read it.
             let txn = Txn::new()
                 .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(
-                    key.as_str(),
-                    c.value.clone(),
-                    Some(PutOptions::new().with_lease(lease)),
-                )])
-                .or_else([TxnOp::get(key.as_str(), None)]);
+                .and_then([
+                    TxnOp::put(
+                        key.as_str(),
+                        c.value.clone(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    ),
+                    first_create(),
+                ])
+                .or_else([TxnOp::get(key.as_str(), None), first_create()]);
             let resp = self.conn.txn("enqueueing a contender", txn).await?;
+            let read = gets(&resp);
             if resp.succeeded() {
                 let rev = header_revision(&resp);
                 self.settle(&key, &c.id, rev);
-                return Ok(ticket(rev));
+                return Ok(ticket(rev, is_first(read.first(), &key, rev)));
             }
-            let Some(kv) = got(&resp).into_iter().next() else {
+            let Some(kv) = read.first().and_then(|kvs| kvs.first()).cloned() else {
                 continue; // deleted between the compare and the read
             };
             let rev = kv.create_revision();
@@ -237,10 +268,10 @@ impl CoordDriver for EtcdCoord {
             // abandoned contender of this client that nobody will remove. Take it over,
             // as Go's Mutex reuses its key (an Election proclaims its value).
             if kv.value() != c.value.as_slice() {
-                self.proclaim(&ticket(rev), &c.value).await?;
+                self.proclaim(&ticket(rev, false), &c.value).await?;
             }
             self.settle(&key, &c.id, rev);
-            return Ok(ticket(rev));
+            return Ok(ticket(rev, is_first(read.get(1), &key, rev)));
         }
         Err(Error::unavailable(format!(
             "etcd key `{key}` kept changing while enqueueing"
@@ -248,6 +279,11 @@ impl CoordDriver for EtcdCoord {
     }
 
     async fn position(&self, t: &Ticket) -> Result<Position<Waiting>> {
+        if t.first {
+            // First under the name when enqueued, so the holder from then on (no key
+            // created later comes before it); core asks once for a held ticket.
+            return Ok(Position::Held(FencingToken(t.rev as u64)));
+        }
         // Everything queued before us (Go's waitDeletes: the last create below ours), in
         // the same transaction that checks our key is still ours.
         let opts = GetOptions::new()
