@@ -47,6 +47,11 @@
 //!   On servers older than 3.6 (`addWatch` answers `Unimplemented`) the watch falls back
 //!   to a child watch on the service node plus a data watch per instance node: a change
 //!   of the children costs one listing of the names and a read of each new node.
+//! - **Listing services** ([`Watcher::services`]): the root's children, one `getChildren`.
+//!   Names that are not [`ServiceName`]s are skipped and logged, and so is the node that
+//!   holds `config_prefix` or `coord_prefix` if one is configured below the root. A
+//!   service node outlives its last instance until the server reaps the container
+//!   node, and is listed (with no instances) meanwhile.
 //! - **ACLs**: with digest credentials ([`ZkConfig::username`]/`password`, or
 //!   `zk://user:password@host/root`), instance nodes are readable by everyone and
 //!   writable/deletable only by those credentials; service nodes let everyone read and
@@ -185,6 +190,7 @@ mod feed;
 mod kv;
 mod kv_feed;
 mod kv_nodes;
+mod services;
 mod session;
 mod store;
 
@@ -405,6 +411,19 @@ impl Registrar for ZkDiscovery {
 
 #[async_trait]
 impl Watcher for ZkDiscovery {
+    /// The root's children that are service names (one `getChildren`, bounded by the
+    /// request timeout), sorted. Foreign nodes with other names, and the node holding
+    /// `config_prefix` or `coord_prefix` when one is configured below the root, are
+    /// skipped. A service node outlives its last instance until the server reaps the
+    /// container, and is listed meanwhile.
+    async fn services(&self) -> Result<Vec<ServiceName>> {
+        let session = self.session().current().await?;
+        let client = session.client()?;
+        services::list(&self.ctx, &client, self.ctx.deadline())
+            .await
+            .map_err(|f| coord::lost(self.session(), &session, self.ctx.error(f)))
+    }
+
     async fn instances(&self, service: &ServiceName) -> Result<Snapshot> {
         let session = self.session().current().await?;
         let client = session.client()?;

@@ -303,3 +303,92 @@ async fn unreachable_endpoint_fails_within_connect_timeout() {
     );
     drop(hung);
 }
+
+/// `services()` lists the root's children that are service names, sorted: nodes a
+/// foreign client created below the root with other names, and the nodes holding this
+/// client's configuration keys and locks when their prefixes are configured below the
+/// root, are skipped; a foreign service node with no instance is listed. Against a
+/// paused server it fails with a temporary error within the request timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_skip_foreign_names_and_own_prefixes() {
+    common::init_tracing();
+    let Some(server) = common::server().await else {
+        return;
+    };
+    let request = Duration::from_secs(1);
+    let d = ZkDiscovery::connect(
+        common::config(&server)
+            .with_config_prefix("/services/cfg")
+            .with_coord_prefix("/services/locks/app")
+            .with_request_timeout(request),
+    )
+    .await
+    .unwrap();
+    let mut regs = Vec::new();
+    for (service, port) in [("zeta", 8001), ("alpha", 8002)] {
+        let i = waypost_core::Instance::parse(service, "i-1", "127.0.0.1", port).unwrap();
+        regs.push(d.register(i).await.unwrap());
+    }
+    waypost_core::kv::ConfigStore::put(d.kv(), &"app/x".parse().unwrap(), b"1".to_vec())
+        .await
+        .unwrap();
+    let guard = d.coordinator().lock(&"job".parse().unwrap()).await.unwrap();
+
+    let java = raw(&server).await;
+    let opts = CreateMode::Persistent.with_acls(Acls::anyone_all());
+    let long = "x".repeat(200);
+    let foreign = ["bad name", "bad:colon", "ünïcode", &long, "Mid"];
+    for name in foreign {
+        java.create(&format!("/services/{name}"), b"", &opts)
+            .await
+            .unwrap_or_else(|e| panic!("creating /services/{name}: {e}"));
+    }
+    let mut raw_listing = java.list_children("/services").await.unwrap();
+    raw_listing.sort();
+    let mut expected_raw: Vec<String> = ["zeta", "alpha", "cfg", "locks"]
+        .into_iter()
+        .chain(foreign)
+        .map(String::from)
+        .collect();
+    expected_raw.sort();
+    assert_eq!(raw_listing, expected_raw, "every node is below the root");
+
+    let listed: Vec<String> = d
+        .services()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(String::from)
+        .collect();
+    assert_eq!(listed, ["Mid", "alpha", "zeta"]);
+    assert!(d
+        .instances(&"Mid".parse().unwrap())
+        .await
+        .unwrap()
+        .is_empty());
+
+    server.pause().unwrap();
+    let started = tokio::time::Instant::now();
+    let r = tokio::time::timeout(request * 5, d.services()).await;
+    let elapsed = started.elapsed();
+    server.resume().unwrap();
+    let e = r
+        .expect("services() against a paused server ends")
+        .expect_err("services() against a paused server fails");
+    assert!(e.is_temporary(), "{e}");
+    assert!(elapsed < request * 2, "failed after {elapsed:?}: {e}");
+
+    // Back: listed again once the client has reconnected.
+    let deadline = tokio::time::Instant::now() + T;
+    let listed = loop {
+        match d.services().await {
+            Ok(l) => break l,
+            Err(e) if e.is_temporary() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("services() after the server came back: {e}"),
+        }
+    };
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    guard.release().await.unwrap();
+}
