@@ -476,7 +476,7 @@ where
             handle,
             lost: lost_tx,
             name: name.clone(),
-            _local: local,
+            local: Mutex::new(local),
         };
         tokio::spawn(task.run(cmd_rx));
         Ok(Hold::new(name.clone(), token, lost_rx, cmd_tx))
@@ -492,8 +492,9 @@ struct HoldTask<C: CoordDriver, S: SessionDriver<Handle = C::Handle>> {
     handle: C::Handle,
     lost: watch::Sender<Option<Lost>>,
     name: Name,
-    /// This client's turn for the name, given back when the task ends.
-    _local: Option<OwnedMutexGuard<()>>,
+    /// This client's turn for the name, given back once the entry is gone (before the
+    /// holder hears that its release is done, so that its next `try_lock` finds it free).
+    local: Mutex<Option<OwnedMutexGuard<()>>>,
 }
 
 impl<C, S> HoldTask<C, S>
@@ -630,6 +631,7 @@ where
             };
             match r {
                 Ok(()) => {
+                    drop(self.local.lock().unwrap_or_else(|p| p.into_inner()).take());
                     if let Some(reply) = reply.take() {
                         let _ = reply.send(Ok(()));
                     }

@@ -125,3 +125,19 @@ async fn local_contenders_of_one_client_queue_in_order() {
         .unwrap();
     assert!(second.token() > t1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_release_returns_the_same_client_can_try_lock_at_once() {
+    let r = MemoryRegistry::new("coord-relock");
+    let c = r.client(Duration::from_secs(10));
+    let n = name("jobs/relock");
+    let mut g = c.coordinator().try_lock(&n).await.unwrap();
+    for round in 0..200 {
+        g.release().await.unwrap();
+        g = c
+            .coordinator()
+            .try_lock(&n)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+    }
+}
