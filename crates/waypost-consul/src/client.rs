@@ -355,6 +355,34 @@ impl Agent {
         Ok(HealthListing { entries, index })
     }
 
+    /// `GET /v1/catalog/services`: the names of every service in the catalog of the
+    /// configured datacenter (sorted), read like the health queries (the token, the `dc`,
+    /// Consul's default consistency), within the request timeout. Names that are not valid
+    /// [`ServiceName`]s (Consul accepts spaces, `:`, `/`, 200 bytes...) are skipped with a
+    /// debug line. Consul's own `consul` service (the servers) is listed: it is a valid
+    /// name, and a watcher can watch it like any other.
+    pub(crate) async fn services(&self) -> Result<Vec<ServiceName>, ConsulError> {
+        let op = "list services";
+        let (body, _) = self
+            .send_limited(op, Method::GET, "/v1/catalog/services", &[], None)
+            .await?;
+        // `{"name": ["tag", ...], ...}`: only the names matter.
+        let listed: std::collections::BTreeMap<String, serde::de::IgnoredAny> =
+            serde_json::from_slice(&body).map_err(|source| ConsulError::Decode { op, source })?;
+        let mut names: Vec<ServiceName> = listed
+            .into_keys()
+            .filter_map(|name| match ServiceName::new(&name) {
+                Ok(n) => Some(n),
+                Err(why) => {
+                    tracing::debug!(service = %name.escape_debug(), "consul: skipping a catalog service whose name is not a service name: {why}");
+                    None
+                }
+            })
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
     /// Decodes the entries of a listing, keyed `{node}/{service id}`, skipping (with a
     /// warning) what is not a valid instance of `service`.
     pub(crate) fn decode(

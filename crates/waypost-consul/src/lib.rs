@@ -113,6 +113,17 @@
 //! - **Foreign entries** (registered by other tools) are listed when their service ID is
 //!   a valid waypost instance id; entries that are not valid instances are skipped with a
 //!   warning, never failing the watch.
+//! - **Listing services** ([`Watcher::services`], `waypost services`) is
+//!   `GET /v1/catalog/services` of the configured datacenter, with the token, read like the
+//!   health queries (Consul's default consistency) within `request_timeout`. It lists every
+//!   service of the catalog, whoever registered it: **Consul's own `consul` service** (its
+//!   servers) is listed too, as `consul catalog services` lists it, because it is a valid
+//!   name that can be watched like any other. A service is listed as long as the catalog
+//!   holds an entry, passing or not, so a listed service may have no live instance. Names
+//!   that are not valid [`ServiceName`]s (Consul accepts spaces, `:`, long names) are
+//!   skipped with a debug log line. With ACLs on, the token is checked first, as for
+//!   `instances` (an unauthorized listing would be an empty `200`); a token without
+//!   `service:read` on some services does not see them.
 //!
 //! # Configuration keys
 //!
@@ -201,6 +212,12 @@
 //!   **crashed holder is replaced after up to 2 × TTL + `lock_delay`**.
 //! - **Acquire**: a consistent read, then a `lock` transaction (`PUT /v1/txn`) whose answer
 //!   carries the entry: the **fencing token** is its `ModifyIndex`, in one round trip.
+//!   Once this client released a key, it remembers the `ModifyIndex` its release left;
+//!   the next acquisition of that key is a single `check-index` + `lock` transaction
+//!   (the index proves the key is still free with the lock flags), and reads first only
+//!   when someone else wrote the key since. A holder watches its key (a consistent
+//!   blocking read past its token) from 100 ms after the acquisition: a change made
+//!   meanwhile is still seen, and a short critical section sends no watch.
 //!   **Waiting** is a consistent blocking read of the key until it is free, then another
 //!   attempt; an acquire refused on a free key (Consul's lock-delay after an invalidated
 //!   session) is retried after [`LOCK_RETRY`] (1 s), never in a hot loop. **Waiters are
@@ -420,6 +437,16 @@ impl Registrar for ConsulDiscovery {
 
 #[async_trait]
 impl Watcher for ConsulDiscovery {
+    /// `GET /v1/catalog/services`: every service of the datacenter's catalog with a valid
+    /// name, `consul` (the servers' own service) included; see "Listing services" in the
+    /// crate docs.
+    async fn services(&self) -> Result<Vec<ServiceName>> {
+        self.keeper.session().check_open()?;
+        // With ACLs on and default deny, an unauthorized listing is `200 {}`.
+        self.agent.check_read_access(false).await?;
+        Ok(self.agent.services().await?)
+    }
+
     async fn instances(&self, service: &ServiceName) -> Result<Snapshot> {
         self.keeper.session().check_open()?;
         self.agent.check_read_access(false).await?;

@@ -67,6 +67,9 @@ async fn acl_default_deny_needs_a_token() {
         // A health query would answer `200 []`: it must not pass for "no instances".
         let e = d.instances(&svc).await.unwrap_err();
         assert!(matches!(e, Error::Unauthorized { .. }), "{what}: {e:?}");
+        // So would the catalog's service listing (`200 {}`).
+        let e = d.services().await.unwrap_err();
+        assert!(matches!(e, Error::Unauthorized { .. }), "{what}: {e:?}");
         let mut w = d.watch(&svc);
         let first = tokio::time::timeout(T, w.next()).await.expect("an answer");
         assert!(
@@ -83,6 +86,8 @@ async fn acl_default_deny_needs_a_token() {
     }
     let listed = with.instances(&svc).await.unwrap();
     assert_eq!(listed.instances, vec![inst]);
+    let services = with.services().await.unwrap();
+    assert!(services.contains(&svc), "{services:?}");
     reg.deregister().await.unwrap();
 }
 
@@ -202,15 +207,28 @@ async fn paused_agent_times_out_instead_of_hanging() {
     let Some(server) = waypost_testkit::server::consul().await else {
         return;
     };
+    let connected = ConsulDiscovery::connect(config(&server.url()))
+        .await
+        .unwrap();
     server.pause().unwrap();
     let started = Instant::now();
     let e = ConsulDiscovery::connect(config(&server.url()))
         .await
         .unwrap_err();
     let took = started.elapsed();
+    // Listing services is one request within `request_timeout` (2 s) too.
+    let listing = Instant::now();
+    let listed = connected.services().await;
+    let listing = listing.elapsed();
     server.resume().unwrap();
     assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
     assert!(took < Duration::from_secs(4), "{took:?}");
+    assert!(
+        matches!(listed, Err(Error::Timeout { .. })),
+        "services() on a paused agent: {listed:?}"
+    );
+    assert!(listing < Duration::from_secs(4), "{listing:?}");
+    assert!(connected.services().await.is_ok(), "answers once resumed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

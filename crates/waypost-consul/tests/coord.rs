@@ -282,3 +282,51 @@ async fn coord_prefix_option_moves_the_keys() {
     guard.release().await.unwrap();
     ours.shutdown().await.unwrap();
 }
+
+/// After our own release, the next acquisition skips the read (a `check-index` + `lock`
+/// transaction on the index our release left); a foreign write in between fails the
+/// check, and the key is read and judged as usual: a key that is no longer a lock is a
+/// conflict, never overwritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_write_after_our_release_is_seen_by_the_next_acquisition() {
+    let Some(server) = waypost_testkit::server::consul().await else {
+        return;
+    };
+    let name = Namespace::new().config_key("relock");
+    let ours = client(&server).await;
+    let coord = ours.coordinator();
+    let mut last = 0;
+    for _ in 0..3 {
+        // `lock`, not `try_lock`: core frees its local (in-client) lock just after
+        // `release` returns, so an immediate `try_lock` may find it still taken.
+        let g = tokio::time::timeout(T, coord.lock(&name))
+            .await
+            .expect("in time")
+            .expect("free");
+        assert!(
+            g.token().0 > last,
+            "tokens rise: {} after {last}",
+            g.token().0
+        );
+        last = g.token().0;
+        g.release().await.unwrap();
+    }
+    let out = Command::new("consul")
+        .args([
+            "kv",
+            "put",
+            &format!("-http-addr={}", server.address()),
+            &format!("coord/{name}/.lock"),
+            "someone else's",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    match tokio::time::timeout(T, coord.lock(&name)).await {
+        Ok(Err(Error::Conflict { what, .. })) => assert!(what.contains("flags"), "{what}"),
+        other => panic!("a key rewritten with foreign flags: {other:?}"),
+    }
+    let (ok, out) = kv_get(&server, &format!("coord/{name}/.lock")).await;
+    assert!(ok && out == "someone else's\n", "left alone: {out:?}");
+}

@@ -176,3 +176,94 @@ async fn foreign_registrations_are_read_or_skipped_never_fatal() {
     assert_eq!(web1.metadata.len(), 1);
     assert_eq!(c.instances(&svc).await.unwrap().len(), 2);
 }
+
+/// `services()` is the catalog's listing: waypost's services and other tools' ones,
+/// Consul's own `consul` service, sorted; names that are no valid service names (written
+/// with `consul services register` and raw catalog registrations) are skipped, never an
+/// error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_lists_the_catalog_and_skips_foreign_names() {
+    let Some(server) = waypost_testkit::server::consul().await else {
+        return;
+    };
+    let ns = Namespace::new();
+    let ours = ns.service("listed");
+    let c = client(&server).await;
+    let _r = c.register(ns.instance(&ours, "a", 4200)).await.unwrap();
+
+    // The Consul CLI registers an agent service whose name has a space.
+    let bad_cli = format!("{ours} with space");
+    let out = tokio::process::Command::new("consul")
+        .args([
+            "services",
+            "register",
+            &format!("-http-addr={}", server.address()),
+            &format!("-name={bad_cli}"),
+            "-id=cli-1",
+            "-port=4201",
+        ])
+        .output()
+        .await
+        .expect("run consul services register");
+    assert!(out.status.success(), "consul services register: {out:?}");
+    // Raw catalog registrations on a foreign node: a valid foreign name, and names
+    // waypost cannot hold (a colon, a slash-free but non-ASCII name, 200 bytes).
+    let foreign = ns.service("native-tool");
+    let long = "x".repeat(200);
+    let http = reqwest::Client::new();
+    let mut written = Vec::new();
+    for name in [
+        foreign.to_string(),
+        format!("{ours}:colon"),
+        format!("{ours}-caf\u{e9}"),
+        long.clone(),
+    ] {
+        let body = serde_json::json!({
+            "Node": "foreign-node",
+            "Address": "127.0.0.2",
+            "Service": {"ID": format!("id-{}", written.len()), "Service": name, "Port": 1},
+        });
+        let resp = http
+            .put(format!("http://{}/v1/catalog/register", server.address()))
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "{resp:?}");
+        written.push(name);
+    }
+    // The foreign names really are in the catalog, as Consul's own CLI lists it.
+    let out = tokio::process::Command::new("consul")
+        .args([
+            "catalog",
+            "services",
+            &format!("-http-addr={}", server.address()),
+        ])
+        .output()
+        .await
+        .expect("run consul catalog services");
+    let native: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    for name in written.iter().chain([&bad_cli]) {
+        assert!(native.contains(name), "{name:?} not in {native:?}");
+    }
+
+    let listed = c.services().await.expect("services");
+    let names: Vec<&str> = listed.iter().map(|s| s.as_str()).collect();
+    assert!(names.contains(&ours.as_str()), "{names:?}");
+    assert!(names.contains(&foreign.as_str()), "{names:?}");
+    assert!(names.contains(&"consul"), "Consul's own service: {names:?}");
+    // Exactly the catalog's valid names: nothing skipped that was valid.
+    let mut valid: Vec<&str> = native
+        .iter()
+        .map(String::as_str)
+        .filter(|n| waypost_core::ServiceName::new(n).is_ok())
+        .collect();
+    valid.sort();
+    assert_eq!(names, valid, "sorted, invalid names skipped");
+    for bad in written[1..].iter().chain([&bad_cli]) {
+        assert!(!names.contains(&bad.as_str()), "{bad:?} listed");
+    }
+}
