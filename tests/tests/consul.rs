@@ -118,8 +118,10 @@ impl TestBackend for ConsulBackend {
         endpoint: &str,
         connect_timeout: Duration,
     ) -> waypost_core::Result<Discovery> {
+        // The same client as `connect` (its TTL and request timeout), elsewhere.
         let config = ConsulConfig::from_url(&format!("consul://{endpoint}"))?
-            .with_request_timeout(connect_timeout)
+            .with_ttl(self.ttl)
+            .with_request_timeout(self.timeout.min(connect_timeout))
             .with_connect_timeout(connect_timeout);
         Ok(ConsulDiscovery::connect(config).await?.into_discovery())
     }
@@ -198,6 +200,10 @@ fn session_ids(body: &str) -> Vec<String> {
 
 #[async_trait]
 impl Faults for ConsulBackend {
+    fn registry_endpoint(&self) -> std::net::SocketAddr {
+        self.address.parse().expect("Consul agent address")
+    }
+
     /// Restarts the dev agent, which comes back empty: every service and check is gone,
     /// as when a real agent loses its state. In the coordination suites, destroys every
     /// Consul session instead (what Consul does when a session's TTL runs out): the agent

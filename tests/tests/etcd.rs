@@ -135,6 +135,13 @@ impl TestBackend for EtcdBackend {
 
 #[async_trait]
 impl Faults for EtcdBackend {
+    fn registry_endpoint(&self) -> std::net::SocketAddr {
+        self.endpoint
+            .trim_start_matches("http://")
+            .parse()
+            .expect("etcd endpoint")
+    }
+
     async fn registry_watches(&self) -> usize {
         self.server
             .lock()

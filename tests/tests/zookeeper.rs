@@ -268,6 +268,10 @@ impl TestBackend for ZkBackend {
 
 #[async_trait]
 impl Faults for ZkBackend {
+    fn registry_endpoint(&self) -> std::net::SocketAddr {
+        self.address.parse().expect("ZooKeeper address")
+    }
+
     async fn registry_watches(&self) -> usize {
         self.server
             .lock()

@@ -285,16 +285,17 @@ macro_rules! coord_conformance_tests {
 /// TTL for the scale suite, say).
 ///
 /// Add `; network` (`conformance_tests!(backend; network)`) for a registry reached over
-/// the network: the suites about endpoints that refuse or never answer run too.
+/// the network: the suites about endpoints that refuse or never answer, and about a client
+/// partitioned from its registry (through a [`Proxy`](crate::proxy::Proxy)), run too.
 #[macro_export]
 macro_rules! conformance_tests {
     (named: $backend:path; network) => {
         $crate::conformance_tests!(@all [named] $backend);
-        $crate::conformance_tests!(@suites [named] $backend; unreachable_and_hung_endpoints_fail_in_time);
+        $crate::conformance_tests!(@suites [named] $backend; unreachable_and_hung_endpoints_fail_in_time, partition_shorter_than_bound, partition_longer_than_bound);
     };
     ($backend:path; network) => {
         $crate::conformance_tests!(@all [plain] $backend);
-        $crate::conformance_tests!(@suites [plain] $backend; unreachable_and_hung_endpoints_fail_in_time);
+        $crate::conformance_tests!(@suites [plain] $backend; unreachable_and_hung_endpoints_fail_in_time, partition_shorter_than_bound, partition_longer_than_bound);
     };
     (named: $backend:path) => {
         $crate::conformance_tests!(@all [named] $backend);
