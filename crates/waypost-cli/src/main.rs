@@ -181,7 +181,7 @@ async fn run(cli: Cli) -> Outcome {
         json: cli.json,
         timeout: cli.timeout,
     };
-    match cli.command {
+    let outcome = match cli.command {
         Command::Services => discovery::services(&ctx).await,
         Command::Instances { service } => discovery::instances(&ctx, &service).await,
         Command::Watch { service, events } => discovery::watch(&ctx, &service, events).await,
@@ -191,7 +191,14 @@ async fn run(cli: Cli) -> Outcome {
         Command::Elect { name, value } => coord::elect(&ctx, &name, value).await,
         Command::Leader { name, watch } => coord::leader(&ctx, &name, watch).await,
         Command::Completions { .. } => unreachable!("handled above"),
+    };
+    // Close the session: whatever this process still has bound to it (a contender left by
+    // a lock that timed out, a lock whose release failed) goes at once, not after the
+    // session's timeout.
+    if let Err(e) = within(ctx.timeout, "closing the session", ctx.discovery.shutdown()).await {
+        eprintln!("waypost: warning: the session was not closed ({}); the registry drops it after its timeout", e.message);
     }
+    outcome
 }
 
 fn main() -> ExitCode {

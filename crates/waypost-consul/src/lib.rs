@@ -422,6 +422,11 @@ impl ConsulDiscovery {
         let discovery = Discovery::new(d.clone(), d.clone())
             .with_config_store(Arc::new(d.kv.clone()))
             .with_coordinator(Arc::new(d.coord.clone()));
+        let closer = d.clone();
+        let discovery = discovery.with_shutdown(move || {
+            let c = closer.clone();
+            Box::pin(async move { c.shutdown().await })
+        });
         #[cfg(feature = "test-hooks")]
         let discovery = discovery.with_hooks(d);
         discovery

@@ -192,6 +192,18 @@ pub struct Discovery {
     /// Locks, semaphores and elections, where the backend offers them; see
     /// [`Discovery::coordinator`].
     pub coordination: Option<Arc<dyn crate::coord::Coordinator>>,
+    /// Closes the connection's session; see [`Discovery::shutdown`].
+    closer: Option<Closer>,
+}
+
+/// What [`Discovery::shutdown`] runs.
+#[derive(Clone)]
+struct Closer(Arc<dyn Fn() -> BoxFuture<'static, Result<()>> + Send + Sync>);
+
+impl fmt::Debug for Closer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Closer")
+    }
 }
 
 impl Discovery {
@@ -203,6 +215,28 @@ impl Discovery {
             hooks: None,
             config_store: None,
             coordination: None,
+            closer: None,
+        }
+    }
+
+    /// With the backend's shutdown (closing its session).
+    pub fn with_shutdown(
+        mut self,
+        shutdown: impl Fn() -> BoxFuture<'static, Result<()>> + Send + Sync + 'static,
+    ) -> Self {
+        self.closer = Some(Closer(Arc::new(shutdown)));
+        self
+    }
+
+    /// Shuts the connection down now: every registration is deregistered, and the session
+    /// is closed, so the registry drops at once whatever is bound to it (locks,
+    /// leaderships, contenders left by abandoned acquisitions). Later calls fail with
+    /// [`Error::Closed`]. Short-lived processes (a CLI, a job) call it before they exit,
+    /// since the background clean-up of dropped guards needs the runtime to keep running.
+    pub async fn shutdown(&self) -> Result<()> {
+        match &self.closer {
+            Some(c) => (c.0)().await,
+            None => Ok(()),
         }
     }
 

@@ -174,6 +174,13 @@ impl MemoryClient {
         crate::Discovery::new(c.clone(), c.clone())
             .with_config_store(Arc::new(c.kv.clone()))
             .with_coordinator(Arc::new(c.coord.clone()))
+            .with_shutdown({
+                let c = c.clone();
+                move || {
+                    let c = c.clone();
+                    Box::pin(async move { c.keeper.shutdown().await })
+                }
+            })
             .with_hooks(c)
     }
 }

@@ -418,6 +418,39 @@ pub async fn coord_dropped_acquisition_cleans_up(backend: &dyn TestBackend) {
     again.release().await.expect("release");
 }
 
+/// Shutting a client down releases what it holds at once (its session is closed), not
+/// after the session's bound: a waiter acquires within the suite's timeout.
+pub async fn coord_shutdown_releases_at_once(backend: &dyn TestBackend) {
+    let ns = Namespace::new();
+    let name = ns.config_key("shutdown");
+    let (a, b) = (client(backend).await, client(backend).await);
+    let held = a.coord.lock(&name).await.expect("lock");
+    let t = backend.settings().timeout;
+    let waiting = tokio::spawn({
+        let (coord, name) = (b.coord.clone(), name.clone());
+        async move { coord.lock_for(&name, t * 2).await }
+    });
+    contenders_become(backend, &name, 2).await;
+    let started = Instant::now();
+    a.discovery.shutdown().await.expect("shutdown");
+    let next = waiting
+        .await
+        .unwrap()
+        .expect("acquired after the holder shut down");
+    assert!(
+        started.elapsed() < t,
+        "{}: acquired {:?} after the holder's shutdown",
+        backend.name(),
+        started.elapsed()
+    );
+    assert!(next.token() > held.token());
+    assert!(held.is_lost(), "the shut-down holder's guard reports lost");
+    assert!(matches!(
+        a.coord.try_lock(&name).await,
+        Err(Error::Closed { .. })
+    ));
+}
+
 /// The leader of an observed election, as far as the events told.
 fn apply(current: &mut Option<Leader>, event: &LeaderEvent) {
     match event {

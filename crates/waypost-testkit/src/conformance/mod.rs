@@ -267,6 +267,7 @@ macro_rules! coord_conformance_tests {
             coord_lost_before_next_holder,
             coord_release_after_expiry_spares_new_holder,
             coord_dropped_acquisition_cleans_up,
+            coord_shutdown_releases_at_once,
             coord_election,
             coord_observe_resyncs,
         );
