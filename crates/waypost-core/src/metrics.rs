@@ -232,6 +232,17 @@ mod tests {
 
                 let g = c
                     .coordinator()
+                    .lock(&"jobs/r".parse().unwrap())
+                    .await
+                    .unwrap();
+                g.release().await.unwrap();
+                assert_eq!(
+                    counter(snap, "waypost_locks_lost_total", &[]),
+                    0,
+                    "a release is no loss"
+                );
+                let g = c
+                    .coordinator()
                     .lock(&"jobs/m".parse().unwrap())
                     .await
                     .unwrap();
@@ -246,6 +257,16 @@ mod tests {
                 tokio::time::timeout(Duration::from_secs(5), g.lost())
                     .await
                     .unwrap();
+                // The entry vanished with the session; the client may not have heard of the
+                // expiry yet, so the reason is the one or the other.
+                assert_eq!(
+                    counter(
+                        snap,
+                        "waypost_locks_lost_total",
+                        &[("reason", "session_expired")]
+                    ) + counter(snap, "waypost_locks_lost_total", &[("reason", "deleted")]),
+                    1
+                );
                 assert_eq!(counter(snap, "waypost_locks_lost_total", &[]), 1);
 
                 reg.deregister().await.unwrap();

@@ -578,9 +578,10 @@ where
                 }
                 r = &mut held, if retry_watch_at.is_none() => match r {
                     Ok(()) => {
-                        // Gone with an expired session, or deleted behind our back.
-                        let expired = self.session.current_state().handle().as_ref() != Some(&self.handle);
-                        self.set_lost(if expired { Lost::SessionExpired } else { Lost::Deleted });
+                        // Gone with the session (expired, or closed by a shutdown), or
+                        // deleted behind our back.
+                        let why = self.session_lost(&self.session.current_state());
+                        self.set_lost(why.unwrap_or(Lost::Deleted));
                     }
                     Err(e) => {
                         tracing::debug!(name = %self.name, "watching a held entry: {e}");

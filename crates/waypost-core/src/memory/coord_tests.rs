@@ -141,3 +141,99 @@ async fn after_release_returns_the_same_client_can_try_lock_at_once() {
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_enqueue_given_up_with_its_outcome_unknown_is_forgotten() {
+    let r = MemoryRegistry::new("coord-forget");
+    let (a, b) = (
+        r.client(Duration::from_secs(10)),
+        r.client(Duration::from_secs(10)),
+    );
+    let n = name("jobs/forget");
+    // Every reply is lost: b's enqueue is applied, and each retry finds it but hears
+    // nothing back; b gives up at its deadline, not knowing.
+    r.lose_replies(usize::MAX / 2);
+    let e = b
+        .coordinator()
+        .lock_for(&n, Duration::from_millis(300))
+        .await;
+    assert!(matches!(e, Err(Error::Timeout { .. })), "{e:?}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while r.contenders(&n, false) != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the abandoned contender stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    r.lose_replies(0);
+    let _held = a.coordinator().try_lock(&n).await.expect("nobody in front");
+}
+
+#[tokio::test]
+async fn shutdown_reports_closed_and_one_session_expiring_spares_the_others() {
+    let r = MemoryRegistry::new("coord-closed");
+    let (a, b) = (
+        r.client(Duration::from_secs(10)),
+        r.client(Duration::from_secs(10)),
+    );
+    let ga = a.coordinator().lock(&name("jobs/a")).await.unwrap();
+    let gb = b.coordinator().lock(&name("jobs/b")).await.unwrap();
+    r.expire_session(b.session().unwrap());
+    let why = tokio::time::timeout(Duration::from_secs(5), gb.lost())
+        .await
+        .unwrap();
+    assert_eq!(why, Lost::SessionExpired);
+    assert!(
+        !ga.is_lost(),
+        "another session's expiry leaves a's lock alone"
+    );
+    assert_eq!(r.contenders(&name("jobs/a"), false), 1);
+    a.into_discovery().shutdown().await.unwrap();
+    let why = tokio::time::timeout(Duration::from_secs(5), ga.lost())
+        .await
+        .unwrap();
+    assert_eq!(why, Lost::Closed);
+}
+
+#[tokio::test]
+async fn semaphore_permits_of_one_client_hold_together_and_values_up_to_the_limit() {
+    let r = MemoryRegistry::new("coord-permits");
+    let c = r.client(Duration::from_secs(10));
+    let n = name("pool/x");
+    let g1 = c.coordinator().acquire(&n, 2, Wait::No).await.unwrap();
+    let g2 = c.coordinator().acquire(&n, 2, Wait::No).await.unwrap();
+    assert!(g2.token() > g1.token());
+    assert!(matches!(
+        c.coordinator().acquire(&n, 2, Wait::No).await,
+        Err(Error::Busy { .. })
+    ));
+    let e = name("elections/big");
+    let max = super::MAX_VALUE_LEN;
+    let l = c
+        .coordinator()
+        .campaign(&e, vec![b'x'; max])
+        .await
+        .expect("a value of the limit");
+    assert!(!l.is_lost());
+    let too_big = c.coordinator().campaign(&e, vec![b'x'; max + 1]).await;
+    assert!(
+        matches!(too_big, Err(Error::InvalidInput { .. })),
+        "{too_big:?}"
+    );
+    r.expire_all_sessions();
+    tokio::time::timeout(Duration::from_secs(5), l.lost())
+        .await
+        .unwrap();
+    assert!(l.is_lost());
+}
+
+#[test]
+fn tokens_and_reasons_print_for_people() {
+    assert_eq!(crate::coord::FencingToken(42).to_string(), "42");
+    assert_eq!(
+        Lost::Unconfirmed.to_string(),
+        "the registry did not confirm the session within its bound"
+    );
+    assert_eq!(Lost::Released.to_string(), "released by its holder");
+}

@@ -461,7 +461,8 @@ fn apply(current: &mut Option<Leader>, event: &LeaderEvent) {
     }
 }
 
-/// Reads events until the observed leader satisfies `pred`.
+/// Reads events until the observed leader satisfies `pred`. With no outage going on, a
+/// `Stale` is a failure (a feed that reports outages that are none).
 async fn observe_until(
     events: &mut futures::stream::BoxStream<'static, waypost_core::Result<LeaderEvent>>,
     current: &mut Option<Leader>,
@@ -477,6 +478,10 @@ async fn observe_until(
             .unwrap_or_else(|_| panic!("{what}: not observed within {limit:?}; saw {seen:?}"))
             .expect("the observe stream ended")
             .expect("an observe error");
+        assert!(
+            !matches!(e, Event::Stale(_)),
+            "{what}: Stale while the registry is reachable; saw {seen:?}"
+        );
         apply(current, &e);
         seen.push(e);
     }
