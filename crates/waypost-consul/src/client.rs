@@ -247,6 +247,66 @@ impl Agent {
         })
     }
 
+    /// Runs one `PUT /v1/txn` of `body` (a JSON array of operations): `Ok(Ok(kvs))` with
+    /// the `KV` of each result when applied, `Ok(Err(why))` when a check failed (`409`:
+    /// nothing was written). A refused ACL token is [`Error::Unauthorized`] naming `what`
+    /// was written (a KV write, a lock).
+    pub(crate) async fn txn<T: serde::de::DeserializeOwned>(
+        &self,
+        op: &'static str,
+        body: Vec<u8>,
+        what: &str,
+    ) -> Result<std::result::Result<Vec<T>, String>> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct TxnReply<T> {
+            #[serde(default = "Option::default")]
+            results: Option<Vec<TxnResult<T>>>,
+            #[serde(default)]
+            errors: Option<Vec<TxnError>>,
+        }
+        #[derive(serde::Deserialize)]
+        struct TxnResult<T> {
+            #[serde(rename = "KV", default = "Option::default")]
+            kv: Option<T>,
+        }
+        #[derive(serde::Deserialize)]
+        struct TxnError {
+            #[serde(rename = "What", default)]
+            what: String,
+        }
+        let reply = self
+            .request_limited(op, Method::PUT, "/v1/txn", &[], Some(body))
+            .await?;
+        if !matches!(reply.status, 200 | 409) {
+            return Err(ConsulError::status(op, reply.status, &reply.body).into());
+        }
+        let parsed: TxnReply<T> = serde_json::from_slice(&reply.body)
+            .map_err(|source| ConsulError::Decode { op, source })?;
+        if reply.status == 200 {
+            return Ok(Ok(parsed
+                .results
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|r| r.kv)
+                .collect()));
+        }
+        let why: Vec<String> = parsed
+            .errors
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| e.what)
+            .collect();
+        let why = why.join("; ");
+        if why.contains("Permission denied") {
+            return Err(Error::Unauthorized {
+                message: format!("the consul agent refused the ACL token for {what}: {why}"),
+                source: None,
+            });
+        }
+        Ok(Err(why))
+    }
+
     /// [`Agent::request`] within the request timeout and the in-flight limit.
     pub(crate) async fn request_limited(
         &self,

@@ -248,59 +248,9 @@ impl ConsulCoord {
         op: &'static str,
         ops: serde_json::Value,
     ) -> Result<std::result::Result<Vec<LockPair>, String>> {
-        #[derive(Deserialize, Default)]
-        #[serde(rename_all = "PascalCase", default)]
-        struct Reply {
-            results: Option<Vec<Res>>,
-            errors: Option<Vec<Why>>,
-        }
-        #[derive(Deserialize)]
-        struct Res {
-            #[serde(rename = "KV")]
-            kv: Option<LockPair>,
-        }
-        #[derive(Deserialize)]
-        struct Why {
-            #[serde(rename = "What", default)]
-            what: String,
-        }
-        let reply = self
-            .agent
-            .request_limited(
-                op,
-                Method::PUT,
-                "/v1/txn",
-                &[],
-                Some(ops.to_string().into_bytes()),
-            )
-            .await?;
-        if !matches!(reply.status, 200 | 409) {
-            return Err(ConsulError::status(op, reply.status, &reply.body).into());
-        }
-        let parsed: Reply = serde_json::from_slice(&reply.body)
-            .map_err(|source| ConsulError::Decode { op, source })?;
-        if reply.status == 200 {
-            return Ok(Ok(parsed
-                .results
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|r| r.kv)
-                .collect()));
-        }
-        let why: Vec<String> = parsed
-            .errors
-            .unwrap_or_default()
-            .into_iter()
-            .map(|e| e.what)
-            .collect();
-        let why = why.join("; ");
-        if why.contains("Permission denied") {
-            return Err(Error::Unauthorized {
-                message: format!("the consul agent refused the ACL token for a lock: {why}"),
-                source: None,
-            });
-        }
-        Ok(Err(why))
+        self.agent
+            .txn(op, ops.to_string().into_bytes(), "a lock")
+            .await
     }
 
     /// `lock` of `key` by `session` with `value` (after `check-session` when `checked`).

@@ -80,28 +80,6 @@ pub(super) fn write_stamp() -> u64 {
         .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-/// The answer to `PUT /v1/txn`: results when it was applied (200), errors when it was
-/// not (409).
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "PascalCase", default)]
-pub(super) struct TxnReply {
-    pub(super) results: Option<Vec<TxnResult>>,
-    pub(super) errors: Option<Vec<TxnError>>,
-}
-
-#[derive(Debug, Deserialize)]
-pub(super) struct TxnResult {
-    #[serde(rename = "KV")]
-    pub(super) kv: Option<KvPair>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub(super) struct TxnError {
-    #[serde(default)]
-    pub(super) what: String,
-}
-
 /// The entries of `pairs` that `scope` covers, as configuration entries keyed by their
 /// Consul key. `root` is the configuration prefix with its `/` (`config/`). Entries that
 /// are not configuration keys are skipped: logged at `warn` when `loud` (a listing),

@@ -30,7 +30,7 @@ use waypost_core::{Error, Result};
 use crate::client::Agent;
 use crate::error::ConsulError;
 use crate::session::AgentDriver;
-use codec::{KvPair, TxnOp, TxnReply};
+use codec::{KvPair, TxnOp};
 pub use feed::KvFeed;
 
 /// The largest value waypost writes to Consul: 380 KiB.
@@ -149,37 +149,7 @@ impl ConsulKv {
         ops: &[TxnOp],
     ) -> Result<std::result::Result<Vec<KvPair>, String>> {
         let body = serde_json::to_vec(ops).map_err(|source| ConsulError::Decode { op, source })?;
-        let reply = self
-            .agent
-            .request_limited(op, Method::PUT, "/v1/txn", &[], Some(body))
-            .await?;
-        if !matches!(reply.status, 200 | 409) {
-            return Err(ConsulError::status(op, reply.status, &reply.body).into());
-        }
-        let parsed: TxnReply = serde_json::from_slice(&reply.body)
-            .map_err(|source| ConsulError::Decode { op, source })?;
-        if reply.status == 200 {
-            return Ok(Ok(parsed
-                .results
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|r| r.kv)
-                .collect()));
-        }
-        let why: Vec<String> = parsed
-            .errors
-            .unwrap_or_default()
-            .into_iter()
-            .map(|e| e.what)
-            .collect();
-        let why = why.join("; ");
-        if why.contains("Permission denied") {
-            return Err(Error::Unauthorized {
-                message: format!("the consul agent refused the ACL token for a KV write: {why}"),
-                source: None,
-            });
-        }
-        Ok(Err(why))
+        self.agent.txn(op, body, "a KV write").await
     }
 
     /// The conflict of a write to `key` that expected `expected`, with the current version.
