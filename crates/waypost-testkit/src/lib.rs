@@ -7,6 +7,6 @@ pub mod proxy;
 pub mod server;
 
 pub use server::{
-    ConsulOptions, ConsulServer, EtcdCluster, EtcdOptions, EtcdServer, HarnessError, ServerKind,
-    ZooKeeperOptions, ZooKeeperServer,
+    ConsulAgent, ConsulCluster, ConsulOptions, ConsulServer, EtcdCluster, EtcdOptions, EtcdServer,
+    HarnessError, ServerKind, ZooKeeperEnsemble, ZooKeeperOptions, ZooKeeperServer,
 };

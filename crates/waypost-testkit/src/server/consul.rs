@@ -78,23 +78,44 @@ impl ConsulSpec {
     fn address(&self) -> String {
         format!("127.0.0.1:{}", self.ports.http)
     }
+}
 
-    async fn get(&self, path: &str) -> Option<probe::HttpResponse> {
-        let mut headers = Vec::new();
-        if let Some(token) = &self.token {
-            headers.push(("X-Consul-Token", token.as_str()));
-        }
-        probe::http(
-            &self.address(),
-            "GET",
-            path,
-            &headers,
-            "",
-            probe::PROBE_TIMEOUT,
-        )
+/// One bounded `GET` of an agent's HTTP API, with the ACL token if there is one.
+pub(crate) async fn get(
+    address: &str,
+    token: Option<&str>,
+    path: &str,
+) -> Option<probe::HttpResponse> {
+    let mut headers = Vec::new();
+    if let Some(token) = token {
+        headers.push(("X-Consul-Token", token));
+    }
+    probe::http(address, "GET", path, &headers, "", probe::PROBE_TIMEOUT)
         .await
         .ok()
+}
+
+/// Whether the agent at `address` is ready: there is a raft leader, the agent answers
+/// `/v1/agent/self`, and its node `node` is in the catalog (so registrations through the
+/// agent sync at once).
+pub(crate) async fn agent_ready(address: &str, token: Option<&str>, node: &str) -> bool {
+    let leader = match get(address, token, "/v1/status/leader").await {
+        Some(r) if r.status == 200 => r.body,
+        _ => return false,
+    };
+    let leader = leader.trim();
+    if leader.len() <= 2 || !leader.starts_with('"') {
+        return false;
     }
+    if !get(address, token, "/v1/agent/self")
+        .await
+        .is_some_and(|r| r.status == 200)
+    {
+        return false;
+    }
+    get(address, token, &format!("/v1/catalog/node/{node}"))
+        .await
+        .is_some_and(|r| r.status == 200 && r.body.trim() != "null")
 }
 
 impl ServerSpec for ConsulSpec {
@@ -122,24 +143,7 @@ impl ServerSpec for ConsulSpec {
     /// Ready when there is a raft leader, the agent answers `/v1/agent/self`, and the
     /// node is in the catalog (so registrations through the agent sync at once).
     async fn probe(&self) -> bool {
-        let leader = match self.get("/v1/status/leader").await {
-            Some(r) if r.status == 200 => r.body,
-            _ => return false,
-        };
-        let leader = leader.trim();
-        if leader.len() <= 2 || !leader.starts_with('"') {
-            return false;
-        }
-        if !self
-            .get("/v1/agent/self")
-            .await
-            .is_some_and(|r| r.status == 200)
-        {
-            return false;
-        }
-        self.get(&format!("/v1/catalog/node/{}", self.node_name))
-            .await
-            .is_some_and(|r| r.status == 200 && r.body.trim() != "null")
+        agent_ready(&self.address(), self.token.as_deref(), &self.node_name).await
     }
 
     fn startup_timeout(&self) -> Duration {
@@ -147,7 +151,7 @@ impl ServerSpec for ConsulSpec {
     }
 }
 
-fn random_uuid() -> String {
+pub(crate) fn random_uuid() -> String {
     let mut rng = rand::thread_rng();
     let b: [u8; 16] = rng.gen();
     let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();

@@ -25,17 +25,21 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 mod consul;
+mod consul_cluster;
 mod error;
 mod etcd;
 mod ports;
 mod probe;
 mod process;
 mod zookeeper;
+mod zookeeper_ensemble;
 
 pub use consul::{ConsulOptions, ConsulServer};
+pub use consul_cluster::{ConsulAgent, ConsulCluster};
 pub use error::HarnessError;
 pub use etcd::{EtcdCluster, EtcdOptions, EtcdServer};
 pub use zookeeper::{ZooKeeperOptions, ZooKeeperServer};
+pub use zookeeper_ensemble::ZooKeeperEnsemble;
 
 /// The hint every missing-server message carries.
 pub(crate) const INSTALL_HINT: &str = "run scripts/install-servers.sh";
@@ -43,11 +47,11 @@ pub(crate) const INSTALL_HINT: &str = "run scripts/install-servers.sh";
 /// Which registry a server is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ServerKind {
-    /// Apache ZooKeeper (3.8, standalone).
+    /// Apache ZooKeeper (3.8, standalone or an ensemble).
     ZooKeeper,
     /// etcd (3.4).
     Etcd,
-    /// HashiCorp Consul (1.8, `agent -dev`).
+    /// HashiCorp Consul (1.8, `agent -dev`, or a cluster of servers and a client agent).
     Consul,
 }
 
