@@ -10,7 +10,7 @@ use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions, Txn
 use waypost_core::{Error, Result};
 
 use crate::config::EtcdConfig;
-use crate::error::{retried, timed, EtcdError};
+use crate::error::{retried, EtcdError};
 
 /// A connection to etcd and the config it was made with. Cheap to clone.
 #[derive(Clone)]
@@ -59,7 +59,7 @@ impl Conn {
             Client::connect(&endpoints, Some(opts)),
         )
         .await;
-        let mut client = match connected {
+        let client = match connected {
             Err(_) => return Err(unreachable(None)),
             Ok(Err(e)) => {
                 return Err(match Error::from(EtcdError::client("connect", e)) {
@@ -70,7 +70,21 @@ impl Conn {
             }
             Ok(Ok(c)) => c,
         };
-        match timed(config.connect_timeout, "status", client.status()).await {
+        // A dead member among several endpoints must not fail the connect: the status
+        // call is sent again while it does not reach a server (another member answers).
+        let attempts = 2 * config.endpoints.len() + 1;
+        let status = retried(config.connect_timeout, attempts, "status", || {
+            let mut c = client.clone();
+            async move { c.status().await }
+        });
+        let status = match tokio::time::timeout(config.connect_timeout, status).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout {
+                operation: "status",
+                after: config.connect_timeout,
+            }),
+        };
+        match status {
             Ok(_) => {}
             Err(Error::Timeout { .. }) => return Err(unreachable(None)),
             Err(Error::Unavailable { source, .. }) => return Err(unreachable(source)),
