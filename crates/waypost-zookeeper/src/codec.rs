@@ -9,12 +9,16 @@
 //! Our metadata travels as the payload map's string entries, next to `waypost-weight`,
 //! `waypost-tags` (a JSON array as a string) and `waypost-zone` (the `waypost-` prefix is
 //! reserved for metadata keys, so these never collide). With the Spring Cloud Zookeeper
-//! format the same map is the payload's `metadata`.
+//! format the same map is the payload's `metadata`, and the zone is written as `zone`,
+//! the key Spring Cloud's zone-preference load balancer reads, instead of
+//! `waypost-zone`; only when the instance's metadata has a `zone` entry of its own does
+//! that entry keep the key, and `waypost-zone` holds the zone (empty for none).
 //!
 //! Reading is tolerant: unknown fields and payload classes are ignored, payload entries
 //! that are not valid metadata are dropped, and a node written by someone else (no
 //! `waypost-weight`) has its `zone` entry taken as the zone. Data that is not JSON, or
-//! lacks `address`/`port`/`id`, is an error the watcher logs and skips.
+//! lacks `address`/`port`/`id`, is an error the watcher logs and skips. Every instance
+//! reads back exactly as written, in both formats.
 
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -72,8 +76,25 @@ pub fn encode(instance: &Instance, format: PayloadFormat) -> Vec<u8> {
             Value::String(serde_json::to_string(&instance.tags).unwrap_or_default()),
         );
     }
-    if let Some(z) = &instance.zone {
-        map.insert(KEY_ZONE.into(), Value::String(z.clone()));
+    match (
+        format,
+        &instance.zone,
+        instance.metadata.contains_key("zone"),
+    ) {
+        // Spring Cloud's load balancer reads the zone from the metadata key `zone`.
+        (PayloadFormat::SpringCloud, Some(z), false) => {
+            map.insert("zone".into(), Value::String(z.clone()));
+        }
+        // The metadata's own `zone` entry takes that key: `waypost-zone` says what the
+        // zone is, empty for none.
+        (PayloadFormat::SpringCloud, zone, true) => {
+            let z = zone.clone().unwrap_or_default();
+            map.insert(KEY_ZONE.into(), Value::String(z));
+        }
+        (_, Some(z), _) => {
+            map.insert(KEY_ZONE.into(), Value::String(z.clone()));
+        }
+        (_, None, _) => {}
     }
     let payload = match format {
         PayloadFormat::Curator => {
@@ -144,16 +165,17 @@ pub fn decode(service: &ServiceName, data: &[u8]) -> Result<Instance, DecodeErro
     let mut instance = Instance::new(service.clone(), id, Endpoint::new(host, port));
 
     let payload = obj.get("payload").and_then(Value::as_object);
-    let map = payload.map(|p| {
+    let spring = payload.and_then(|p| {
         p.get("metadata")
             .and_then(Value::as_object)
             .filter(|_| p.get("@class").and_then(Value::as_str) == Some(SPRING_PAYLOAD_CLASS))
-            .unwrap_or(p)
     });
-    let Some(map) = map else {
+    let Some(map) = spring.or(payload) else {
         return Ok(instance);
     };
     let ours = map.contains_key(KEY_WEIGHT);
+    // Our Spring Cloud nodes keep the zone in `zone` unless `waypost-zone` is there.
+    let zone_is_zone = !ours || (spring.is_some() && !map.contains_key(KEY_ZONE));
     let mut metadata = BTreeMap::new();
     for (k, v) in map {
         match k.as_str() {
@@ -175,8 +197,8 @@ pub fn decode(service: &ServiceName, data: &[u8]) -> Result<Instance, DecodeErro
                 }
             }
             KEY_ZONE => instance.zone = scalar(v),
-            "zone" if !ours && instance.zone.is_none() => instance.zone = scalar(v),
-            "zone" if !ours => {}
+            "zone" if zone_is_zone && instance.zone.is_none() => instance.zone = scalar(v),
+            "zone" if zone_is_zone => {}
             _ if valid_key(k) => {
                 if let Some(s) = scalar(v).filter(|s| s.len() <= MAX_METADATA_VALUE_LEN) {
                     if metadata.len() < MAX_METADATA_ENTRIES {
@@ -248,6 +270,55 @@ mod tests {
         assert_eq!(s["payload"]["@class"], SPRING_PAYLOAD_CLASS);
         assert_eq!(s["payload"]["metadata"]["k"], "v");
         assert_eq!(s["payload"]["name"], "greeter");
+    }
+
+    #[test]
+    fn spring_cloud_payload_carries_the_zone_where_spring_reads_it() {
+        let zoned = Instance::parse("greeter", "g-1", "10.0.0.5", 8001)
+            .unwrap()
+            .with_zone("eu-1a");
+        let payload = |i: &Instance, f| {
+            let v: Value = serde_json::from_slice(&encode(i, f)).unwrap();
+            v["payload"].clone()
+        };
+        let spring = payload(&zoned, PayloadFormat::SpringCloud);
+        assert_eq!(spring["metadata"]["zone"], "eu-1a");
+        assert!(spring["metadata"].get(KEY_ZONE).is_none());
+        let curator = payload(&zoned, PayloadFormat::Curator);
+        assert_eq!(curator[KEY_ZONE], "eu-1a");
+        assert!(curator.get("zone").is_none());
+
+        // A metadata entry `zone` keeps its key; `waypost-zone` says the zone.
+        let both = zoned.clone().with_metadata("zone", "meta");
+        let spring = payload(&both, PayloadFormat::SpringCloud);
+        assert_eq!(spring["metadata"]["zone"], "meta");
+        assert_eq!(spring["metadata"][KEY_ZONE], "eu-1a");
+        let meta_only = Instance::parse("greeter", "g-1", "10.0.0.5", 8001)
+            .unwrap()
+            .with_metadata("zone", "eu-1a");
+        assert_eq!(
+            payload(&meta_only, PayloadFormat::SpringCloud)["metadata"][KEY_ZONE],
+            ""
+        );
+
+        // Each reads back exactly (the keeper compares what it reads with what it wrote).
+        let same = zoned.clone().with_metadata("zone", "eu-1a");
+        let plain = Instance::parse("greeter", "g-1", "10.0.0.5", 8001).unwrap();
+        for i in [&zoned, &both, &meta_only, &same, &plain] {
+            for f in [PayloadFormat::Curator, PayloadFormat::SpringCloud] {
+                assert_eq!(&decode(&svc(), &encode(i, f)).unwrap(), i, "{f:?} {i:?}");
+            }
+        }
+
+        // What Spring Cloud itself writes: the zone in the metadata's `zone`.
+        let raw = br#"{"name":"greeter","id":"s-1","address":"10.0.0.9","port":8080,"sslPort":null,"payload":{"@class":"org.springframework.cloud.zookeeper.discovery.ZookeeperInstance","id":"greeter-1","name":"greeter","metadata":{"zone":"eu-1b","instance_status":"UP"}},"registrationTimeUTC":1795304580073,"serviceType":"DYNAMIC","uriSpec":{"parts":[]}}"#;
+        let s = decode(&svc(), raw).unwrap();
+        assert_eq!(s.zone.as_deref(), Some("eu-1b"));
+        assert_eq!(
+            s.metadata.get("instance_status").map(String::as_str),
+            Some("UP")
+        );
+        assert!(!s.metadata.contains_key("zone"));
     }
 
     #[test]

@@ -103,6 +103,12 @@ async fn curator_json_both_ways() {
             }
         };
         assert_eq!(meta["version"], "1.2");
+        // The zone where each reader looks: Spring Cloud's load balancer reads `zone`.
+        let zone_key = match format {
+            PayloadFormat::Curator => "waypost-zone",
+            _ => "zone",
+        };
+        assert_eq!(meta[zone_key], "eu-1a", "{format:?}: {meta}");
         wait_for_set(&mut w, &mut set, T, "ours", |s| {
             s.get(&inst.id) == Some(&inst)
         })
