@@ -10,17 +10,15 @@ use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
+
+use crate::budget::{ConnectionBudget, Lanes};
 use waypost_core::backend::Entry;
 use waypost_core::{Error, Instance, Result, ServiceName};
 
 use crate::codec::{AgentService, HealthEntry, Registration};
 use crate::config::ConsulConfig;
 use crate::error::ConsulError;
-
-/// At most this many non-blocking requests of one client are in flight at once: the agent
-/// limits connections per client address (`http_max_conns_per_client`, 200 by default).
-const MAX_IN_FLIGHT: usize = 32;
 
 /// What `GET /v1/acl/token/self` says about our token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,13 +44,55 @@ struct Learnt {
     node: Mutex<Option<Option<Arc<str>>>>,
     /// Bumped by the `drop_connections` test hook: watches reconnect.
     generation: watch::Sender<u64>,
+    /// The last failed liveness ping, sent on every failure (see [`Agent::lost`]).
+    outage: watch::Sender<Option<Arc<ConsulError>>>,
+    /// Whether the liveness pinger runs.
+    pinging: Mutex<bool>,
+    /// Held while the ACL state is being checked.
+    checking: tokio::sync::Mutex<()>,
+}
+
+/// The two HTTP clients of an agent: separate pools, so that the idle connections each
+/// keeps are bounded by its own budget.
+#[derive(Clone)]
+struct Pools {
+    control: reqwest::Client,
+    watch: reqwest::Client,
+}
+
+impl Pools {
+    fn new(config: &ConsulConfig, budget: &ConnectionBudget) -> Result<Self> {
+        Ok(Self {
+            control: build_http(config, budget.control_connections)?,
+            watch: build_http(config, budget.watch_reads)?,
+        })
+    }
+}
+
+/// Which pool a request goes through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pool {
+    Control,
+    Watch,
+}
+
+/// Which budget a non-blocking read is made in (see `budget.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Lane {
+    /// Registrations, heartbeats and every request that is not a watch's.
+    Control,
+    /// A watch's non-blocking read.
+    Watch,
+    /// A watch that holds a per-service permit (its connection) reads with it.
+    Held,
 }
 
 /// The agent's HTTP API. Cheap to clone; clones share the connection pool and what was
 /// learnt about the agent.
 #[derive(Clone)]
 pub(crate) struct Agent {
-    http: Arc<RwLock<reqwest::Client>>,
+    /// The connection pools: control requests, and watches' (see `budget.rs`).
+    http: Arc<RwLock<Pools>>,
     /// To build a fresh HTTP client (the `drop_connections` test hook).
     #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
     config: Arc<ConsulConfig>,
@@ -61,7 +101,7 @@ pub(crate) struct Agent {
     has_token: bool,
     timeout: Duration,
     connect_timeout: Duration,
-    limit: Arc<Semaphore>,
+    lanes: Arc<Lanes>,
     learnt: Arc<Learnt>,
 }
 
@@ -86,19 +126,23 @@ fn read_pem(what: &str, path: &std::path::Path) -> Result<Vec<u8>> {
 impl Agent {
     /// A client as configured; fails only on bad TLS material.
     pub(crate) fn new(config: &ConsulConfig) -> Result<Self> {
+        let lanes = Lanes::new(config.watch_share_percent);
         Ok(Self {
-            http: Arc::new(RwLock::new(build_http(config)?)),
+            http: Arc::new(RwLock::new(Pools::new(config, &lanes.budget())?)),
             config: Arc::new(config.clone()),
             base: config.base_url().into(),
             datacenter: config.datacenter.as_deref().map(Arc::from),
             has_token: config.token.is_some(),
             timeout: config.request_timeout,
             connect_timeout: config.connect_timeout,
-            limit: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            lanes: Arc::new(lanes),
             learnt: Arc::new(Learnt {
                 acl: Mutex::new(None),
                 node: Mutex::new(None),
                 generation: watch::Sender::new(0),
+                outage: watch::Sender::new(None),
+                pinging: Mutex::new(false),
+                checking: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -107,7 +151,7 @@ impl Agent {
     /// **Test hook.** Drops the pooled connections (a fresh HTTP client) and makes every
     /// watch of this client reconnect.
     pub(crate) fn drop_connections(&self) {
-        match build_http(&self.config) {
+        match Pools::new(&self.config, &self.budget()) {
             Ok(http) => *self.http.write().unwrap_or_else(|p| p.into_inner()) = http,
             Err(e) => tracing::warn!("consul: cannot rebuild the HTTP client: {e}"),
         }
@@ -123,10 +167,97 @@ impl Agent {
     pub(crate) fn timeout(&self) -> Duration {
         self.timeout
     }
+
+    /// How this client's connections are split.
+    pub(crate) fn budget(&self) -> ConnectionBudget {
+        self.lanes.budget()
+    }
+
+    /// The client's budget lanes.
+    pub(crate) fn lanes(&self) -> &Lanes {
+        &self.lanes
+    }
+
+    /// Resolves when the agent stops answering: a paused agent accepts connections and
+    /// never answers, so a blocking query alone would only notice after its whole wait.
+    /// One pinger per client (every `request_timeout`, at least 500 ms) serves every
+    /// waiter, in the watch budget; it stops when nobody waits.
+    pub(crate) async fn lost(&self) -> Error {
+        let mut rx = self.learnt.outage.subscribe();
+        rx.borrow_and_update();
+        self.start_pinger();
+        loop {
+            if rx.changed().await.is_err() {
+                return Error::unavailable("consul: the client is gone");
+            }
+            if let Some(e) = rx.borrow_and_update().clone() {
+                return Error::Unavailable {
+                    message: "consul agent does not answer".into(),
+                    source: Some(Box::new(e)),
+                };
+            }
+        }
+    }
+
+    fn start_pinger(&self) {
+        let mut running = self
+            .learnt
+            .pinging
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if *running {
+            return;
+        }
+        *running = true;
+        let agent = self.clone();
+        let every = self.timeout.max(Duration::from_millis(500));
+        tokio::spawn(async move {
+            let outage = &agent.learnt.outage;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = outage.closed() => {}
+                }
+                if outage.receiver_count() == 0 {
+                    let mut running = agent
+                        .learnt
+                        .pinging
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    if outage.receiver_count() == 0 {
+                        *running = false;
+                        return;
+                    }
+                    continue;
+                }
+                // Outside the control budget: one of the watch share's reserved connections.
+                let r = agent
+                    .send(
+                        Pool::Watch,
+                        "ping",
+                        Method::GET,
+                        "/v1/status/leader",
+                        &[],
+                        None,
+                        agent.timeout,
+                    )
+                    .await;
+                match r {
+                    Ok(_) => {
+                        outage.send_if_modified(|o| o.take().is_some());
+                    }
+                    Err(e) => {
+                        outage.send_replace(Some(Arc::new(e)));
+                    }
+                }
+            }
+        });
+    }
 }
 
-/// The HTTP client of `config`; fails only on bad TLS material.
-fn build_http(config: &ConsulConfig) -> Result<reqwest::Client> {
+/// The HTTP client of `config`, keeping at most `max_idle` idle connections (more are
+/// closed as they come back); fails only on bad TLS material.
+fn build_http(config: &ConsulConfig, max_idle: usize) -> Result<reqwest::Client> {
     let mut headers = HeaderMap::new();
     if let Some(token) = &config.token {
         let mut v = HeaderValue::from_str(token.expose()).map_err(|_| {
@@ -140,6 +271,7 @@ fn build_http(config: &ConsulConfig) -> Result<reqwest::Client> {
         .connect_timeout(config.connect_timeout)
         .no_proxy()
         .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(max_idle)
         .tcp_nodelay(true)
         .user_agent(concat!("waypost-consul/", env!("CARGO_PKG_VERSION")));
     if let Some(ca) = &config.ca_file {
@@ -178,8 +310,10 @@ pub(crate) struct Reply {
 
 impl Agent {
     /// Sends one request; returns the status-checked body and the `X-Consul-Index`.
+    #[allow(clippy::too_many_arguments)]
     async fn send(
         &self,
+        pool: Pool,
         op: &'static str,
         method: Method,
         path: &str,
@@ -187,7 +321,9 @@ impl Agent {
         body: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<(Vec<u8>, Option<u64>), ConsulError> {
-        let reply = self.request(op, method, path, query, body, timeout).await?;
+        let reply = self
+            .request_in(pool, op, method, path, query, body, timeout)
+            .await?;
         if !(200..300).contains(&reply.status) {
             return Err(ConsulError::status(op, reply.status, &reply.body));
         }
@@ -205,7 +341,28 @@ impl Agent {
         body: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<Reply, ConsulError> {
-        let http = self.http.read().unwrap_or_else(|p| p.into_inner()).clone();
+        self.request_in(Pool::Control, op, method, path, query, body, timeout)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn request_in(
+        &self,
+        pool: Pool,
+        op: &'static str,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<Reply, ConsulError> {
+        let http = {
+            let pools = self.http.read().unwrap_or_else(|p| p.into_inner());
+            match pool {
+                Pool::Control => pools.control.clone(),
+                Pool::Watch => pools.watch.clone(),
+            }
+        };
         let mut req = http
             .request(method, format!("{}{}", self.base, path))
             .timeout(timeout);
@@ -316,7 +473,7 @@ impl Agent {
         query: &[(&str, String)],
         body: Option<Vec<u8>>,
     ) -> Result<Reply, ConsulError> {
-        let _permit = self.limit.acquire().await.ok();
+        let _permit = self.lanes.control.acquire().await.ok();
         self.request(op, method, path, query, body, self.timeout)
             .await
     }
@@ -329,8 +486,60 @@ impl Agent {
         query: &[(&str, String)],
         body: Option<Vec<u8>>,
     ) -> Result<(Vec<u8>, Option<u64>), ConsulError> {
-        let _permit = self.limit.acquire().await.ok();
-        self.send(op, method, path, query, body, self.timeout).await
+        self.send_in(Lane::Control, op, method, path, query, body)
+            .await
+    }
+
+    /// [`Agent::send`] within the request timeout and the budget of `lane`.
+    async fn send_in(
+        &self,
+        lane: Lane,
+        op: &'static str,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<Vec<u8>>,
+    ) -> Result<(Vec<u8>, Option<u64>), ConsulError> {
+        let sem = match lane {
+            Lane::Control => Some(&self.lanes.control),
+            Lane::Watch => Some(&self.lanes.reads),
+            Lane::Held => None,
+        };
+        let _permit = match sem {
+            Some(s) => s.acquire().await.ok(),
+            None => None,
+        };
+        let pool = if lane == Lane::Control {
+            Pool::Control
+        } else {
+            Pool::Watch
+        };
+        self.send(pool, op, method, path, query, body, self.timeout)
+            .await
+    }
+
+    /// A blocking `GET path?index=..&wait=..` (the change signal of shared watches), in
+    /// the watch share's reserved connections: the body and the `X-Consul-Index`.
+    pub(crate) async fn blocking_get(
+        &self,
+        op: &'static str,
+        path: &str,
+        index: u64,
+        wait: Duration,
+    ) -> Result<(Vec<u8>, u64), ConsulError> {
+        let query = [
+            ("index", index.to_string()),
+            ("wait", format!("{}ms", wait.as_millis())),
+        ];
+        let timeout = wait + wait / 16 + self.timeout;
+        let (body, index) = self
+            .send(Pool::Watch, op, Method::GET, path, &query, None, timeout)
+            .await?;
+        let index = index.ok_or_else(|| ConsulError::Protocol {
+            op,
+            what: "the response has no X-Consul-Index header".into(),
+        })?;
+        Ok((body, index))
     }
 
     /// `PUT /v1/agent/service/register`. The agent syncs it to the catalog before it
@@ -383,11 +592,13 @@ impl Agent {
     }
 
     /// `GET /v1/health/service/{name}?passing=true`, blocking when `block` is
-    /// `Some((index, wait))`.
+    /// `Some((index, wait))` (outside the lanes: the caller holds a dedicated watch
+    /// permit), else a read in `lane`.
     pub(crate) async fn health(
         &self,
         service: &ServiceName,
         block: Option<(u64, Duration)>,
+        lane: Lane,
     ) -> Result<HealthListing, ConsulError> {
         let op = "health query";
         let path = format!("/v1/health/service/{service}");
@@ -398,11 +609,11 @@ impl Agent {
                 query.push(("wait", format!("{}ms", wait.as_millis())));
                 // Consul adds up to wait/16 of its own jitter.
                 let timeout = wait + wait / 16 + self.timeout;
-                self.send(op, Method::GET, &path, &query, None, timeout)
+                self.send(Pool::Watch, op, Method::GET, &path, &query, None, timeout)
                     .await?
             }
             None => {
-                self.send_limited(op, Method::GET, &path, &query, None)
+                self.send_in(lane, op, Method::GET, &path, &query, None)
                     .await?
             }
         };
@@ -497,7 +708,8 @@ impl Agent {
     }
 
     /// The agent's node name (`GET /v1/agent/self`, once), or `None` when the agent does
-    /// not say (a token without `agent:read`).
+    /// not say (a token without `agent:read`). The same read sizes the connection budget
+    /// by the agent's `http_max_conns_per_client` (`DebugConfig`).
     pub(crate) async fn node_name(&self) -> Option<Arc<str>> {
         if let Some(known) = self
             .learnt
@@ -512,11 +724,18 @@ impl Agent {
         struct SelfInfo {
             #[serde(rename = "Config")]
             config: SelfConfig,
+            #[serde(rename = "DebugConfig", default)]
+            debug: Option<DebugConfig>,
         }
         #[derive(serde::Deserialize)]
         struct SelfConfig {
             #[serde(rename = "NodeName")]
             node_name: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct DebugConfig {
+            #[serde(rename = "HTTPMaxConnsPerClient", default)]
+            max_conns: Option<usize>,
         }
         let op = "read agent self";
         let found = match self
@@ -524,7 +743,22 @@ impl Agent {
             .await
         {
             Ok((body, _)) => match serde_json::from_slice::<SelfInfo>(&body) {
-                Ok(info) => Some(Arc::from(info.config.node_name)),
+                Ok(info) => {
+                    match info.debug.and_then(|d| d.max_conns) {
+                        Some(limit) => {
+                            self.lanes.resize(limit);
+                            match Pools::new(&self.config, &self.budget()) {
+                                Ok(p) => *self.http.write().unwrap_or_else(|p| p.into_inner()) = p,
+                                Err(e) => tracing::warn!("consul: cannot rebuild the HTTP clients: {e}"),
+                            }
+                        }
+                        None => tracing::debug!(
+                            "consul: the agent does not say its http_max_conns_per_client; assuming {}",
+                            crate::budget::DEFAULT_AGENT_LIMIT
+                        ),
+                    }
+                    Some(Arc::from(info.config.node_name))
+                }
                 Err(e) => {
                     tracing::debug!("consul: the agent's node name is unknown: {e}");
                     None
@@ -545,8 +779,16 @@ impl Agent {
     /// unauthorized health query answers `200 []`, which must not pass for "no instances".
     /// `fresh` re-checks instead of using the cached result.
     pub(crate) async fn check_read_access(&self, fresh: bool) -> Result<AclState> {
+        let cached = || *self.learnt.acl.lock().unwrap_or_else(|p| p.into_inner());
         if !fresh {
-            if let Some(s) = *self.learnt.acl.lock().unwrap_or_else(|p| p.into_inner()) {
+            if let Some(s) = cached() {
+                return Ok(s);
+            }
+        }
+        // One check at a time: hundreds of watches starting together make one request.
+        let _one = self.learnt.checking.lock().await;
+        if !fresh {
+            if let Some(s) = cached() {
                 return Ok(s);
             }
         }
@@ -569,30 +811,16 @@ impl Agent {
 
     /// `GET /v1/status/leader`: is the agent alive and serving? Needs no ACL.
     pub(crate) async fn ping(&self) -> Result<(), ConsulError> {
-        self.send(
-            "ping",
-            Method::GET,
-            "/v1/status/leader",
-            &[],
-            None,
-            self.timeout,
-        )
-        .await
-        .map(|_| ())
+        self.send_limited("ping", Method::GET, "/v1/status/leader", &[], None)
+            .await
+            .map(|_| ())
     }
 
     /// `GET /v1/catalog/datacenters`: the datacenters the agent knows. Needs no ACL.
     pub(crate) async fn datacenters(&self) -> Result<Vec<String>, ConsulError> {
         let op = "list datacenters";
         let (body, _) = self
-            .send(
-                op,
-                Method::GET,
-                "/v1/catalog/datacenters",
-                &[],
-                None,
-                self.timeout,
-            )
+            .send_limited(op, Method::GET, "/v1/catalog/datacenters", &[], None)
             .await?;
         serde_json::from_slice(&body).map_err(|source| ConsulError::Decode { op, source })
     }
@@ -601,13 +829,12 @@ impl Agent {
     /// echoes the secret) is dropped unread.
     pub(crate) async fn acl_state(&self) -> Result<AclState, ConsulError> {
         match self
-            .send(
+            .send_limited(
                 "ACL token check",
                 Method::GET,
                 "/v1/acl/token/self",
                 &[],
                 None,
-                self.timeout,
             )
             .await
         {

@@ -46,6 +46,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(600);
 /// | `config_prefix` | `config` | KV prefix of configuration keys: key `a/b` is KV key `config/a/b` (a configuration key itself: no leading or trailing `/`) |
 /// | `coord_prefix` | `coord` | KV prefix of locks and elections: name `a/b` is the lock key `coord/a/b/.lock` (`consul lock coord/a/b` takes the same lock); validated like `config_prefix` |
 /// | `lock_delay` | `1s` | `LockDelay` of the coordination session (0 to 60s): how long Consul refuses to hand a lock on after the session was invalidated |
+/// | `watch_share_percent` | `50` | share (1 to 90 %) of the agent's `http_max_conns_per_client` that watches may use; registrations and heartbeats keep their own connections (see the crate docs, "Many watched services") |
 ///
 /// Agent-run checks start **passing** when an instance is registered (so `register`
 /// returning still means a watcher lists it) and leave watches at the first failing run,
@@ -131,6 +132,11 @@ pub struct ConsulConfig {
     /// invalidated it (not after a release), nobody acquires its locks for this long.
     #[serde(with = "waypost_core::config::duration")]
     pub lock_delay: Duration,
+    /// The share, in percent (1 to 90), of the agent's per-client connection limit
+    /// (`http_max_conns_per_client`, read at connect; 200 when the agent does not say)
+    /// that watches may use. See the crate docs, "Many watched services".
+    #[serde(deserialize_with = "de::number")]
+    pub watch_share_percent: u8,
 }
 
 impl Default for ConsulConfig {
@@ -157,6 +163,7 @@ impl Default for ConsulConfig {
             config_prefix: crate::kv::default_config_prefix(),
             coord_prefix: crate::coord::default_coord_prefix(),
             lock_delay: crate::coord::DEFAULT_LOCK_DELAY,
+            watch_share_percent: 50,
         }
     }
 }
@@ -190,6 +197,7 @@ impl fmt::Debug for ConsulConfig {
             .field("config_prefix", &self.config_prefix)
             .field("coord_prefix", &self.coord_prefix)
             .field("lock_delay", &self.lock_delay)
+            .field("watch_share_percent", &self.watch_share_percent)
             .finish()
     }
 }
@@ -295,6 +303,11 @@ impl ConsulConfig {
         if self.lock_delay > crate::coord::MAX_LOCK_DELAY {
             return Err(Error::invalid_config(
                 "consul option `lock_delay` must be at most 60s (Consul's limit)",
+            ));
+        }
+        if !(1..=90).contains(&self.watch_share_percent) {
+            return Err(Error::invalid_config(
+                "consul option `watch_share_percent` must be from 1 to 90",
             ));
         }
         if let Some(dc) = &self.datacenter {
@@ -510,6 +523,13 @@ impl ConsulConfig {
         self.lock_delay = delay;
         self
     }
+
+    /// Sets the share (percent) of the agent's per-client connection limit that watches
+    /// may use.
+    pub fn with_watch_share_percent(mut self, percent: u8) -> Self {
+        self.watch_share_percent = percent;
+        self
+    }
 }
 
 /// Other option names accepted, `(other, ours)`: old names, and shared names of ours.
@@ -564,6 +584,9 @@ mod tests {
         assert_eq!(c.wait, Duration::from_secs(30));
         let c = ConsulConfig::from_url("consul://h:1?dc=east").unwrap();
         assert_eq!(c.datacenter.as_deref(), Some("east"));
+        assert_eq!(c.watch_share_percent, 50);
+        let c = ConsulConfig::from_url("consul://h:1?watch_share_percent=30").unwrap();
+        assert_eq!(c.watch_share_percent, 30);
     }
 
     #[test]
@@ -597,6 +620,12 @@ mod tests {
             ("consuls://h:1?cert_file=/x", "key_file"),
             ("etcd://h:1", "consul://"),
             ("consul://h:1?timeout=0s", "timeout"),
+            ("consul://h:1?watch_share_percent=0", "watch_share_percent"),
+            ("consul://h:1?watch_share_percent=95", "watch_share_percent"),
+            (
+                "consul://h:1?watch_share_percent=half",
+                "watch_share_percent",
+            ),
         ] {
             let e = ConsulConfig::from_url(url).unwrap_err();
             assert!(matches!(e, Error::InvalidConfig { .. }), "{url}: {e}");

@@ -16,6 +16,11 @@
 //!   Consul answer `200 []`.
 //! - Entries are keyed `{node}/{service id}`; ours ([`Feed::is_canonical`]) is the
 //!   service waypost writes for the id (`{service}:{id}`) on this client's agent node.
+//! - Connections: a watch takes one of the client's per-service blocking-query permits
+//!   (`budget.rs`) when one is free, for its whole life; otherwise it is a **shared**
+//!   watch that waits on the client's change signal (`mux.rs`) and reads its service when
+//!   woken. A shared watch becomes a per-service one as soon as a permit is free (its
+//!   blocking query starts from the index it holds, so nothing is missed).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,13 +28,22 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use waypost_core::backend::watch::{shared_instances, WatchHub};
 use waypost_core::backend::{Feed, Listing, Next, Session};
 use waypost_core::{Error, Instance, Result, Revision, ServiceName, WatchEvent};
 
-use crate::client::{AclState, Agent};
+use crate::client::{AclState, Agent, Lane};
+use crate::mux::{Mux, Ticket};
 use crate::session::AgentDriver;
+
+/// How a watch reaches the agent.
+enum Way {
+    /// Its own blocking query (a permit of the per-service budget, held for its life).
+    Dedicated(#[allow(dead_code)] OwnedSemaphorePermit),
+    /// The client's change signal, then a targeted read.
+    Shared(Ticket),
+}
 
 /// One watch's feed.
 pub(crate) struct HealthFeed {
@@ -50,12 +64,15 @@ pub(crate) struct HealthFeed {
     generation: watch::Receiver<u64>,
     /// The client's session, to stop once it is closed.
     session: Option<Session<AgentDriver>>,
+    /// The client's change signal (`None`: a one-off listing).
+    mux: Option<Mux>,
+    way: Option<Way>,
 }
 
 impl HealthFeed {
     /// A feed for `instances()`: only its claimant rule is used.
     pub(crate) async fn for_listing(agent: &Agent, service: &ServiceName) -> Self {
-        let mut feed = Self::new(agent, service, Duration::from_secs(1), None);
+        let mut feed = Self::new(agent, service, Duration::from_secs(1), None, None);
         feed.node = agent.node_name().await;
         feed
     }
@@ -65,6 +82,7 @@ impl HealthFeed {
         service: &ServiceName,
         wait: Duration,
         session: Option<Session<AgentDriver>>,
+        mux: Option<Mux>,
     ) -> Self {
         Self {
             agent: agent.clone(),
@@ -78,6 +96,33 @@ impl HealthFeed {
             non_empty: false,
             generation: agent.generation(),
             session,
+            mux,
+            way: None,
+        }
+    }
+
+    /// Chooses how this watch reaches the agent, once (before its first listing: a
+    /// shared watch's ticket must come before its read).
+    fn choose_way(&mut self) {
+        if self.way.is_some() {
+            return;
+        }
+        let Some(mux) = &self.mux else { return };
+        let dedicated = self.agent.lanes().dedicated.clone();
+        self.way = Some(match dedicated.try_acquire_owned() {
+            Ok(permit) => Way::Dedicated(permit),
+            Err(_) => {
+                tracing::debug!(service = %self.service, "consul: the per-service watch budget is used up; this watch shares the client's change signal");
+                Way::Shared(mux.ticket(&self.service))
+            }
+        });
+    }
+
+    /// The lane of this watch's non-blocking reads.
+    fn read_lane(&self) -> Lane {
+        match self.way {
+            Some(Way::Dedicated(_)) => Lane::Held,
+            _ => Lane::Watch,
         }
     }
 
@@ -98,7 +143,11 @@ impl HealthFeed {
             self.node = self.agent.node_name().await;
         }
         self.generation.borrow_and_update();
-        let listing = self.agent.health(&self.service, None).await?;
+        self.choose_way();
+        let listing = self
+            .agent
+            .health(&self.service, None, self.read_lane())
+            .await?;
         let revision = self.revision(listing.index);
         let entries = Agent::decode(&self.service, listing.entries);
         self.non_empty = !entries.is_empty();
@@ -106,18 +155,34 @@ impl HealthFeed {
     }
 
     async fn next_once(&mut self) -> Result<Next<Instance>> {
-        let every = self.agent.timeout().max(Duration::from_millis(500));
         loop {
             self.check_open()?;
             let wait = self.wait.mul_f64(rand::thread_rng().gen_range(0.9..=1.0));
+            if let Some(Way::Shared(_)) = &self.way {
+                if let Ok(p) = self.agent.lanes().dedicated.clone().try_acquire_owned() {
+                    tracing::debug!(service = %self.service, "consul: a per-service watch permit is free; this watch takes it");
+                    self.way = Some(Way::Dedicated(p));
+                }
+            }
             // Any failure (a refused connection, an agent that does not answer) is an
             // outage: the machine reports `Stale`, and `Resynced` once the agent answers.
-            let listing = tokio::select! {
-                r = self.agent.health(&self.service, Some((self.index, wait))) => r?,
-                e = dead_agent(&self.agent, every) => return Err(e),
-                _ = self.generation.changed() => {
-                    return Err(Error::unavailable("consul: connections dropped (test hook)"));
+            let listing = match &mut self.way {
+                Some(Way::Shared(ticket)) => {
+                    ticket.changed(wait).await;
+                    tokio::select! {
+                        r = self.agent.health(&self.service, None, Lane::Watch) => r?,
+                        _ = self.generation.changed() => {
+                            return Err(Error::unavailable("consul: connections dropped (test hook)"));
+                        }
+                    }
                 }
+                _ => tokio::select! {
+                    r = self.agent.health(&self.service, Some((self.index, wait)), Lane::Held) => r?,
+                    e = self.agent.lost() => return Err(e),
+                    _ = self.generation.changed() => {
+                        return Err(Error::unavailable("consul: connections dropped (test hook)"));
+                    }
+                },
             };
             let got = listing.index.max(1);
             if got == self.index {
@@ -147,17 +212,6 @@ impl HealthFeed {
         self.index = index;
         self.revision = self.revision.max(index + self.offset);
         self.revision
-    }
-}
-
-/// Resolves when the agent stops answering: a paused agent accepts connections and never
-/// answers, so a blocking query alone would only notice after its whole wait.
-pub(crate) async fn dead_agent(agent: &Agent, every: Duration) -> Error {
-    loop {
-        tokio::time::sleep(every).await;
-        if let Err(e) = agent.ping().await {
-            return e.into();
-        }
     }
 }
 
@@ -195,11 +249,18 @@ impl Feed for HealthFeed {
 pub(crate) fn watch(
     hub: &WatchHub<ServiceName, Instance>,
     agent: &Agent,
+    mux: &Mux,
     session: &Session<AgentDriver>,
     service: &ServiceName,
     wait: Duration,
 ) -> BoxStream<'static, Result<WatchEvent>> {
-    let feed = HealthFeed::new(agent, service, wait, Some(session.clone()));
+    let feed = HealthFeed::new(
+        agent,
+        service,
+        wait,
+        Some(session.clone()),
+        Some(mux.clone()),
+    );
     let (backoff, what) = (*session.backoff(), service.to_string());
     shared_instances(hub, service, move || {
         waypost_core::backend::watch::watch(feed, &backoff, what)

@@ -6,8 +6,6 @@
 //! noticed as for the other watches: a refused connection at once, a paused agent within
 //! two `request_timeout`s.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use rand::Rng;
 use tokio::sync::watch;
@@ -16,7 +14,6 @@ use waypost_core::coord::{Leader, Name};
 use waypost_core::{Error, Result, Revision};
 
 use super::ConsulCoord;
-use crate::feed::dead_agent;
 
 /// The leader of one election, listed again on every change of its key.
 pub(crate) struct LeaderFeed {
@@ -83,7 +80,6 @@ impl Feed for LeaderFeed {
     }
 
     async fn next(&mut self, _after: Revision) -> Result<Next<Leader>> {
-        let every = self.coord.agent.timeout().max(Duration::from_millis(500));
         loop {
             let wait = self
                 .coord
@@ -91,7 +87,7 @@ impl Feed for LeaderFeed {
                 .mul_f64(rand::thread_rng().gen_range(0.9..=1.0));
             let (pair, index) = tokio::select! {
                 r = self.coord.read(&self.key, Some((self.index, wait))) => r?,
-                e = dead_agent(&self.coord.agent, every) => return Err(e),
+                e = self.coord.agent.lost() => return Err(e),
                 _ = self.generation.changed() => {
                     return Err(Error::unavailable("consul: connections dropped (test hook)"));
                 }

@@ -50,7 +50,6 @@ use waypost_core::{Error, Result};
 
 use crate::client::Agent;
 use crate::error::ConsulError;
-use crate::feed::dead_agent;
 use crate::session::LockSession;
 use claims::Claims;
 pub(crate) use feed::LeaderFeed;
@@ -478,10 +477,9 @@ impl CoordDriver for ConsulCoord {
     async fn wait(&self, t: &Ticket, w: &Blocked) -> Result<()> {
         match *w {
             Blocked::Held(index) => {
-                let every = self.agent.timeout().max(Duration::from_millis(500));
                 tokio::select! {
                     r = self.read(&t.key, Some((index, self.wait))) => r.map(|_| ()),
-                    e = dead_agent(&self.agent, every) => Err(e),
+                    e = self.agent.lost() => Err(e),
                 }
             }
             Blocked::Delay => {

@@ -19,7 +19,6 @@
 //!   is pinged every `request_timeout`, so a paused agent fails it within two of them.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use rand::Rng;
@@ -29,7 +28,6 @@ use waypost_core::kv::ConfigEntry;
 use waypost_core::{Error, Result, Revision};
 
 use super::{codec, ConsulKv};
-use crate::feed::dead_agent;
 
 /// The feed of one key or one prefix.
 pub struct KvFeed {
@@ -154,7 +152,6 @@ impl Feed for KvFeed {
     }
 
     async fn next(&mut self, _after: Revision) -> Result<Next<ConfigEntry>> {
-        let every = self.kv.agent.timeout().max(Duration::from_millis(500));
         loop {
             self.kv.session.check_open()?;
             let wait = self
@@ -165,7 +162,7 @@ impl Feed for KvFeed {
             // outage: the machine reports `Stale`, and `Resynced` once the agent answers.
             let read = tokio::select! {
                 r = self.kv.read(&self.scope, Some((self.index, wait))) => r?,
-                e = dead_agent(&self.kv.agent, every) => return Err(e),
+                e = self.kv.agent.lost() => return Err(e),
                 _ = self.generation.changed() => {
                     return Err(Error::unavailable("consul: connections dropped (test hook)"));
                 }
