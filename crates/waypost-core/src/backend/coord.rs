@@ -145,6 +145,9 @@ impl Default for CoordOptions {
     }
 }
 
+/// How long after acquiring a hold starts watching its own entry.
+const FIRST_WATCH_DELAY: Duration = Duration::from_millis(100);
+
 type LocalKey = (Name, Kind);
 type LocalLocks = Arc<Mutex<HashMap<LocalKey, Weak<tokio::sync::Mutex<()>>>>>;
 
@@ -539,11 +542,13 @@ where
     async fn run(self, mut commands: mpsc::UnboundedReceiver<Command>) {
         let mut states = self.session.state();
         let mut backoff = self.options.backoff.backoff();
-        let mut held = {
-            let (d, t) = (self.driver.clone(), self.ticket.clone());
-            async move { d.watch_held(&t).await }.boxed()
-        };
-        let mut retry_watch_at: Option<Instant> = None;
+        // The entry's own watch starts a moment after acquiring: a hold released at once
+        // (a short critical section) does not queue its release behind the watch's request
+        // on the session's connection. A deletion in that moment is still seen (the watch
+        // reports an entry already gone); losing the session is noticed from the session's
+        // state and its confirmed deadline, which do not wait.
+        let mut held = futures::future::pending().boxed();
+        let mut retry_watch_at: Option<Instant> = Some(Instant::now() + FIRST_WATCH_DELAY);
         loop {
             if let Some(why) = self.session_lost(&states.borrow_and_update()) {
                 self.set_lost(why);
