@@ -269,3 +269,127 @@ pub fn coord_report(
     println!("{table}");
     write_readme_section(readme, "coord", &table);
 }
+
+/// User + system CPU time of this process so far (`getrusage(RUSAGE_SELF)`).
+pub fn process_cpu() -> Duration {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let u = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage");
+    let t = |tv: nix::sys::time::TimeVal| {
+        Duration::from_secs(tv.tv_sec() as u64) + Duration::from_micros(tv.tv_usec() as u64)
+    };
+    t(u.user_time()) + t(u.system_time())
+}
+
+/// One row of the keep-alive benchmark: a steady state measured for a period.
+#[derive(Clone, Debug)]
+pub struct CpuRow {
+    /// The state: "1,000 registrations".
+    pub label: &'static str,
+    /// CPU time this process used during the period.
+    pub cpu: Duration,
+    /// The period's wall time.
+    pub wall: Duration,
+    /// Requests the server received during the period (as it counts them).
+    pub requests: u64,
+}
+
+impl CpuRow {
+    /// CPU time ÷ wall time, in % of one core.
+    pub fn share(&self) -> f64 {
+        self.cpu.as_secs_f64() / self.wall.as_secs_f64() * 100.0
+    }
+}
+
+/// Measures the state the process is in for `period`: its CPU time, and the difference of
+/// the server's request counter `requests` (read before and after).
+pub async fn measure_cpu<F, Fut>(label: &'static str, period: Duration, requests: F) -> CpuRow
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = u64>,
+{
+    let (r0, c0, t0) = (requests().await, process_cpu(), Instant::now());
+    tokio::time::sleep(period).await;
+    let (c1, wall) = (process_cpu(), t0.elapsed());
+    let row = CpuRow {
+        label,
+        cpu: c1 - c0,
+        wall,
+        requests: requests().await - r0,
+    };
+    eprintln!(
+        "{label}: {:.3}% of a core, {:.2} requests/s",
+        row.share(),
+        row.requests as f64 / wall.as_secs_f64()
+    );
+    row
+}
+
+/// The keep-alive benchmark's steady states on one client: `instances` registrations, then
+/// also `locks` held locks, each measured for `period` (see [`measure_cpu`]); checks that
+/// nothing was lost meanwhile, then releases everything.
+pub async fn keepalive_rows<F, Fut>(
+    d: &waypost_core::Discovery,
+    (instances, locks): (usize, usize),
+    period: Duration,
+    requests: F,
+) -> Vec<CpuRow>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = u64>,
+{
+    let started = Instant::now();
+    let regs: Vec<_> = futures::stream::iter(0..instances)
+        .map(|i| {
+            let registrar = d.registrar.clone();
+            async move {
+                let instance =
+                    waypost_core::Instance::parse("keepalive", &format!("i-{i}"), "10.0.0.1", 8000)
+                        .unwrap()
+                        .with_zone("z1");
+                registrar.register(instance).await.expect("register")
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    eprintln!("{instances} registered in {:?}", started.elapsed());
+    let mut rows = vec![measure_cpu("1,000 registrations", period, &requests).await];
+    let coord = d.coordinator().expect("a coordinator");
+    let mut guards = Vec::new();
+    for i in 0..locks {
+        let name = format!("keepalive/lock-{i}").parse().unwrap();
+        guards.push(coord.lock(&name).await.expect("lock"));
+    }
+    rows.push(measure_cpu("1,000 registrations + 10 held locks", period, &requests).await);
+    for g in guards {
+        assert!(!g.is_lost(), "a lock was lost during the measurement");
+        g.release().await.unwrap();
+    }
+    for r in &regs {
+        assert_eq!(
+            r.current_status(),
+            waypost_core::RegistrationStatus::Registered
+        );
+    }
+    rows
+}
+
+/// The keep-alive benchmark's table of `rows`, then `note`.
+pub fn keepalive_table(rows: &[CpuRow], note: &str) -> String {
+    let mut table = String::from(
+        "| state | CPU time | wall time | % of one core | requests / s (server) |\n\
+         | --- | ---: | ---: | ---: | ---: |\n",
+    );
+    for r in rows {
+        table.push_str(&format!(
+            "| {} | {:.1} ms | {:.1} s | {:.3}% | {:.2} |\n",
+            r.label,
+            r.cpu.as_secs_f64() * 1e3,
+            r.wall.as_secs_f64(),
+            r.share(),
+            r.requests as f64 / r.wall.as_secs_f64(),
+        ));
+    }
+    table.push_str(&format!("\n{note}\n"));
+    table
+}

@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::process::Command;
 
@@ -14,8 +14,6 @@ use super::{ports, ConsulOptions, HarnessError, ServerKind};
 
 /// How many times a cluster start is tried again when a port turned out to be taken.
 const CLUSTER_ATTEMPTS: usize = 5;
-/// How often the leader is polled.
-const POLL: Duration = Duration::from_millis(100);
 
 /// Agent settings for a fast test cluster: raft timings of `-dev` (1 s heartbeat and
 /// election timeouts), and servers stay raft voters while down (autopilot would remove
@@ -390,20 +388,14 @@ impl ConsulCluster {
         timeout: Duration,
         accept: impl Fn(usize) -> bool,
     ) -> Result<usize, HarnessError> {
-        let start = Instant::now();
-        loop {
-            if let Some(i) = self.leader().await.filter(|&i| accept(i)) {
-                return Ok(i);
-            }
-            if start.elapsed() >= timeout {
-                return Err(HarnessError::NotReady {
-                    kind: ServerKind::Consul,
-                    waited: start.elapsed(),
-                    log_tail: self.log_tails(),
-                });
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        super::wait_leader_where(
+            ServerKind::Consul,
+            timeout,
+            || self.leader(),
+            accept,
+            || self.log_tails(),
+        )
+        .await
     }
 
     /// Waits until every server and the client agent are ready (each one's own deadline

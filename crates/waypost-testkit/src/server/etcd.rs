@@ -456,20 +456,14 @@ impl EtcdCluster {
         timeout: Duration,
         accept: impl Fn(usize) -> bool,
     ) -> Result<usize, HarnessError> {
-        let start = Instant::now();
-        loop {
-            if let Some(i) = self.leader().await.filter(|&i| accept(i)) {
-                return Ok(i);
-            }
-            if start.elapsed() >= timeout {
-                return Err(HarnessError::NotReady {
-                    kind: ServerKind::Etcd,
-                    waited: start.elapsed(),
-                    log_tail: self.log_tails(),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        super::wait_leader_where(
+            ServerKind::Etcd,
+            timeout,
+            || self.leader(),
+            accept,
+            || self.log_tails(),
+        )
+        .await
     }
 
     /// Waits until every member is ready (each one's own deadline is `timeout`).

@@ -205,3 +205,33 @@ fn is_executable(path: &Path) -> bool {
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         .unwrap_or(false)
 }
+
+/// Polls `leader` every 100 ms until it names a member `accept` takes; after `timeout`,
+/// [`HarnessError::NotReady`] with the members' log tails. What every cluster's
+/// `wait_leader` and `wait_new_leader` run.
+pub(crate) async fn wait_leader_where<F, Fut>(
+    kind: ServerKind,
+    timeout: std::time::Duration,
+    leader: F,
+    accept: impl Fn(usize) -> bool,
+    log_tails: impl Fn() -> String,
+) -> Result<usize, HarnessError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<usize>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(i) = leader().await.filter(|&i| accept(i)) {
+            return Ok(i);
+        }
+        if start.elapsed() >= timeout {
+            return Err(HarnessError::NotReady {
+                kind,
+                waited: start.elapsed(),
+                log_tail: log_tails(),
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -1,7 +1,7 @@
 //! A ZooKeeper ensemble: several [`ZooKeeperServer`]s on loopback, each its own JVM with
 //! its own data dir (`myid`), client, quorum and election ports.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::process::{make_dir, ManagedProcess};
 use super::zookeeper::{locate, ZkRole, ZkSpec};
@@ -9,8 +9,6 @@ use super::{ports, HarnessError, ServerKind, ZooKeeperOptions, ZooKeeperServer};
 
 /// How many times an ensemble start is tried again when a port turned out to be taken.
 const ENSEMBLE_ATTEMPTS: usize = 5;
-/// How often the leader is polled.
-const POLL: Duration = Duration::from_millis(100);
 
 /// A ZooKeeper ensemble, all members on 127.0.0.1, for leader-failure and failover
 /// tests.
@@ -193,20 +191,14 @@ impl ZooKeeperEnsemble {
         timeout: Duration,
         accept: impl Fn(usize) -> bool,
     ) -> Result<usize, HarnessError> {
-        let start = Instant::now();
-        loop {
-            if let Some(i) = self.leader().await.filter(|&i| accept(i)) {
-                return Ok(i);
-            }
-            if start.elapsed() >= timeout {
-                return Err(HarnessError::NotReady {
-                    kind: ServerKind::ZooKeeper,
-                    waited: start.elapsed(),
-                    log_tail: log_tails(&self.members),
-                });
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        super::wait_leader_where(
+            ServerKind::ZooKeeper,
+            timeout,
+            || self.leader(),
+            accept,
+            || log_tails(&self.members),
+        )
+        .await
     }
 
     /// Waits until every member serves (each one's own deadline is `timeout`).
