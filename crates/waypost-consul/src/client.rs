@@ -464,6 +464,32 @@ impl Agent {
         Ok(Err(why))
     }
 
+    /// `GET path` with `query`. With `block = Some((index, wait))`, a blocking query past
+    /// `index` for up to `wait`, under its own deadline (the wait, Consul's jitter of up to
+    /// wait/16, and the request timeout); else a plain read within the request timeout and
+    /// the in-flight limit.
+    pub(crate) async fn get_blocking(
+        &self,
+        op: &'static str,
+        path: &str,
+        mut query: Vec<(&'static str, String)>,
+        block: Option<(u64, Duration)>,
+    ) -> Result<Reply, ConsulError> {
+        match block {
+            Some((index, wait)) => {
+                query.push(("index", index.to_string()));
+                query.push(("wait", format!("{}ms", wait.as_millis())));
+                let timeout = wait + wait / 16 + self.timeout();
+                self.request(op, Method::GET, path, &query, None, timeout)
+                    .await
+            }
+            None => {
+                self.request_limited(op, Method::GET, path, &query, None)
+                    .await
+            }
+        }
+    }
+
     /// [`Agent::request`] within the request timeout and the in-flight limit.
     pub(crate) async fn request_limited(
         &self,

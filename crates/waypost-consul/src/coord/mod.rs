@@ -41,7 +41,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use reqwest::Method;
 use serde::Deserialize;
 use waypost_core::backend::{Contender, CoordDriver, Kind, Position};
 use waypost_core::coord::{FencingToken, Leader, Name};
@@ -209,22 +208,8 @@ impl ConsulCoord {
     ) -> Result<(Option<LockPair>, u64)> {
         let op = "read a lock";
         let path = format!("/v1/kv/{key}");
-        let mut query = vec![("consistent", String::new())];
-        let reply = match block {
-            Some((index, wait)) => {
-                query.push(("index", index.to_string()));
-                query.push(("wait", format!("{}ms", wait.as_millis())));
-                let timeout = wait + wait / 16 + self.agent.timeout();
-                self.agent
-                    .request(op, Method::GET, &path, &query, None, timeout)
-                    .await?
-            }
-            None => {
-                self.agent
-                    .request_limited(op, Method::GET, &path, &query, None)
-                    .await?
-            }
-        };
+        let query = vec![("consistent", String::new())];
+        let reply = self.agent.get_blocking(op, &path, query, block).await?;
         let pair = match reply.status {
             404 => None,
             200 => {

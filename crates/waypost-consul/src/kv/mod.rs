@@ -22,7 +22,6 @@ use std::fmt;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use reqwest::Method;
 use waypost_core::backend::{KvDriver, Listing, Scope, Session};
 use waypost_core::kv::{ConfigEntry, ConfigKey, Expected, Version};
 use waypost_core::{Error, Result};
@@ -101,29 +100,14 @@ impl ConsulKv {
     /// Reads what `scope` covers (blocking past `index` for `wait` when `block` is set).
     async fn read(&self, scope: &Scope, block: Option<(u64, Duration)>) -> Result<Read> {
         let op = "read configuration keys";
-        let (path, mut query) = match scope {
+        let (path, query) = match scope {
             Scope::Key(k) => (format!("/v1/kv/{}", self.consul_key(k)), Vec::new()),
             Scope::Prefix(p) => (
                 format!("/v1/kv/{}/", self.consul_key(p)),
                 vec![("recurse", String::new())],
             ),
         };
-        let reply = match block {
-            Some((index, wait)) => {
-                query.push(("index", index.to_string()));
-                query.push(("wait", format!("{}ms", wait.as_millis())));
-                // Consul adds up to wait/16 of its own jitter.
-                let timeout = wait + wait / 16 + self.agent.timeout();
-                self.agent
-                    .request(op, Method::GET, &path, &query, None, timeout)
-                    .await?
-            }
-            None => {
-                self.agent
-                    .request_limited(op, Method::GET, &path, &query, None)
-                    .await?
-            }
-        };
+        let reply = self.agent.get_blocking(op, &path, query, block).await?;
         let pairs = match reply.status {
             404 => Vec::new(),
             200..=299 => serde_json::from_slice(&reply.body)
