@@ -31,14 +31,21 @@ async fn partitionable(b: &dyn TestBackend) -> (Proxy, waypost_core::Discovery) 
     (proxy, d)
 }
 
-/// Partitioned for less than the bound (healed as soon as the client reports
-/// `Suspended`, which it must do before the bound): its registration goes back to
-/// `Registered`; its own watch, if it noticed (`Stale`), resyncs; other clients never see
-/// its instance leave.
-pub async fn partition_shorter_than_bound(b: &dyn TestBackend) {
-    let s = b.settings();
+/// A victim client behind a proxy with `p-1` of a fresh service registered, and an observer
+/// reaching the registry directly.
+struct Setup {
+    ns: Namespace,
+    svc: waypost_core::ServiceName,
+    proxy: Proxy,
+    victim: waypost_core::Discovery,
+    observer: waypost_core::Discovery,
+    inst: waypost_core::Instance,
+    reg: waypost_core::Registration,
+}
+
+async fn setup(b: &dyn TestBackend, service: &str) -> Setup {
     let ns = Namespace::new();
-    let svc = ns.service("partition-short");
+    let svc = ns.service(service);
     let (proxy, victim) = partitionable(b).await;
     let observer = b.connect().await;
     let inst = ns.instance(&svc, "p-1", 8001);
@@ -47,6 +54,32 @@ pub async fn partition_shorter_than_bound(b: &dyn TestBackend) {
         .register(inst.clone())
         .await
         .expect("register");
+    Setup {
+        ns,
+        svc,
+        proxy,
+        victim,
+        observer,
+        inst,
+        reg,
+    }
+}
+
+/// Partitioned for less than the bound (healed as soon as the client reports
+/// `Suspended`, which it must do before the bound): its registration goes back to
+/// `Registered`; its own watch, if it noticed (`Stale`), resyncs; other clients never see
+/// its instance leave.
+pub async fn partition_shorter_than_bound(b: &dyn TestBackend) {
+    let s = b.settings();
+    let Setup {
+        ns: _,
+        svc,
+        proxy,
+        victim,
+        observer,
+        inst,
+        reg,
+    } = setup(b, "partition-short").await;
     let statuses = StatusLog::start(reg.status());
     let mut status = reg.status();
     let mut victim_watch = victim.watcher.watch(&svc);
@@ -139,16 +172,15 @@ pub async fn partition_shorter_than_bound(b: &dyn TestBackend) {
 /// the heal it registers again by itself and others see the instance come back.
 pub async fn partition_longer_than_bound(b: &dyn TestBackend) {
     let s = b.settings();
-    let ns = Namespace::new();
-    let svc = ns.service("partition-long");
-    let (proxy, victim) = partitionable(b).await;
-    let observer = b.connect().await;
-    let inst = ns.instance(&svc, "p-1", 8001);
-    let reg = victim
-        .registrar
-        .register(inst.clone())
-        .await
-        .expect("register");
+    let Setup {
+        ns,
+        svc,
+        proxy,
+        victim,
+        observer,
+        inst,
+        reg,
+    } = setup(b, "partition-long").await;
     let mut status = reg.status();
     let lock = ns.config_key("partition-lock");
     let victim_coord = victim.coordinator().ok();
