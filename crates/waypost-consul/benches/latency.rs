@@ -2,9 +2,11 @@
 //! `reqwest` register + blocking health query, side by side in one run (samples
 //! interleaved), with 0 and 1,000 other instances; and the watching client's CPU time per
 //! change at 1,000 instances. Prints a markdown table and writes it into the crate's
-//! README.md between the `bench:start` / `bench:end` markers.
+//! README.md between the `bench:latency:start` / `bench:latency:end` markers.
 //!
 //! `cargo bench -p waypost-consul --bench latency`
+
+mod common;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -318,17 +320,9 @@ fn main() {
             ms(cpu_raw),
             cpu_wp.as_secs_f64() / cpu_raw.as_secs_f64().max(1e-9)
         ));
+        table.push_str(&format!("\n{}\n", common::measured_on("latency")));
         println!("{table}");
         let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
-        if let Ok(text) = std::fs::read_to_string(readme) {
-            if let (Some(a), Some(b)) = (text.find("<!-- bench:start -->"), text.find("<!-- bench:end -->")) {
-                let new = format!(
-                    "{}<!-- bench:start -->\n{table}{}",
-                    &text[..a],
-                    &text[b..]
-                );
-                let _ = std::fs::write(readme, new);
-            }
-        }
+        waypost_testkit::bench::write_readme_section(readme, "latency", &table);
     });
 }

@@ -9,9 +9,16 @@
 //!   flight, so that other clients on the same address (the limit is per address: the
 //!   `consul` CLI, other processes of the host) still get connections;
 //! - **watches**: `watch_share_percent` of the limit (50 % by default), itself split into
-//!   one connection for the liveness ping, two for the change signal of the shared watches
-//!   (see `mux.rs`), a few for the watches' non-blocking reads, and the rest for
-//!   per-service blocking queries, one per watched service while they last.
+//!   one connection for the liveness ping, two for the change signal of the shared service
+//!   watches and one per KV prefix for the change signals of blocking KV reads (see
+//!   `mux.rs`), a few for the watches' non-blocking reads (and as many idle connections
+//!   kept), and the rest for blocking queries of their own: one per watched service while
+//!   they last, or one per blocking KV read (configuration watches, leader feeds, lock
+//!   waits) for that query.
+//!
+//! The semaphores bound requests in flight; the pools' idle connections and reqwest's
+//! connect race add to the sockets the agent counts (see the crate docs, "Many watched
+//! services").
 //!
 //! The limit is read from `/v1/agent/self` at connect (`DebugConfig.HTTPMaxConnsPerClient`,
 //! which needs `agent:read`); when the agent does not say, or says 0 (no limit), 200.
@@ -25,9 +32,10 @@ use tokio::sync::Semaphore;
 pub(crate) const DEFAULT_AGENT_LIMIT: usize = 200;
 /// At most this many control requests are in flight.
 const MAX_CONTROL: usize = 32;
-/// The watch share's connections that are not per-service blocking queries or reads:
-/// the liveness ping and the two change-signal queries.
-const RESERVED: usize = 3;
+/// The watch share's connections that are not per-key blocking queries or reads: the
+/// liveness ping, the two change-signal queries of shared service watches, and the
+/// change signals of the configuration and the coordination KV prefixes.
+const RESERVED: usize = 5;
 
 /// How one client's connections to its agent are split (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,8 +45,9 @@ pub struct ConnectionBudget {
     pub agent_limit: usize,
     /// Connections watches may use: `watch_share_percent` of `agent_limit`.
     pub watch_connections: usize,
-    /// Of those, per-service blocking queries: watches beyond this many share one change
-    /// signal (see the crate docs, "Many watched services").
+    /// Of those, blocking queries of their own (per watched service, or per blocking KV
+    /// read): watches beyond this many share a change signal (see the crate docs, "Many
+    /// watched services").
     pub dedicated_watches: usize,
     /// Of those, non-blocking reads on behalf of watches (listings, targeted re-reads),
     /// and as many idle connections kept for them.
@@ -138,18 +147,19 @@ mod tests {
         let b = ConnectionBudget::new(200, 50);
         assert_eq!(b.watch_connections, 100);
         assert_eq!(b.watch_reads, 16);
-        assert_eq!(b.dedicated_watches, 100 - 3 - 32);
+        assert_eq!(b.dedicated_watches, 100 - 5 - 32);
         assert_eq!(b.control_connections, 32);
         let b = ConnectionBudget::new(50, 50);
         assert_eq!(b.watch_connections, 25);
         assert_eq!(b.watch_reads, 5);
-        assert_eq!(b.dedicated_watches, 12);
+        assert_eq!(b.dedicated_watches, 10);
         assert_eq!(b.control_connections, 12);
         assert!(b.watch_connections + b.control_connections < 50);
         // No limit: the default; a tiny limit still leaves room for every lane.
         assert_eq!(ConnectionBudget::new(0, 50), ConnectionBudget::new(200, 50));
         let b = ConnectionBudget::new(4, 10);
-        assert_eq!((b.watch_connections, b.dedicated_watches), (4, 0));
+        // (The reserved connections are a floor: they run only while used.)
+        assert_eq!((b.watch_connections, b.dedicated_watches), (6, 0));
         assert_eq!(b.control_connections, 1);
     }
 }

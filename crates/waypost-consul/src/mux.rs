@@ -21,6 +21,13 @@
 //! When the signal loses the agent (or starts, or starts again), it wakes every shared
 //! watch: their reads fail while the agent is away (one `Stale` each) and cover what
 //! happened in between once it is back.
+//!
+//! **Blocking KV reads** (configuration watches, leader feeds, lock waits) beyond the
+//! per-key permits wait on the signal of their KV prefix ([`Mux::kv`]): one blocking
+//! query on `/v1/kv/{prefix}/?keys&separator=/`, whose index is the highest of every key
+//! below the prefix and of its deleted keys (measured on Consul 1.8.7: a write or delete
+//! three levels down moves it), so any move wakes every waiter of the prefix, each of
+//! which reads its own key (see `Agent::get_blocking`).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -50,8 +57,17 @@ impl std::fmt::Debug for Mux {
     }
 }
 
+/// What a signal watches.
+enum Source {
+    /// Services: the catalog's and the checks' indexes.
+    Services,
+    /// Every key below a KV prefix: the path `/v1/kv/{prefix}/`.
+    Kv(String),
+}
+
 struct Inner {
     agent: Agent,
+    source: Source,
     wait: Duration,
     backoff: BackoffOptions,
     /// Per watched service, what wakes its watches.
@@ -91,10 +107,23 @@ impl Ticket {
 }
 
 impl Mux {
+    /// The change signal of `agent`'s shared service watches.
     pub(crate) fn new(agent: &Agent, wait: Duration, backoff: BackoffOptions) -> Self {
+        Self::of(Source::Services, agent, wait, backoff)
+    }
+
+    /// The change signal of every key below the KV prefix `root` (with its `/`), for the
+    /// blocking reads of that prefix that hold no per-key permit.
+    pub(crate) fn kv(agent: &Agent, root: &str, wait: Duration) -> Self {
+        let path = format!("/v1/kv/{root}");
+        Self::of(Source::Kv(path), agent, wait, agent.backoff())
+    }
+
+    fn of(source: Source, agent: &Agent, wait: Duration, backoff: BackoffOptions) -> Self {
         Self {
             inner: Arc::new(Inner {
                 agent: agent.clone(),
+                source,
                 wait,
                 backoff,
                 services: Mutex::default(),
@@ -126,7 +155,7 @@ impl Mux {
         let ticket = Ticket {
             mine: tx.subscribe(),
             _tx: tx,
-            all: self.inner.all.subscribe(),
+            all: self.subscribe(),
             inner: self.inner.clone(),
         };
         self.inner
@@ -134,12 +163,19 @@ impl Mux {
             .lanes()
             .shared_watches
             .fetch_add(1, Ordering::Relaxed);
+        ticket
+    }
+
+    /// A receiver that changes on every wake of every waiter; starts the signal if it is
+    /// not running. The signal runs while any receiver lives.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        let rx = self.inner.all.subscribe();
         let mut running = self.inner.running.lock().unwrap_or_else(|p| p.into_inner());
         if !*running {
             *running = true;
             tokio::spawn(run(self.inner.clone()));
         }
-        ticket
+        rx
     }
 }
 
@@ -183,8 +219,7 @@ async fn run(inner: Arc<Inner>) {
         let started = tokio::time::Instant::now();
         let baselines = AtomicUsize::new(0);
         let e = tokio::select! {
-            e = catalog(&inner, &baselines) => e,
-            e = checks(&inner, &baselines) => e,
+            e = signal(&inner, &baselines) => e,
             e = inner.agent.lost() => e,
             _ = generation.changed() => Error::unavailable("consul: connections dropped (test hook)"),
             _ = inner.all.closed() => {
@@ -210,6 +245,38 @@ async fn run(inner: Arc<Inner>) {
     }
 }
 
+/// The signal's blocking queries, until one fails.
+async fn signal(inner: &Inner, baselines: &AtomicUsize) -> Error {
+    match &inner.source {
+        Source::Services => tokio::select! {
+            e = catalog(inner, baselines) => e,
+            e = checks(inner, baselines) => e,
+        },
+        Source::Kv(path) => kv(inner, path).await,
+    }
+}
+
+/// `/v1/kv/{prefix}/?keys&separator=/`: any move wakes every waiter (as does its first
+/// answer: what changed before the signal started is read).
+async fn kv(inner: &Inner, path: &str) -> Error {
+    let query = || vec![("keys", String::new()), ("separator", "/".to_string())];
+    let mut index = 0;
+    loop {
+        let got = match inner
+            .agent
+            .blocking_get("KV change signal", path, query(), index, inner.wait())
+            .await
+        {
+            Ok((_, got)) => got.max(1),
+            Err(e) => return e.into(),
+        };
+        if got != index {
+            inner.wake_all();
+        }
+        index = got;
+    }
+}
+
 /// Once both queries have their first answer, every shared watch reads once: what
 /// changed between its listing and the signal's start is seen.
 fn baseline(inner: &Inner, baselines: &AtomicUsize) {
@@ -227,6 +294,7 @@ async fn catalog(inner: &Inner, baselines: &AtomicUsize) -> Error {
             .blocking_get(
                 "catalog change signal",
                 "/v1/catalog/services",
+                Vec::new(),
                 index,
                 inner.wait(),
             )
@@ -280,7 +348,7 @@ async fn checks(inner: &Inner, baselines: &AtomicUsize) -> Error {
     loop {
         let (body, got) = match inner
             .agent
-            .blocking_get(op, "/v1/health/state/any", index, inner.wait())
+            .blocking_get(op, "/v1/health/state/any", Vec::new(), index, inner.wait())
             .await
         {
             Ok(r) => r,

@@ -4,7 +4,8 @@
 //! Revisions are the answers' `X-Consul-Index`, kept strictly rising (an index that went
 //! backwards, after a restarted agent, is numbered past the last one). Outages are
 //! noticed as for the other watches: a refused connection at once, a paused agent within
-//! two `request_timeout`s.
+//! two `request_timeout`s. Blocking reads stay in the watch share like configuration
+//! watches' (`Agent::get_blocking`).
 
 use async_trait::async_trait;
 use rand::Rng;
@@ -14,6 +15,7 @@ use waypost_core::coord::{Leader, Name};
 use waypost_core::{Error, Result, Revision};
 
 use super::ConsulCoord;
+use crate::client::ReadMode;
 
 /// The leader of one election, listed again on every change of its key.
 pub(crate) struct LeaderFeed {
@@ -70,7 +72,7 @@ impl Feed for LeaderFeed {
 
     async fn list(&mut self) -> Result<Listing<Leader>> {
         self.generation.borrow_and_update();
-        let (pair, index) = self.coord.read(&self.key, None).await?;
+        let (pair, index) = self.coord.read(&self.key, ReadMode::Listing).await?;
         self.index = index;
         self.revision = index.max(self.revision + 1);
         let leader = self
@@ -86,7 +88,7 @@ impl Feed for LeaderFeed {
                 .wait
                 .mul_f64(rand::thread_rng().gen_range(0.9..=1.0));
             let (pair, index) = tokio::select! {
-                r = self.coord.read(&self.key, Some((self.index, wait))) => r?,
+                r = self.coord.read(&self.key, ReadMode::Past(self.index, wait)) => r?,
                 e = self.coord.agent.lost() => return Err(e),
                 _ = self.generation.changed() => {
                     return Err(Error::unavailable("consul: connections dropped (test hook)"));

@@ -47,8 +47,9 @@ use waypost_core::coord::{FencingToken, Leader, Name};
 use waypost_core::kv::ConfigKey;
 use waypost_core::{Error, Result};
 
-use crate::client::Agent;
+use crate::client::{Agent, ReadMode};
 use crate::error::ConsulError;
+use crate::mux::Mux;
 use crate::session::LockSession;
 use claims::Claims;
 pub(crate) use feed::LeaderFeed;
@@ -135,6 +136,8 @@ enum Locked {
 #[derive(Clone)]
 pub(crate) struct ConsulCoord {
     agent: Agent,
+    /// Wakes the blocking reads below the prefix that hold no per-key permit.
+    signal: Mux,
     /// The prefix with its `/`: `coord/`.
     root: String,
     wait: Duration,
@@ -163,9 +166,11 @@ impl fmt::Debug for ConsulCoord {
 
 impl ConsulCoord {
     pub(crate) fn new(agent: Agent, prefix: &ConfigKey, wait: Duration) -> Self {
+        let root = format!("{prefix}/");
         Self {
+            signal: Mux::kv(&agent, &root, wait),
             agent,
-            root: format!("{prefix}/"),
+            root,
             wait,
             claims: Claims::default(),
             contenders: Contenders::default(),
@@ -201,15 +206,14 @@ impl ConsulCoord {
 
     /// A consistent read of `key` (blocking past `index` for `wait` when `block` is set):
     /// the entry, if any, and the `X-Consul-Index`.
-    async fn read(
-        &self,
-        key: &str,
-        block: Option<(u64, Duration)>,
-    ) -> Result<(Option<LockPair>, u64)> {
+    async fn read(&self, key: &str, mode: ReadMode) -> Result<(Option<LockPair>, u64)> {
         let op = "read a lock";
         let path = format!("/v1/kv/{key}");
         let query = vec![("consistent", String::new())];
-        let reply = self.agent.get_blocking(op, &path, query, block).await?;
+        let reply = self
+            .agent
+            .get_blocking(op, &path, query, mode, &self.signal)
+            .await?;
         let pair = match reply.status {
             404 => None,
             200 => {
@@ -346,7 +350,7 @@ impl ConsulCoord {
                 return Ok(Position::Held(token));
             }
         }
-        let (pair, index) = self.read(&t.key, None).await?;
+        let (pair, index) = self.read(&t.key, ReadMode::Plain).await?;
         if let Some(p) = &pair {
             if p.flags != LOCK_FLAG_VALUE {
                 return Err(not_a_lock(&t.key, p));
@@ -390,7 +394,7 @@ impl ConsulCoord {
     /// Whether `key` is held by any session now (tests: Consul has no queue to count).
     #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
     pub(crate) async fn is_held(&self, name: &Name) -> Result<bool> {
-        let (pair, _) = self.read(&self.key(name), None).await?;
+        let (pair, _) = self.read(&self.key(name), ReadMode::Plain).await?;
         Ok(pair.as_ref().and_then(LockPair::holder).is_some())
     }
 }
@@ -463,7 +467,7 @@ impl CoordDriver for ConsulCoord {
         match *w {
             Blocked::Held(index) => {
                 tokio::select! {
-                    r = self.read(&t.key, Some((index, self.wait))) => r.map(|_| ()),
+                    r = self.read(&t.key, ReadMode::Past(index, self.wait)) => r.map(|_| ()),
                     e = self.agent.lost() => Err(e),
                 }
             }
@@ -496,8 +500,11 @@ impl CoordDriver for ConsulCoord {
             tokio::time::sleep(HELD_WATCH_DELAY).await;
         }
         loop {
-            let block = (index > 0).then_some((index, self.wait));
-            let (pair, now) = self.read(&t.key, block).await?;
+            let mode = match index {
+                0 => ReadMode::Listing,
+                _ => ReadMode::Past(index, self.wait),
+            };
+            let (pair, now) = self.read(&t.key, mode).await?;
             if pair.as_ref().and_then(LockPair::holder) != Some(&*t.session.0) {
                 return Ok(());
             }
@@ -547,7 +554,7 @@ impl CoordDriver for ConsulCoord {
 
     async fn leader(&self, election: &Name) -> Result<Option<Leader>> {
         let key = self.key(election);
-        let (pair, _) = self.read(&key, None).await?;
+        let (pair, _) = self.read(&key, ReadMode::Plain).await?;
         Ok(self.leader_of(election, &key, pair.as_ref()))
     }
 

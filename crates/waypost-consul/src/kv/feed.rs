@@ -17,6 +17,9 @@
 //!   feed fails: the machine reports `Stale` and lists again (`Resynced`).
 //! - A refused or cut connection fails the feed at once; while a query blocks, the agent
 //!   is pinged every `request_timeout`, so a paused agent fails it within two of them.
+//! - Connections: the listing is a read in the watch reads' budget; each blocking read is
+//!   a blocking query of its own while a per-key permit is free, else the configuration
+//!   prefix's change signal and a read (`Agent::get_blocking`, `mux.rs`).
 
 use std::collections::BTreeMap;
 
@@ -28,6 +31,7 @@ use waypost_core::kv::ConfigEntry;
 use waypost_core::{Error, Result, Revision};
 
 use super::{codec, ConsulKv};
+use crate::client::ReadMode;
 
 /// The feed of one key or one prefix.
 pub struct KvFeed {
@@ -140,7 +144,7 @@ impl Feed for KvFeed {
     async fn list(&mut self) -> Result<Listing<ConfigEntry>> {
         self.kv.session.check_open()?;
         self.generation.borrow_and_update();
-        let read = self.kv.read(&self.scope, None).await?;
+        let read = self.kv.read(&self.scope, ReadMode::Listing).await?;
         let entries = self.entries(read.pairs, true);
         self.index = read.index;
         self.revision = read.index;
@@ -161,7 +165,7 @@ impl Feed for KvFeed {
             // Any failure (a refused connection, an agent that does not answer) is an
             // outage: the machine reports `Stale`, and `Resynced` once the agent answers.
             let read = tokio::select! {
-                r = self.kv.read(&self.scope, Some((self.index, wait))) => r?,
+                r = self.kv.read(&self.scope, ReadMode::Past(self.index, wait)) => r?,
                 e = self.kv.agent.lost() => return Err(e),
                 _ = self.generation.changed() => {
                     return Err(Error::unavailable("consul: connections dropped (test hook)"));

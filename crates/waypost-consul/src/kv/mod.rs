@@ -16,6 +16,8 @@
 //! - Watches: [`feed`]'s blocking queries.
 
 mod codec;
+#[cfg(test)]
+mod codec_prop;
 mod feed;
 
 use std::fmt;
@@ -26,8 +28,9 @@ use waypost_core::backend::{KvDriver, Listing, Scope, Session};
 use waypost_core::kv::{ConfigEntry, ConfigKey, Expected, Version};
 use waypost_core::{Error, Result};
 
-use crate::client::Agent;
+use crate::client::{Agent, ReadMode};
 use crate::error::ConsulError;
+use crate::mux::Mux;
 use crate::session::AgentDriver;
 use codec::{KvPair, TxnOp};
 pub use feed::KvFeed;
@@ -56,6 +59,8 @@ pub(crate) fn default_config_prefix() -> ConfigKey {
 #[derive(Clone)]
 pub struct ConsulKv {
     agent: Agent,
+    /// Wakes the blocking reads below the prefix that hold no per-key permit.
+    signal: Mux,
     session: Session<AgentDriver>,
     /// The configuration prefix with its `/`: `config/`.
     root: String,
@@ -84,10 +89,12 @@ impl ConsulKv {
         prefix: &ConfigKey,
         wait: Duration,
     ) -> Self {
+        let root = format!("{prefix}/");
         Self {
+            signal: Mux::kv(&agent, &root, wait),
             agent,
             session,
-            root: format!("{prefix}/"),
+            root,
             wait,
         }
     }
@@ -97,8 +104,8 @@ impl ConsulKv {
         format!("{}{key}", self.root)
     }
 
-    /// Reads what `scope` covers (blocking past `index` for `wait` when `block` is set).
-    async fn read(&self, scope: &Scope, block: Option<(u64, Duration)>) -> Result<Read> {
+    /// Reads what `scope` covers, as `mode` says.
+    async fn read(&self, scope: &Scope, mode: ReadMode) -> Result<Read> {
         let op = "read configuration keys";
         let (path, query) = match scope {
             Scope::Key(k) => (format!("/v1/kv/{}", self.consul_key(k)), Vec::new()),
@@ -107,7 +114,10 @@ impl ConsulKv {
                 vec![("recurse", String::new())],
             ),
         };
-        let reply = self.agent.get_blocking(op, &path, query, block).await?;
+        let reply = self
+            .agent
+            .get_blocking(op, &path, query, mode, &self.signal)
+            .await?;
         let pairs = match reply.status {
             404 => Vec::new(),
             200..=299 => serde_json::from_slice(&reply.body)
@@ -163,7 +173,7 @@ impl KvDriver for ConsulKv {
 
     async fn get(&self, key: &ConfigKey) -> Result<Option<ConfigEntry>> {
         self.session.check_open()?;
-        let read = self.read(&Scope::Key(key.clone()), None).await?;
+        let read = self.read(&Scope::Key(key.clone()), ReadMode::Plain).await?;
         let full = self.consul_key(key);
         Ok(read
             .pairs
@@ -238,7 +248,7 @@ impl KvDriver for ConsulKv {
     async fn list(&self, prefix: &ConfigKey) -> Result<Listing<ConfigEntry>> {
         self.session.check_open()?;
         let scope = Scope::Prefix(prefix.clone());
-        let read = self.read(&scope, None).await?;
+        let read = self.read(&scope, ReadMode::Plain).await?;
         Ok(Listing {
             entries: codec::decode_entries(read.pairs, &self.root, &scope, true),
             revision: read.index,
