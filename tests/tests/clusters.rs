@@ -5,6 +5,9 @@
 //! ZooKeeper: a 3-server ensemble; etcd: 3 members; Consul: 3 servers and the client agent
 //! the backend talks to (the server leader is killed; the agent stays).
 
+mod clients;
+mod truth;
+
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::Duration;
@@ -90,7 +93,7 @@ where
     // A fresh client lists the same: no phantom, nothing lost.
     let fresh = connect().await;
     let deadline = Instant::now() + bound * 2;
-    loop {
+    let truth = loop {
         match fresh.watcher.instances(&svc).await {
             Ok(s)
                 if s.instances
@@ -99,7 +102,7 @@ where
                     .collect::<BTreeSet<_>>()
                     == expected =>
             {
-                break
+                break truth::by_id(s.instances)
             }
             other => {
                 assert!(
@@ -109,7 +112,17 @@ where
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-    }
+    };
+    // The watcher's applied set against the truth, content included.
+    let row = truth::Row::new(
+        "leader killed during churn",
+        &truth,
+        &[&seen],
+        converged,
+        bound,
+    );
+    truth::print_table(what, std::slice::from_ref(&row));
+    row.assert_clean(what);
     for r in held {
         let _ = r.deregister().await;
     }
@@ -124,7 +137,6 @@ where
 #[cfg(feature = "zookeeper")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zookeeper_ensemble_leader_killed_during_churn() {
-    use waypost_zookeeper::{ZkConfig, ZkDiscovery};
     let Ok(mut ensemble) = waypost_testkit::ZooKeeperEnsemble::start().await else {
         panic!("a 3-server ZooKeeper ensemble did not start (is ZooKeeper installed?)");
     };
@@ -134,16 +146,7 @@ async fn zookeeper_ensemble_leader_killed_during_churn() {
     let member = ensemble.member(leader);
     let converged = churn(
         "zookeeper (3 servers)",
-        || async {
-            let config = ZkConfig::from_url(&url)
-                .unwrap()
-                .with_session_timeout(session)
-                .with_request_timeout(Duration::from_secs(2));
-            ZkDiscovery::connect(config)
-                .await
-                .expect("connect")
-                .into_discovery()
-        },
+        || clients::zookeeper(&url, session, Duration::from_secs(2)),
         || async move { member.kill().expect("kill the leader") },
         session,
     )
@@ -154,7 +157,6 @@ async fn zookeeper_ensemble_leader_killed_during_churn() {
 #[cfg(feature = "etcd")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_cluster_leader_killed_during_churn() {
-    use waypost_etcd::{EtcdConfig, EtcdDiscovery};
     let Ok(mut cluster) = waypost_testkit::EtcdCluster::start(3).await else {
         panic!("a 3-member etcd cluster did not start (is etcd installed?)");
     };
@@ -165,13 +167,8 @@ async fn etcd_cluster_leader_killed_during_churn() {
     let converged = churn(
         "etcd (3 members)",
         || async {
-            let config = EtcdConfig::from_url(&url)
-                .unwrap()
-                .with_lease_ttl(ttl)
-                .with_request_timeout(Duration::from_secs(2));
-            EtcdDiscovery::connect(config)
+            clients::etcd(&url, ttl, Duration::from_secs(2))
                 .await
-                .expect("connect")
                 .into_discovery()
         },
         || async move { member.kill().expect("kill the leader") },
@@ -184,7 +181,6 @@ async fn etcd_cluster_leader_killed_during_churn() {
 #[cfg(feature = "consul")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_cluster_leader_killed_during_churn() {
-    use waypost_consul::{ConsulConfig, ConsulDiscovery};
     let Ok(mut cluster) = waypost_testkit::ConsulCluster::start().await else {
         panic!("a 3-server Consul cluster did not start (is Consul installed?)");
     };
@@ -194,16 +190,7 @@ async fn consul_cluster_leader_killed_during_churn() {
     let member = cluster.member(leader);
     let converged = churn(
         "consul (3 servers + client agent)",
-        || async {
-            let config = ConsulConfig::from_url(&url)
-                .unwrap()
-                .with_ttl(ttl)
-                .with_request_timeout(Duration::from_secs(3));
-            ConsulDiscovery::connect(config)
-                .await
-                .expect("connect")
-                .into_discovery()
-        },
+        || clients::consul(&url, ttl, Duration::from_secs(3)),
         || async move { member.kill().expect("kill the leader") },
         ttl,
     )

@@ -3,6 +3,8 @@
 
 mod client;
 mod codec;
+#[cfg(test)]
+mod codec_prop;
 mod config;
 mod coord;
 mod error;
