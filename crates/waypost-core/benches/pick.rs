@@ -1,7 +1,8 @@
 //! What a pick costs with each strategy on 1,000 instances, next to baselines measured in
 //! the same run, and what applying one change to a 1,000-instance cache costs.
 //!
-//! `cargo bench -p waypost-core --bench pick` (about a minute) prints markdown tables.
+//! `cargo bench -p waypost-core --bench pick` (about a minute) prints markdown tables;
+//! `PICK_PROFILE=<row>` runs one row alone, for a profiler (see [`profile`]).
 //! Every case runs in short batches, and the cases take turns: round after round, each
 //! case runs one batch, so a burst of load from elsewhere on the machine hits all cases
 //! alike. A figure is the median over the rounds, and ratios are taken between medians
@@ -271,6 +272,14 @@ fn pick_table() {
         black_box(c.pick_with(&Mine, None));
     }));
     for (name, strategy) in STRATEGIES {
+        let c = cache.clone();
+        rows.push(row(format!("`with_pick` (borrowed), {name}"), move |k| {
+            black_box(c.with_pick(&strategy, Some(&k.to_le_bytes()), |i| {
+                black_box(i);
+            }));
+        }));
+    }
+    for (name, strategy) in STRATEGIES {
         rows.push(row(
             format!("zone-aware (1/3 local), {name}"),
             strategy_op(zoned.clone(), strategy),
@@ -279,7 +288,24 @@ fn pick_table() {
     print_rows(rows);
 }
 
+/// `PICK_PROFILE=<part of a row's name>`: runs only the matching rows, one thread,
+/// `PICK_PROFILE_OPS` picks each (default 1,000,000), for a profiler such as
+/// `valgrind --tool=callgrind` (the batch closure's inclusive cost over the picks).
+fn profile(rows: &mut [Row], which: &str) {
+    let ops = std::env::var("PICK_PROFILE_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    for r in rows.iter_mut().filter(|r| r.name.contains(which)) {
+        let ns = (r.one)(ops);
+        println!("{}: {ops} picks, {ns:.1} ns each", r.name);
+    }
+}
+
 fn print_rows(mut rows: Vec<Row>) {
+    if let Ok(which) = std::env::var("PICK_PROFILE") {
+        return profile(&mut rows, &which);
+    }
     let mut singles: Vec<Batch> = Vec::new();
     let mut doubles: Vec<Batch> = Vec::new();
     let mut has_two = Vec::new();
@@ -404,8 +430,22 @@ fn update_table() {
             println!("| first sticky pick after members changed (ring merged) | {first:.1} |");
         }
     }
+    let cache = cache(N, CacheOptions::default());
+    let weighted = time_median(
+        REPS,
+        |r| {
+            cache.apply(WatchEvent::Updated {
+                instance: reweighted.clone().with_weight(100 + (r % 2) as u32),
+                revision: r,
+            })
+        },
+        |_| {
+            black_box(cache.pick_weighted());
+        },
+    );
+    println!("| first weighted pick after a change (alias table built) | {weighted:.1} |");
     let fresh = snapshot(N);
-    let cache = cache(10, CacheOptions::default());
+    let cache = self::cache(10, CacheOptions::default());
     let snap = time_median(
         31,
         |_| {

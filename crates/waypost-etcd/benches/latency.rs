@@ -1,15 +1,18 @@
 //! register → watcher-sees-it latency (p50, p99) with 0, 1,000 and 10,000 other
 //! instances in the service, side by side with raw `etcd-client` put → watch event, in
 //! one run against one real etcd (samples interleaved, so both see the same machine).
+//! The same registration is also timed until a `ServiceCache` on the watching client
+//! lists it (the cache shares that client's registry watch), against the bare watch.
 //!
 //! `cargo bench -p waypost-etcd --bench latency` prints a markdown table and writes it
 //! into the crate's README.md between the `bench:latency` markers.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, EventType, PutOptions, Txn, TxnOp, WatchOptions};
 use futures::StreamExt;
-use waypost_core::{Instance, Registrar, WatchEvent, Watcher};
+use waypost_core::{CacheOptions, Instance, Registrar, ServiceCache, WatchEvent, Watcher};
 use waypost_etcd::{EtcdConfig, EtcdDiscovery};
 
 const SAMPLES: usize = 200;
@@ -45,12 +48,14 @@ async fn fill(admin: &mut Client, service: &str, n: usize) {
     }
 }
 
+/// Register → the watch yields `Added`, and → the cache lists it (observed together).
 async fn waypost_sample(
     d: &EtcdDiscovery,
     watch: &mut futures::stream::BoxStream<'static, waypost_core::Result<WatchEvent>>,
+    cache: &ServiceCache,
     service: &str,
     n: usize,
-) -> Duration {
+) -> (Duration, Duration) {
     let inst = Instance::parse(service, &format!("probe-{n}"), "10.2.0.1", 8000).unwrap();
     let id = inst.id.clone();
     let t0 = Instant::now();
@@ -63,8 +68,15 @@ async fn waypost_sample(
             }
         }
     };
-    let (reg, seen) = tokio::join!(d.register(inst), seen);
-    let latency = seen - t0;
+    let cached = async {
+        cache
+            .wait_for(Duration::from_secs(30), |v| v.contains(&id))
+            .await
+            .unwrap();
+        Instant::now()
+    };
+    let (reg, seen, cached) = tokio::join!(d.register(inst), seen, cached);
+    let latency = (seen - t0, cached - t0);
     let reg = reg.unwrap();
     reg.deregister().await.unwrap();
     // Consume the removal.
@@ -73,6 +85,10 @@ async fn waypost_sample(
             break;
         }
     }
+    cache
+        .wait_for(Duration::from_secs(30), |v| !v.contains(&id))
+        .await
+        .unwrap();
     latency
 }
 
@@ -151,6 +167,15 @@ async fn main() {
             Some(Ok(WatchEvent::Snapshot(s))) => assert_eq!(s.len(), n),
             other => panic!("expected a snapshot, got {other:?}"),
         }
+        let cache = ServiceCache::watch(
+            Arc::new(watcher),
+            service.parse().unwrap(),
+            CacheOptions::default(),
+        );
+        cache
+            .wait_for(Duration::from_secs(30), |v| v.len() == n)
+            .await
+            .unwrap();
         let mut raw_client = Client::connect([server.endpoint()], None).await.unwrap();
         let mut raw_watch = raw_client
             .watch(
@@ -164,17 +189,21 @@ async fn main() {
         for k in 0..10 {
             raw_sample(&mut raw_client, &mut raw_watch, &service, k, false).await;
             raw_sample(&mut raw_client, &mut raw_watch, &service, k, true).await;
-            waypost_sample(&registrar, &mut watch, &service, k).await;
+            waypost_sample(&registrar, &mut watch, &cache, &service, k).await;
         }
-        let (mut raw, mut rawtxn, mut wp) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut raw, mut rawtxn, mut wp, mut wc) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for k in 0..SAMPLES {
             raw.push(raw_sample(&mut raw_client, &mut raw_watch, &service, k, false).await);
             rawtxn.push(raw_sample(&mut raw_client, &mut raw_watch, &service, k, true).await);
-            wp.push(waypost_sample(&registrar, &mut watch, &service, k).await);
+            let (bare, cached) = waypost_sample(&registrar, &mut watch, &cache, &service, k).await;
+            wp.push(bare);
+            wc.push(cached);
         }
         raw.sort();
         rawtxn.sort();
         wp.sort();
+        wc.sort();
         rows.push((
             n,
             pct(&raw, 0.5),
@@ -182,28 +211,33 @@ async fn main() {
             pct(&rawtxn, 0.5),
             pct(&wp, 0.5),
             pct(&wp, 0.99),
+            pct(&wc, 0.5),
+            pct(&wc, 0.99),
         ));
         eprintln!("{n} other instances: done");
     }
     let base = rows[0].4;
     let mut table = String::from(
-        "| other instances | raw put p50 | raw put p99 | raw create-txn p50 | waypost p50 | waypost p99 | waypost / raw put p50 | waypost / raw txn p50 | waypost p50 vs 0 others |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| other instances | raw put p50 | raw put p99 | raw create-txn p50 | waypost p50 | waypost p99 | through a `ServiceCache` p50 | through a `ServiceCache` p99 | cache / watch p50 | waypost / raw put p50 | waypost / raw txn p50 | waypost p50 vs 0 others |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
-    for (n, rp50, rp99, rt50, wp50, wp99) in &rows {
+    for (n, rp50, rp99, rt50, wp50, wp99, wc50, wc99) in &rows {
         table.push_str(&format!(
-            "| {n} | {} | {} | {} | {} | {} | {:.2}x | {:.2}x | {:.2}x |\n",
+            "| {n} | {} | {} | {} | {} | {} | {} | {} | {:.2}x | {:.2}x | {:.2}x | {:.2}x |\n",
             ms(*rp50),
             ms(*rp99),
             ms(*rt50),
             ms(*wp50),
             ms(*wp99),
+            ms(*wc50),
+            ms(*wc99),
+            wc50.as_secs_f64() / wp50.as_secs_f64(),
             wp50.as_secs_f64() / rp50.as_secs_f64(),
             wp50.as_secs_f64() / rt50.as_secs_f64(),
             wp50.as_secs_f64() / base.as_secs_f64(),
         ));
     }
     let table = format!(
-        "{table}\n{SAMPLES} samples per row after 10 warm-up rounds, raw and waypost interleaved, one etcd {} on loopback, writer and watcher sharing one connection on both sides; raw create-txn is the same create-if-absent transaction waypost sends; `cargo bench -p waypost-etcd --bench latency`.\n",
+        "{table}\n{SAMPLES} samples per row after 10 warm-up rounds, raw and waypost interleaved, one etcd {} on loopback, writer and watcher sharing one connection on both sides; raw create-txn is the same create-if-absent transaction waypost sends; through a `ServiceCache`: the same registrations until a cache on the watching client lists them (it shares the client's registry watch; observed together with the bare watch); `cargo bench -p waypost-etcd --bench latency`.\n",
         "3.4"
     );
     println!("{table}");

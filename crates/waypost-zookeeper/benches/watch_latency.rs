@@ -1,14 +1,17 @@
 //! Register → watcher-sees-it latency on a real ZooKeeper, with 0, 1,000 and 10,000
 //! other instances in the service, side by side with the raw `zookeeper-client`
-//! create → watch-event latency, in the same run on the same server.
+//! create → watch-event latency, in the same run on the same server. The same
+//! registration is also timed until a `ServiceCache` on the watching client lists it
+//! (the cache shares that client's registry watch), against the bare watch.
 //!
 //! `cargo bench -p waypost-zookeeper --bench watch_latency` prints a markdown table and
 //! writes it into the crate's README.md (between the bench markers).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use waypost_core::{Instance, Registrar, WatchEvent, Watcher};
+use waypost_core::{CacheOptions, Instance, Registrar, ServiceCache, WatchEvent, Watcher};
 use waypost_testkit::server::{require, ServerKind, ZooKeeperOptions, ZooKeeperServer};
 use waypost_zookeeper::{ZkConfig, ZkDiscovery};
 use zookeeper_client::{Acls, AddWatchMode, Client, CreateMode, EventType};
@@ -60,6 +63,7 @@ struct Case {
     service: String,
     registrar: ZkDiscovery,
     watch: futures::stream::BoxStream<'static, waypost_core::Result<WatchEvent>>,
+    cache: ServiceCache,
     raw_path: String,
     writer: Client,
     reader: Client,
@@ -77,6 +81,15 @@ async fn setup(server: &ZooKeeperServer, raw: &Client, n: usize) -> Case {
         WatchEvent::Snapshot(s) => assert_eq!(s.len(), n),
         e => panic!("{e:?}"),
     }
+    let cache = ServiceCache::watch(
+        Arc::new(watcher),
+        service.parse().unwrap(),
+        CacheOptions::default(),
+    );
+    cache
+        .wait_for(Duration::from_secs(30), |v| v.len() == n)
+        .await
+        .unwrap();
     let raw_service = format!("bench-raw-{n}");
     let raw_path = format!("/services/{raw_service}");
     prefill(raw, &raw_path, &raw_service, n).await;
@@ -90,6 +103,7 @@ async fn setup(server: &ZooKeeperServer, raw: &Client, n: usize) -> Case {
         service,
         registrar,
         watch,
+        cache,
         raw_path,
         writer,
         reader,
@@ -98,19 +112,32 @@ async fn setup(server: &ZooKeeperServer, raw: &Client, n: usize) -> Case {
 }
 
 impl Case {
-    /// `register()` until the watch yields `Added`.
-    async fn waypost(&mut self, k: usize) -> Duration {
+    /// `register()` until the watch yields `Added`, and until the cache lists the
+    /// instance (the two observed at once).
+    async fn waypost(&mut self, k: usize) -> (Duration, Duration) {
         let inst =
             Instance::parse(&self.service, &format!("probe-{k}"), "127.0.0.1", 8000).unwrap();
         let started = Instant::now();
         let reg = self.registrar.register(inst.clone()).await.unwrap();
-        loop {
-            match self.watch.next().await.unwrap().unwrap() {
-                WatchEvent::Added { instance, .. } if instance.id == inst.id => break,
-                _ => {}
+        let (watch, cache) = (&mut self.watch, &self.cache);
+        let bare = async {
+            loop {
+                match watch.next().await.unwrap().unwrap() {
+                    WatchEvent::Added { instance, .. } if instance.id == inst.id => {
+                        return started.elapsed()
+                    }
+                    _ => {}
+                }
             }
-        }
-        let took = started.elapsed();
+        };
+        let cached = async {
+            cache
+                .wait_for(Duration::from_secs(30), |v| v.contains(&inst.id))
+                .await
+                .unwrap();
+            started.elapsed()
+        };
+        let took = tokio::join!(bare, cached);
         reg.deregister().await.unwrap();
         loop {
             if let WatchEvent::Removed { id, .. } = self.watch.next().await.unwrap().unwrap() {
@@ -119,6 +146,10 @@ impl Case {
                 }
             }
         }
+        self.cache
+            .wait_for(Duration::from_secs(30), |v| !v.contains(&inst.id))
+            .await
+            .unwrap();
         took
     }
 
@@ -181,24 +212,30 @@ async fn main() {
             case.raw(k, true).await;
         }
     }
-    let mut samples = vec![(Vec::new(), Vec::new(), Vec::new()); cases.len()];
+    let mut samples = vec![(Vec::new(), Vec::new(), Vec::new(), Vec::new()); cases.len()];
     for k in WARMUP..WARMUP + SAMPLES {
-        for (case, (wp, rw, rr)) in cases.iter_mut().zip(samples.iter_mut()) {
-            wp.push(case.waypost(k).await);
+        for (case, (wp, rw, rr, wc)) in cases.iter_mut().zip(samples.iter_mut()) {
+            let (bare, cached) = case.waypost(k).await;
+            wp.push(bare);
+            wc.push(cached);
             rw.push(case.raw(k, false).await);
             rr.push(case.raw(k, true).await);
         }
     }
     let mut base_p50 = None;
-    for (n, (mut wp, mut rw, mut rr)) in SIZES.into_iter().zip(samples) {
+    for (n, (mut wp, mut rw, mut rr, mut wc)) in SIZES.into_iter().zip(samples) {
         let (wp50, wp99) = (pct(&mut wp, 0.5), pct(&mut wp, 0.99));
+        let (wc50, wc99) = (pct(&mut wc, 0.5), pct(&mut wc, 0.99));
         let (rw50, rw99) = (pct(&mut rw, 0.5), pct(&mut rw, 0.99));
         let (rr50, rr99) = (pct(&mut rr, 0.5), pct(&mut rr, 0.99));
         let base = *base_p50.get_or_insert(wp50);
         rows.push(format!(
-            "| {n} | {} / {} | {} / {} | {} / {} | {:.2}× | {:.2}× | {:.2}× |",
+            "| {n} | {} / {} | {} / {} | {:.2}× | {} / {} | {} / {} | {:.2}× | {:.2}× | {:.2}× |",
             ms(wp50),
             ms(wp99),
+            ms(wc50),
+            ms(wc99),
+            wc50.as_secs_f64() / wp50.as_secs_f64(),
             ms(rw50),
             ms(rw99),
             ms(rr50),
@@ -209,7 +246,7 @@ async fn main() {
         ));
     }
     let table = format!(
-        "| other instances | waypost p50 / p99 | raw create→event p50 / p99 | raw create→event→get p50 / p99 | waypost ÷ raw event (p50) | waypost ÷ raw event+get (p50) | waypost ÷ waypost with 0 others (p50) |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n{}\n\n{SAMPLES} samples per row after {WARMUP} warm-up rounds, all measurements of all sizes interleaved round by round in one run, one ZooKeeper 3.8 server on loopback (debian package, tickTime 200 ms), 2-core machine. waypost: `register()` until the watch yields `Added` (create, event, one read of the changed node, decode). raw: `zookeeper-client` `create` until the persistent recursive watch fires; \"+get\" also reads the new node's data, which any watcher needs to learn the instance.",
+        "| other instances | waypost p50 / p99 | through a `ServiceCache` p50 / p99 | cache ÷ watch (p50) | raw create→event p50 / p99 | raw create→event→get p50 / p99 | waypost ÷ raw event (p50) | waypost ÷ raw event+get (p50) | waypost ÷ waypost with 0 others (p50) |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n{}\n\n{SAMPLES} samples per row after {WARMUP} warm-up rounds, all measurements of all sizes interleaved round by round in one run, one ZooKeeper 3.8 server on loopback (debian package, tickTime 200 ms), 2-core machine. waypost: `register()` until the watch yields `Added` (create, event, one read of the changed node, decode); through a `ServiceCache`: the same registration until a cache on the watching client lists it (it shares the client's registry watch; observed together with the bare watch, so both columns time the same registrations). raw: `zookeeper-client` `create` until the persistent recursive watch fires; \"+get\" also reads the new node's data, which any watcher needs to learn the instance.",
         rows.join("\n")
     );
     println!("{table}");

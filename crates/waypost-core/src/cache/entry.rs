@@ -152,6 +152,26 @@ impl Entry {
     }
 }
 
+/// One request in flight on an entry for as long as it lives: the tracking of
+/// [`ServiceCache::with_pick`](super::ServiceCache::with_pick), which borrows the entry
+/// instead of keeping it alive.
+pub(crate) struct InFlight<'a>(&'a Entry);
+
+impl<'a> InFlight<'a> {
+    #[inline]
+    pub(crate) fn new(entry: &'a Entry) -> Self {
+        entry.in_flight.fetch_add(1, Relaxed);
+        Self(entry)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
 /// An instance returned by [`ServiceCache::pick`](super::ServiceCache::pick) and
 /// [`ServiceCache::pick_p2c`](super::ServiceCache::pick_p2c).
 ///

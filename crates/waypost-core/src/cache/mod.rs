@@ -53,8 +53,10 @@
 //! # Strategies
 //!
 //! See [`Strategy`]; plug in your own with [`PickStrategy`] and
-//! [`pick_with`](ServiceCache::pick_with). They all draw from the same pools, in this
-//! order, moving on only when a pool has nothing to offer:
+//! [`pick_with`](ServiceCache::pick_with); [`with_pick`](ServiceCache::with_pick) lends
+//! the picked instance to a closure instead of returning an `Arc` (the cheapest pick).
+//! They all draw from the same pools, in this order, moving on only when a pool has
+//! nothing to offer:
 //!
 //! 0. with [`CacheOptions::zone`] set, and while that zone has at least
 //!    [`CacheOptions::zone_min_available`] available instances (weight above 0, not
@@ -66,9 +68,9 @@
 //!    then draining ones. A pick returns `None` only when the set is empty.
 //!
 //! Picking does not allocate and does not lock, by construction: what a strategy needs
-//! (the pools, an alias table of the weights) is computed by the task when an update is
-//! applied; a pick reads it, draws from a thread-local generator, and writes only
-//! atomics. Each thread keeps the view it last picked from (for up to 4 caches), so a
+//! (the pools and their weights) is computed by the task when an update is applied; a
+//! pick reads it, draws from a thread-local generator, and writes only atomics (the
+//! first weighted pick of a set builds its alias table, once). Each thread keeps the view it last picked from (for up to 4 caches), so a
 //! pick does not even load the shared pointer until the next update, and while no
 //! instance is ejected it reads no clock. The cost of an update is linear in the set;
 //! the sticky strategy's hash ring (`ring_vnodes` points per instance) is derived from

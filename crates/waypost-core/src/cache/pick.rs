@@ -2,9 +2,10 @@
 //!
 //! Nothing here allocates or locks: the view comes from the thread's cached copy (or
 //! `ArcSwap` after an update), what the strategies need was computed when the set was
-//! published (but the sticky ring, built on a set's first sticky pick), the random
-//! numbers come from a thread-local generator, and the only writes are atomics
-//! (round-robin tickets, requests in flight, clearing an expired ejection mark).
+//! published (but the alias table and the sticky ring, built on a set's first weighted
+//! or sticky pick), the random numbers come from a thread-local generator, and the only
+//! writes are atomics (round-robin tickets, requests in flight, clearing an expired
+//! ejection mark).
 
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::Instance;
 
-use super::entry::{LazyNow, Picked};
+use super::entry::{InFlight, LazyNow, Picked};
 use super::set::{Pool, PoolData, SetData};
 use super::strategy::{
     Candidates, PickStrategy, PowerOfTwoChoices, Random, RoundRobin, Sticky, Weighted,
@@ -49,20 +50,12 @@ pub enum Strategy {
     Sticky,
 }
 
-/// The fallback order: the caller's zone (when it has enough available instances),
-/// serving instances that are not ejected, then draining ones that are not ejected, then
-/// ejection is ignored (serving first).
-const TIERS: [(Pool, bool); 5] = [
-    (Pool::Local, true),
-    (Pool::Serving, true),
-    (Pool::Draining, true),
-    (Pool::Serving, false),
-    (Pool::Draining, false),
-];
-
 impl ServiceCache {
-    /// The pick loop shared by every strategy: the pools in order, each offered to
-    /// `strategy` until one yields a position.
+    /// The pick shared by every strategy: the pools in the fallback order (the caller's
+    /// zone when it has enough available instances; serving, then draining instances
+    /// that are not ejected; then ejection ignored, serving first), each offered to
+    /// `strategy` until one yields a position. Written out rather than looped over a
+    /// table, so the common case (the first pool answers) is straight-line code.
     #[inline]
     fn pick_slot<S: PickStrategy + ?Sized, R>(
         &self,
@@ -75,21 +68,9 @@ impl ServiceCache {
             let set: &SetData = &view.set;
             let now = LazyNow::new(&shared.clock, &shared.marks);
             let any_marks = !shared.marks.none();
-            for (kind, respect_ejection) in TIERS {
-                let Some(pool) = set.pool(kind) else {
-                    continue;
-                };
-                if pool.slots.is_empty()
-                    || (kind == Pool::Local
-                        && !enough_local(
-                            set,
-                            pool,
-                            any_marks,
-                            &now,
-                            shared.options.zone_min_available,
-                        ))
-                {
-                    continue;
+            let offer = |kind: Pool, pool: &PoolData, respect_ejection: bool| {
+                if pool.slots.is_empty() {
+                    return None;
                 }
                 let candidates = Candidates {
                     set,
@@ -97,15 +78,28 @@ impl ServiceCache {
                     kind,
                     check_ejection: respect_ejection && any_marks,
                     now: &now,
-                    ticket: &shared.ticket,
+                    ticket: &shared.ticket.0,
                     key,
                 };
-                if let Some(q) = strategy.choose(&candidates) {
-                    shared.picks.increment(1);
-                    return Some(out(set, pool.slots[q] as usize));
-                }
-            }
-            None
+                strategy.choose(&candidates).map(|q| pool.slots[q] as usize)
+            };
+            let local = set.local.as_ref().filter(|local| {
+                enough_local(
+                    set,
+                    local,
+                    any_marks,
+                    &now,
+                    shared.options.zone_min_available,
+                )
+            });
+            let i = local
+                .and_then(|local| offer(Pool::Local, local, true))
+                .or_else(|| offer(Pool::Serving, &set.serving, true))
+                .or_else(|| offer(Pool::Draining, &set.draining, true))
+                .or_else(|| offer(Pool::Serving, &set.serving, false))
+                .or_else(|| offer(Pool::Draining, &set.draining, false))?;
+            shared.picks.increment(1);
+            Some(out(set, i))
         })
     }
 
@@ -189,6 +183,43 @@ impl ServiceCache {
             self.pick_slot(strategy, key, |set, i| {
                 Picked::untracked(Arc::clone(&set.instances[i]))
             })
+        }
+    }
+
+    /// Picks with `strategy` and calls `f` with the instance, borrowed from the cache's
+    /// current set: no reference count is taken or dropped, which makes this the
+    /// cheapest pick (the methods that return an `Arc` cost two more atomic operations
+    /// per pick; the `pick` bench in the crate README compares them). `None` if the set
+    /// is empty.
+    ///
+    /// With a strategy that [tracks requests in flight](PickStrategy::tracks_in_flight)
+    /// (`PowerOfTwoChoices`), the pick counts as in flight while `f` runs: use it when
+    /// the request completes inside `f`, and [`pick_p2c`](Self::pick_p2c) when it
+    /// outlives the call. `f` runs on the calling thread; it may pick again.
+    ///
+    /// ```
+    /// # use waypost_core::cache::{CacheOptions, ServiceCache, Strategy};
+    /// # use waypost_core::{Instance, ServiceName, Snapshot};
+    /// # let s = ServiceName::new("greeter").unwrap();
+    /// # let i = vec![Instance::parse("greeter", "g-1", "10.0.0.1", 8080).unwrap()];
+    /// # let cache = ServiceCache::from_snapshot(Snapshot::new(s, i, 1), CacheOptions::default());
+    /// let port = cache.with_pick(&Strategy::RoundRobin, None, |i| i.endpoint.port);
+    /// assert_eq!(port, Some(8080));
+    /// ```
+    #[inline]
+    pub fn with_pick<S: PickStrategy + ?Sized, R>(
+        &self,
+        strategy: &S,
+        key: Option<&[u8]>,
+        f: impl FnOnce(&Arc<Instance>) -> R,
+    ) -> Option<R> {
+        if strategy.tracks_in_flight() {
+            self.pick_slot(strategy, key, |set, i| {
+                let _request = InFlight::new(&set.entries[i]);
+                f(&set.instances[i])
+            })
+        } else {
+            self.pick_slot(strategy, key, |set, i| f(&set.instances[i]))
         }
     }
 }

@@ -39,6 +39,11 @@ thread_local! {
         const { RefCell::new([const { None }; VIEW_SLOTS]) };
 }
 
+/// A value alone on its cache line (128 bytes: adjacent-line prefetchers pair lines).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct Padded<T>(pub(crate) T);
+
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) service: ServiceName,
@@ -55,8 +60,9 @@ pub(crate) struct Shared {
     pub(crate) view: ArcSwap<CacheView>,
     /// Bumped after every publish; waiters subscribe to it.
     changed: watch::Sender<u64>,
-    /// Round-robin tickets.
-    pub(crate) ticket: AtomicUsize,
+    /// Round-robin tickets, on a cache line of their own: every round-robin pick writes
+    /// them, and the fields that every pick reads must not share that line.
+    pub(crate) ticket: Padded<AtomicUsize>,
     /// `waypost_cache_picks_total` of this service (a no-op without a recorder).
     pub(crate) picks: metrics::Counter,
     /// `waypost_cache_ejections_total` of this service.
@@ -170,7 +176,7 @@ impl Shared {
             generation: AtomicU64::new(0),
             view: ArcSwap::from_pointee(view),
             changed: watch::Sender::new(0),
-            ticket: AtomicUsize::new(0),
+            ticket: Padded(AtomicUsize::new(0)),
             picks,
             ejections,
             writer: Mutex::new(Writer::default()),

@@ -154,7 +154,8 @@ impl<'a> Candidates<'a> {
     /// The weight of the candidate at `q` (0 in the draining pool).
     #[inline]
     pub fn weight(&self, q: usize) -> u32 {
-        self.instance(q).weight
+        // The pool keeps the weights in pool order: no pointer to chase.
+        self.pool.weight(q)
     }
 
     /// Requests in flight on the candidate at `q`: tracked [`Picked`](super::Picked)s
@@ -228,8 +229,8 @@ impl PickStrategy for RoundRobin {
     #[inline]
     fn choose(&self, c: &Candidates<'_>) -> Option<usize> {
         if !c.check_ejection {
-            let n = c.len();
-            return (n > 0).then(|| c.next_ticket() % n);
+            // The pool's divisor, precomputed: a multiplication instead of a division.
+            return (!c.is_empty()).then(|| c.pool.len_mod.reduce(c.next_ticket()));
         }
         select::round_robin(c.len(), || c.next_ticket(), |q| c.is_eligible(q))
     }
@@ -263,9 +264,11 @@ impl PickStrategy for Weighted {
             return Random.choose(c);
         }
         if !c.check_ejection {
-            return c.pool.alias.sample(next_u64());
+            return c.pool.alias().sample(next_u64());
         }
-        c.pool.alias.sample_eligible(next_u64, |q| c.is_eligible(q))
+        c.pool
+            .alias()
+            .sample_eligible(next_u64, |q| c.is_eligible(q))
     }
 }
 
@@ -302,15 +305,24 @@ impl PickStrategy for Sticky {
             return Random.choose(c);
         };
         let hash = select::key_hash(key);
-        c.with_eligible(|eligible| match c.kind {
-            // The ring's members are positions in the pool.
-            Pool::Serving | Pool::Local => c.pool.ring(&c.set.instances).lookup(hash, eligible),
-            Pool::Draining => select::rendezvous(
-                hash,
-                c.pool.slots.iter().map(|&i| c.set.id_hashes[i as usize]),
-                eligible,
-            ),
-        })
+        match c.kind {
+            // The ring's members are positions in the pool. Nothing to check (nothing
+            // is ejected) is the common case: its own copy, without the test.
+            Pool::Serving | Pool::Local if !c.check_ejection => {
+                c.pool.ring(&c.set.instances).lookup(hash, |_| true)
+            }
+            Pool::Serving | Pool::Local => c
+                .pool
+                .ring(&c.set.instances)
+                .lookup(hash, |q| c.is_eligible(q)),
+            Pool::Draining => c.with_eligible(|eligible| {
+                select::rendezvous(
+                    hash,
+                    c.pool.slots.iter().map(|&i| c.set.id_hashes[i as usize]),
+                    eligible,
+                )
+            }),
+        }
     }
 }
 

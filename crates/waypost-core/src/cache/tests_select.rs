@@ -422,3 +422,42 @@ fn the_local_zone_pool_says_so() {
         "offered the local pool first"
     );
 }
+
+#[test]
+fn with_pick_borrows_the_same_pick_and_tracks_p2c_while_it_runs() {
+    let cache = zoned(CacheOptions::default());
+    for n in 0..50u64 {
+        let key = n.to_le_bytes();
+        let owned = cache.pick_sticky(key).unwrap();
+        let borrowed = cache.with_pick(&Strategy::Sticky, Some(&key), |i| i.id.clone());
+        assert_eq!(borrowed.as_ref(), Some(&owned.id));
+    }
+    cache.with_pick(&Strategy::RoundRobin, None, |i| {
+        assert_eq!(
+            cache.in_flight(&i.id),
+            Some(0),
+            "round robin is not tracked"
+        );
+    });
+
+    // Two serving instances: p2c draws both, so a pick made while the first one's
+    // request runs (inside `f`) goes to the other, and none stays in flight after.
+    let two = ServiceCache::from_snapshot(
+        snapshot(vec![inst("x", 1, 100), inst("y", 2, 100)], 1),
+        CacheOptions::default(),
+    );
+    for _ in 0..20 {
+        let (outer, inner) = two
+            .with_pick(&Strategy::PowerOfTwoChoices, None, |a| {
+                assert_eq!(two.in_flight(&a.id), Some(1));
+                let b = two.with_pick(&Strategy::PowerOfTwoChoices, None, |b| b.id.clone());
+                (a.id.clone(), b.unwrap())
+            })
+            .unwrap();
+        assert_ne!(outer, inner);
+        assert_eq!(two.in_flight(&outer), Some(0));
+    }
+
+    let empty = ServiceCache::from_snapshot(snapshot(vec![], 1), CacheOptions::default());
+    assert_eq!(empty.with_pick(&Strategy::Random, None, |_| ()), None);
+}

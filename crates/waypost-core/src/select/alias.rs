@@ -75,12 +75,10 @@ impl AliasTable {
         let m = u128::from(r) * self.keep.len() as u128;
         let (col, coin) = ((m >> 64) as usize, m as u64);
         // A full column keeps `u64::MAX` and aliases itself, so the rare `coin == MAX`
-        // lands on it too.
-        Some(if coin < self.keep[col] {
-            col
-        } else {
-            self.alias[col] as usize
-        })
+        // lands on it too. Both loads first: the coin is a coin flip for the branch
+        // predictor, so the choice is a select (no branch to mispredict).
+        let (keep, alias) = (self.keep[col], self.alias[col] as usize);
+        Some(if coin < keep { col } else { alias })
     }
 
     /// A weighted choice among the eligible indexes: a few draws, then one exact pass.

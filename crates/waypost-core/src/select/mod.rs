@@ -19,6 +19,7 @@ const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// The MurmurHash3 64-bit finalizer: a bijective mix in which every input bit affects
 /// every output bit.
+#[inline]
 pub fn mix64(mut h: u64) -> u64 {
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
@@ -33,6 +34,7 @@ pub fn mix64(mut h: u64) -> u64 {
 /// Not cryptographic and not collision resistant against an adversary; it only has to
 /// spread keys evenly. Its values are part of the sticky mapping, so they never change
 /// between releases of the same major version (a test pins a few of them).
+#[inline]
 pub fn key_hash(bytes: &[u8]) -> u64 {
     #[inline]
     fn step(h: u64, w: u64) -> u64 {
@@ -59,6 +61,36 @@ pub fn key_hash(bytes: &[u8]) -> u64 {
 #[inline]
 pub fn uniform_index(r: u64, n: usize) -> usize {
     ((u128::from(r) * n as u128) >> 64) as usize
+}
+
+/// `x % d` by a multiplication (Lemire's fastmod), for a divisor fixed in advance: a
+/// division costs tens of cycles, as much as the rest of a pick.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct FastMod {
+    /// `ceil(2^64 / d)`; 0 for `d <= 1` (everything maps to 0).
+    m: u64,
+    d: u64,
+}
+
+impl FastMod {
+    /// For divisor `d`; `reduce` is exact while `d` fits in 32 bits (the pools index
+    /// with `u32`). `d = 0` reduces everything to 0.
+    pub(crate) fn new(d: usize) -> Self {
+        let d = d as u64;
+        let m = if d <= 1 {
+            0
+        } else {
+            (u64::MAX / d).wrapping_add(1)
+        };
+        FastMod { m, d }
+    }
+
+    /// `x % d` of the low 32 bits of `x` (a counter that wraps at 2^32 restarts there).
+    #[inline]
+    pub(crate) fn reduce(&self, x: usize) -> usize {
+        let low = self.m.wrapping_mul(u64::from(x as u32));
+        ((u128::from(low) * u128::from(self.d)) >> 64) as usize
+    }
 }
 
 #[inline]

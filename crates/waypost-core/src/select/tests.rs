@@ -343,3 +343,27 @@ fn alias_table_is_exact_with_extreme_weights() {
         );
     }
 }
+
+#[test]
+fn fast_mod_equals_the_remainder() {
+    let mut r = rng(7);
+    for d in [
+        1usize,
+        2,
+        3,
+        7,
+        10,
+        999,
+        1_000,
+        65_537,
+        (1 << 31) + 11,
+        u32::MAX as usize,
+    ] {
+        let m = FastMod::new(d);
+        let xs = (0..2_000).map(|_| r() as u32 as usize);
+        for x in xs.chain([0, 1, d - 1, d, d + 1, u32::MAX as usize]) {
+            assert_eq!(m.reduce(x), (x as u32 as usize) % d, "{x} % {d}");
+        }
+    }
+    assert_eq!(FastMod::new(0).reduce(5), 0);
+}
