@@ -1,22 +1,31 @@
-//! The `waypost` binary, run as an operator would, against a real etcd (the other
-//! registries go through the same contract, pinned by the conformance matrix): register in
-//! one process, list and watch from others, Ctrl-C deregisters; configuration; locks and
-//! elections; errors as one line with a hint.
+//! The `waypost` binary, run as an operator would, on every real registry (ZooKeeper, etcd,
+//! Consul): register in one process, list and watch from others, Ctrl-C deregisters;
+//! configuration; locks and elections; errors as one line with a hint. The scenarios are
+//! written once, as functions of the registry's URL, and run on each backend against one
+//! server per backend (they use distinct names, so they run side by side).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use assert_cmd::cargo::cargo_bin;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
 
 fn waypost(url: &str) -> Command {
     let mut c = Command::new(cargo_bin("waypost"));
     c.env_remove("WAYPOST_URL").arg("--url").arg(url);
+    c
+}
+
+/// `waypost --url URL ARGS…`, as a command to start or run.
+fn cmd(url: &str, args: &[&str]) -> Command {
+    let mut c = waypost(url);
+    c.args(args);
     c
 }
 
@@ -47,9 +56,9 @@ impl Running {
 
     /// The next line containing `needle`, within the deadline.
     fn expect_line(&self, needle: &str) -> String {
-        let deadline = std::time::Instant::now() + WAIT;
+        let deadline = Instant::now() + WAIT;
         loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(l) if l.contains(needle) => return l,
                 Ok(_) => {}
@@ -61,13 +70,13 @@ impl Running {
     /// Ctrl-C, then the exit code (within the deadline).
     fn interrupt(mut self) -> Option<i32> {
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT).expect("SIGINT");
-        let deadline = std::time::Instant::now() + WAIT;
+        let deadline = Instant::now() + WAIT;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status.code();
             }
             assert!(
-                std::time::Instant::now() < deadline,
+                Instant::now() < deadline,
                 "waypost did not stop after Ctrl-C"
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -91,29 +100,231 @@ fn output(cmd: &mut Command) -> (Option<i32>, String, String) {
     )
 }
 
-#[test]
-fn errors_are_one_line_with_what_to_do_and_no_secret() {
-    let (code, _, err) = output(waypost("nosuch://x").arg("services"));
-    assert_eq!(code, Some(1));
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("unknown registry scheme `nosuch`"), "{err}");
+/// Runs a one-shot command that must succeed; its stdout.
+fn ok(url: &str, args: &[&str]) -> String {
+    let (code, out, err) = output(&mut cmd(url, args));
+    assert_eq!(code, Some(0), "waypost {args:?}: {err}");
+    out
+}
 
-    // Nothing listens on port 1: refused, in time, with a hint; the password stays out.
-    let started = std::time::Instant::now();
-    let (code, _, err) = output(waypost("etcd://ops:hunter2@127.0.0.1:1/services").args([
-        "--timeout",
-        "3s",
-        "instances",
-        "svc",
-    ]));
-    assert_eq!(code, Some(1), "{err}");
+/// Runs a one-shot `--json` command until its output satisfies `done` (what another
+/// process wrote may reach this reader a moment later, e.g. Consul's catalog), within the
+/// deadline; the last JSON read.
+fn json_until(url: &str, args: &[&str], done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v: Value = serde_json::from_str(&ok(url, args)).expect("JSON");
+        if done(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "waypost {args:?}: still {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A one-line error (exit code 1) whose message contains every `needle`; the message.
+fn fails(url: &str, args: &[&str], needles: &[&str]) -> String {
+    let (code, _, err) = output(&mut cmd(url, args));
+    assert_eq!(code, Some(1), "waypost {args:?}: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    for n in needles {
+        assert!(err.contains(n), "waypost {args:?}: no `{n}` in {err}");
+    }
+    err
+}
+
+/// Register in one process; watch, list and `services` from others; Ctrl-C deregisters.
+fn discovery(url: &str) {
+    let watch = Running::start(cmd(url, &["watch", "cli-svc", "--json"]));
+    watch.expect_line("\"snapshot\"");
+    let reg = Running::start(cmd(
+        url,
+        &[
+            "register",
+            "cli-svc",
+            "a-1",
+            "127.0.0.1:9001",
+            "--meta",
+            "version=2",
+            "--zone",
+            "z1",
+            "--tag",
+            "blue",
+        ],
+    ));
+    reg.expect_line("cli-svc/a-1: registered");
+    let added = watch.expect_line("\"added\"");
+    assert!(added.contains("\"a-1\""), "{added}");
+
+    let v = json_until(url, &["instances", "cli-svc", "--json"], |v| {
+        v[0].is_object()
+    });
+    assert_eq!(v[0]["id"], "a-1");
+    assert_eq!(v[0]["zone"], "z1");
+    assert_eq!(v[0]["metadata"]["version"], "2");
+    assert_eq!(v[0]["tags"][0], "blue");
+    let table = ok(url, &["instances", "cli-svc"]);
+    assert!(
+        table.contains("a-1") && table.contains("127.0.0.1:9001") && table.contains("version=2"),
+        "{table}"
+    );
+    let services = ok(url, &["services"]);
+    assert!(services.lines().any(|l| l == "cli-svc"), "{services}");
+
+    assert_eq!(reg.interrupt(), Some(0), "Ctrl-C deregisters and exits 0");
+    let removed = watch.expect_line("\"removed\"");
+    assert!(removed.contains("\"a-1\""), "{removed}");
+    json_until(url, &["instances", "cli-svc", "--json"], |v| {
+        v == &Value::Array(vec![])
+    });
+    assert_eq!(watch.interrupt(), Some(0));
+}
+
+/// `config put|get|list|delete`, followed by `config watch` in another process.
+fn configuration(url: &str) {
+    let watch = Running::start(cmd(url, &["config", "watch", "app/cfg", "--json"]));
+    watch.expect_line("\"snapshot\"");
+    let out = ok(url, &["config", "put", "app/cfg", "{\"pool\":8}"]);
+    assert!(out.contains("app/cfg: version"), "{out}");
+    assert!(watch.expect_line("\"added\"").contains("pool\\\":8"));
+    assert_eq!(
+        ok(url, &["config", "get", "app/cfg"]).trim(),
+        "{\"pool\":8}"
+    );
+    ok(url, &["config", "put", "app/cfg", "{\"pool\":16}"]);
+    assert!(watch.expect_line("\"updated\"").contains("pool\\\":16"));
+    let v: Value = serde_json::from_str(&ok(url, &["config", "list", "app", "--json"])).unwrap();
+    assert_eq!(v[0]["key"], "app/cfg", "{v}");
+    ok(url, &["config", "delete", "app/cfg"]);
+    assert!(watch.expect_line("\"removed\"").contains("app/cfg"));
+    fails(url, &["config", "get", "app/cfg"], &["no such key"]);
+    assert_eq!(watch.interrupt(), Some(0));
+}
+
+/// `lock NAME -- CMD`: the token, the exit code passed on, `--try` / `--wait` while another
+/// process holds it, Ctrl-C releases.
+fn locks(url: &str) {
+    let script = "echo token=$WAYPOST_FENCING_TOKEN; exit 7";
+    let (code, out, err) = output(&mut cmd(url, &["lock", "jobs/x", "--", "sh", "-c", script]));
+    assert_eq!(code, Some(7), "{err}");
+    assert!(
+        out.trim()
+            .strip_prefix("token=")
+            .is_some_and(|t| t.parse::<u64>().is_ok()),
+        "{out}"
+    );
+
+    let holding = "echo holding; sleep 60";
+    let holder = Running::start(cmd(url, &["lock", "jobs/x", "--", "sh", "-c", holding]));
+    holder.expect_line("holding");
+    fails(url, &["lock", "jobs/x", "--try", "--", "true"], &["busy"]);
+    let wait = ["lock", "jobs/x", "--wait", "300ms", "--", "true"];
+    fails(url, &wait, &["timed out"]);
+    assert_eq!(holder.interrupt(), Some(130));
+    ok(url, &["lock", "jobs/x", "--try", "--", "true"]);
+}
+
+/// `elect NAME VALUE` leads until Ctrl-C; `leader` (and `leader --watch` from another
+/// process) show it, then no leader.
+fn elections(url: &str) {
+    let follow = Running::start(cmd(url, &["leader", "sched", "--watch", "--json"]));
+    follow.expect_line("\"leader\":null");
+    let leader = Running::start(cmd(url, &["elect", "sched", "alpha"]));
+    leader.expect_line("elected in sched");
+    follow.expect_line("\"leader\":\"alpha\"");
+    let out = ok(url, &["leader", "sched"]);
+    assert!(out.starts_with("alpha  (fencing token"), "{out}");
+    assert_eq!(leader.interrupt(), Some(0));
+    follow.expect_line("\"leader\":null");
+    let v: Value = serde_json::from_str(&ok(url, &["leader", "sched", "--json"])).unwrap();
+    assert_eq!(v["leader"], Value::Null, "{v}");
+    assert_eq!(follow.interrupt(), Some(0));
+}
+
+/// Invalid names on a live registry; a registry where nothing listens (`unreachable`,
+/// with a secret in it): refused in time, with a hint, the secret kept out.
+fn errors(url: &str, unreachable: &str) {
+    fails(url, &["instances", "bad name"], &["invalid input"]);
+    fails(
+        url,
+        &["register", "svc", "bad id", "h:1"],
+        &["invalid input"],
+    );
+    fails(url, &["config", "get", "../x"], &["invalid input"]);
+    fails(url, &["lock", "bad name", "--", "true"], &["invalid input"]);
+
+    let started = Instant::now();
+    let args = ["--timeout", "3s", "instances", "svc"];
+    let err = fails(unreachable, &args, &["is the registry running"]);
     assert!(
         started.elapsed() < Duration::from_secs(15),
         "took {:?}",
         started.elapsed()
     );
-    assert!(err.contains("is the registry running"), "{err}");
-    assert!(!err.contains("hunter2"), "the password leaked: {err}");
+    assert!(!err.contains("hunter2"), "the secret leaked: {err}");
+}
+
+/// Every scenario on the registry at `url`, side by side.
+fn every_scenario(url: &str, unreachable: &str) {
+    let scenarios: [(&str, &(dyn Fn() + Sync)); 5] = [
+        ("discovery", &|| discovery(url)),
+        ("configuration", &|| configuration(url)),
+        ("locks", &|| locks(url)),
+        ("elections", &|| elections(url)),
+        ("errors", &|| errors(url, unreachable)),
+    ];
+    std::thread::scope(|s| {
+        let running: Vec<_> = scenarios
+            .iter()
+            .map(|(name, f)| {
+                let t = std::thread::Builder::new().name(format!("{url} {name}"));
+                (*name, t.spawn_scoped(s, f).expect("spawn"))
+            })
+            .collect();
+        let failed: Vec<&str> = running
+            .into_iter()
+            .filter_map(|(name, t)| t.join().is_err().then_some(name))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "on {url}, failed: {failed:?} (see above)"
+        );
+    });
+}
+
+/// One test per backend: starts its server, runs [`every_scenario`].
+macro_rules! on_every_registry {
+    ($($test:ident: $start:path, unreachable $unreachable:literal;)+) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $test() {
+            let Some(server) = $start().await else {
+                return;
+            };
+            every_scenario(&server.url(), $unreachable);
+        }
+    )+};
+}
+
+on_every_registry! {
+    cli_on_zookeeper: waypost_testkit::server::zookeeper,
+        unreachable "zk://ops:hunter2@127.0.0.1:1/services";
+    cli_on_etcd: waypost_testkit::server::etcd,
+        unreachable "etcd://ops:hunter2@127.0.0.1:1/services";
+    cli_on_consul: waypost_testkit::server::consul,
+        unreachable "consul://127.0.0.1:1?token=hunter2";
+}
+
+#[test]
+fn errors_without_a_registry_are_one_line_with_what_to_do() {
+    let err = fails(
+        "nosuch://x",
+        &["services"],
+        &["unknown registry scheme `nosuch`"],
+    );
+    assert!(
+        err.contains("zk") && err.contains("etcd"),
+        "names the available: {err}"
+    );
 
     let (code, _, err) = output(
         Command::new(cargo_bin("waypost"))
@@ -126,11 +337,11 @@ fn errors_are_one_line_with_what_to_do_and_no_secret() {
         "{err}"
     );
 
-    let (code, _, err) = output(waypost("memory://").args(["instances", "bad name"]));
-    assert_eq!(code, Some(1));
-    assert!(err.contains("invalid input"), "{err}");
-
-    let (code, _, err) = output(waypost("memory://").args(["register", "svc", "a", "nohostport"]));
+    fails("memory://", &["instances", "bad name"], &["invalid input"]);
+    let (code, _, err) = output(&mut cmd(
+        "memory://",
+        &["register", "svc", "a", "nohostport"],
+    ));
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("expected HOST:PORT"), "{err}");
 }
@@ -140,126 +351,4 @@ fn completions_are_printed() {
     let (code, out, _) = output(Command::new(cargo_bin("waypost")).args(["completions", "bash"]));
     assert_eq!(code, Some(0));
     assert!(out.contains("_waypost()"), "{}", &out[..out.len().min(200)]);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_list_watch_and_ctrl_c_deregisters_on_etcd() {
-    let Some(etcd) = waypost_testkit::server::etcd().await else {
-        return;
-    };
-    let url = etcd.url();
-    let reg = Running::start({
-        let mut c = waypost(&url);
-        c.args([
-            "register",
-            "cli-svc",
-            "a-1",
-            "127.0.0.1:9001",
-            "--meta",
-            "version=2",
-            "--zone",
-            "z1",
-            "--tag",
-            "blue",
-        ]);
-        c
-    });
-    reg.expect_line("cli-svc/a-1: registered");
-
-    let (code, out, err) = output(waypost(&url).args(["instances", "cli-svc", "--json"]));
-    assert_eq!(code, Some(0), "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
-    assert_eq!(v[0]["id"], "a-1");
-    assert_eq!(v[0]["zone"], "z1");
-    assert_eq!(v[0]["metadata"]["version"], "2");
-
-    let (_, out, _) = output(waypost(&url).args(["instances", "cli-svc"]));
-    assert!(
-        out.contains("a-1") && out.contains("127.0.0.1:9001") && out.contains("version=2"),
-        "{out}"
-    );
-
-    let (_, out, _) = output(waypost(&url).args(["services"]));
-    assert!(out.lines().any(|l| l == "cli-svc"), "{out}");
-
-    let watch = Running::start({
-        let mut c = waypost(&url);
-        c.args(["watch", "cli-svc", "--json"]);
-        c
-    });
-    let snap = watch.expect_line("\"snapshot\"");
-    assert!(snap.contains("\"a-1\""), "{snap}");
-    assert_eq!(reg.interrupt(), Some(0), "Ctrl-C deregisters and exits 0");
-    let removed = watch.expect_line("\"removed\"");
-    assert!(removed.contains("\"a-1\""), "{removed}");
-    assert_eq!(watch.interrupt(), Some(0));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn config_locks_and_elections_on_etcd() {
-    let Some(etcd) = waypost_testkit::server::etcd().await else {
-        return;
-    };
-    let url = etcd.url();
-    let (code, out, err) = output(waypost(&url).args(["config", "put", "app/cfg", "{\"pool\":8}"]));
-    assert_eq!(code, Some(0), "{err}");
-    assert!(out.contains("app/cfg: version"), "{out}");
-    let (_, out, _) = output(waypost(&url).args(["config", "get", "app/cfg"]));
-    assert_eq!(out.trim(), "{\"pool\":8}");
-    let (_, out, _) = output(waypost(&url).args(["config", "list", "app", "--json"]));
-    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
-    assert_eq!(v[0]["key"], "app/cfg");
-    let (code, _, _) = output(waypost(&url).args(["config", "delete", "app/cfg"]));
-    assert_eq!(code, Some(0));
-    let (code, _, err) = output(waypost(&url).args(["config", "get", "app/cfg"]));
-    assert_eq!(code, Some(1));
-    assert!(err.contains("no such key"), "{err}");
-
-    // A command runs under the lock and sees its token; the exit code is passed on.
-    let (code, out, err) = output(waypost(&url).args([
-        "lock",
-        "jobs/x",
-        "--",
-        "sh",
-        "-c",
-        "echo token=$WAYPOST_FENCING_TOKEN; exit 7",
-    ]));
-    assert_eq!(code, Some(7), "{err}");
-    assert!(
-        out.trim()
-            .strip_prefix("token=")
-            .is_some_and(|t| t.parse::<u64>().is_ok()),
-        "{out}"
-    );
-
-    // While another process holds it, --try fails at once.
-    let holder = Running::start({
-        let mut c = waypost(&url);
-        c.args(["lock", "jobs/x", "--", "sh", "-c", "echo holding; sleep 60"]);
-        c
-    });
-    holder.expect_line("holding");
-    let (code, _, err) = output(waypost(&url).args(["lock", "jobs/x", "--try", "--", "true"]));
-    assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("busy"), "{err}");
-    let (code, _, err) =
-        output(waypost(&url).args(["lock", "jobs/x", "--wait", "300ms", "--", "true"]));
-    assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("timed out"), "{err}");
-    assert_eq!(holder.interrupt(), Some(130));
-    let (code, _, err) = output(waypost(&url).args(["lock", "jobs/x", "--try", "--", "true"]));
-    assert_eq!(code, Some(0), "released on Ctrl-C: {err}");
-
-    let leader = Running::start({
-        let mut c = waypost(&url);
-        c.args(["elect", "sched", "alpha"]);
-        c
-    });
-    leader.expect_line("elected in sched");
-    let (_, out, _) = output(waypost(&url).args(["leader", "sched"]));
-    assert!(out.starts_with("alpha  (fencing token"), "{out}");
-    assert_eq!(leader.interrupt(), Some(0));
-    let (_, out, _) = output(waypost(&url).args(["leader", "sched", "--json"]));
-    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
-    assert_eq!(v["leader"], serde_json::Value::Null, "{out}");
 }
