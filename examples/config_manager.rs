@@ -51,14 +51,15 @@ pub(crate) struct Outage {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), BoxError> {
+async fn main() -> Result<(), waypost::Report> {
+    // On failure: the error and its causes on one line, not a debug dump.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .init();
     // WAYPOST_URL (and WAYPOST_<OPTION>) pick the registry; in-memory by default.
-    match Config::from_env() {
+    Ok(match Config::from_env() {
         Some(config) => run(&config, None).await,
         None => {
             let registry = waypost::memory::registry("config-manager");
@@ -69,7 +70,7 @@ async fn main() -> Result<(), BoxError> {
             };
             run(&Config::from_url("memory://config-manager"), Some(outage)).await
         }
-    }
+    }?)
 }
 
 /// The whole scenario on the registry `config` names.

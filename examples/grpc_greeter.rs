@@ -183,14 +183,15 @@ async fn call_until(
 }
 
 #[tokio::main]
-async fn main() -> Result<(), BoxError> {
+async fn main() -> Result<(), waypost::Report> {
+    // On failure: the error and its causes on one line, not a debug dump.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .init();
     let config = Config::from_env().unwrap_or_else(|| Config::from_url("memory://grpc-greeter"));
-    run(&config).await
+    Ok(run(&config).await?)
 }
 
 /// The scenario on the registry `config` names.

@@ -27,7 +27,8 @@ const WAIT: Duration = Duration::from_secs(60);
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::main]
-async fn main() -> Result<(), BoxError> {
+async fn main() -> Result<(), waypost::Report> {
+    // On failure: the error and its causes on one line, not a debug dump.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -35,7 +36,7 @@ async fn main() -> Result<(), BoxError> {
         .init();
     // WAYPOST_URL (and WAYPOST_<OPTION>) pick the registry; in-memory by default.
     let config = Config::from_env().unwrap_or_else(|| Config::from_url("memory://leader-example"));
-    run(&config).await
+    Ok(run(&config).await?)
 }
 
 /// One replica: campaigns, leads until it loses leadership or is told to step down, and

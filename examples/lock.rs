@@ -45,7 +45,8 @@ impl Fence {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), BoxError> {
+async fn main() -> Result<(), waypost::Report> {
+    // On failure: the error and its causes on one line, not a debug dump.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -53,7 +54,7 @@ async fn main() -> Result<(), BoxError> {
         .init();
     // WAYPOST_URL (and WAYPOST_<OPTION>) pick the registry; in-memory by default.
     let config = Config::from_env().unwrap_or_else(|| Config::from_url("memory://lock-example"));
-    run(&config).await
+    Ok(run(&config).await?)
 }
 
 /// The whole scenario on the registry `config` names.

@@ -150,13 +150,7 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // For people: the error and its causes on one line, not a debug dump.
-            let mut line = e.to_string();
-            let mut source = e.source();
-            while let Some(s) = source {
-                line.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            eprintln!("metrics_prometheus failed: {line}");
+            eprintln!("metrics_prometheus failed: {}", waypost::Report::from(e));
             std::process::ExitCode::FAILURE
         }
     }

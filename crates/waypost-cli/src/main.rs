@@ -115,13 +115,7 @@ impl From<waypost::Error> for Failure {
             _ => None,
         };
         // The whole chain, on one line.
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            source = s.source();
-        }
+        let message = waypost::Report::from(e).to_string();
         Self {
             message,
             hint,

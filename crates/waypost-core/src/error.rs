@@ -1,5 +1,6 @@
 //! The one public error type.
 
+use std::fmt;
 use std::time::Duration;
 
 /// A boxed error, the `source` of backend errors.
@@ -186,6 +187,66 @@ impl Error {
     }
 }
 
+/// An error as people read it: the error and each of its causes, on one line
+/// (`registry unavailable: connect to 127.0.0.1:2181: Connection refused (os error 111)`),
+/// from [`Display`](fmt::Display) and from [`Debug`](fmt::Debug) alike.
+///
+/// A `main` that returns `Result<(), Report>` prints that line on failure, where
+/// `Result<(), Error>` would print a debug dump of the error's fields:
+///
+/// ```no_run
+/// # async fn run() -> Result<(), waypost_core::BoxError> { Ok(()) }
+/// #[tokio::main]
+/// async fn main() -> Result<(), waypost_core::error::Report> {
+///     Ok(run().await?)
+/// }
+/// ```
+pub struct Report(BoxError);
+
+impl Report {
+    /// The error reported.
+    pub fn error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.0
+    }
+}
+
+impl<E: Into<BoxError>> From<E> for Report {
+    fn from(e: E) -> Self {
+        Report(e.into())
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Many errors also write their cause into their own text: a cause already on the
+        // line is left out, and one that starts with the previous error's text replaces it.
+        let mut line = self.0.to_string();
+        let mut last = line.clone();
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            let text = s.to_string();
+            if !line.contains(&text) {
+                match text.strip_prefix(&last) {
+                    Some(rest) if !last.is_empty() => line.push_str(rest),
+                    _ => {
+                        line.push_str(": ");
+                        line.push_str(&text);
+                    }
+                }
+            }
+            last = text;
+            source = s.source();
+        }
+        f.write_str(&line)
+    }
+}
+
+impl fmt::Debug for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,5 +281,34 @@ mod tests {
         };
         let s = e.to_string();
         assert!(s.contains("`zk`") && s.contains("`zookeeper` feature") && s.contains("memory"));
+    }
+
+    #[test]
+    fn a_report_is_one_line_with_every_cause() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = Error::Unavailable {
+            message: "connect to 127.0.0.1:1".into(),
+            source: Some(Box::new(io)),
+        };
+        let r = Report::from(e);
+        let line = "registry unavailable: connect to 127.0.0.1:1: refused";
+        assert_eq!(r.to_string(), line);
+        assert_eq!(format!("{r:?}"), line);
+        assert_eq!(r.error().to_string(), "registry unavailable: connect to 127.0.0.1:1");
+        // A cause that repeats its error's text, or extends it, is not written twice.
+        let inner = Error::Unavailable {
+            message: "connect failed: no hosts".into(),
+            source: Some(Box::new(std::io::Error::other("no hosts"))),
+        };
+        let outer = Error::Unavailable {
+            message: "connect failed".into(),
+            source: Some(Box::new(inner)),
+        };
+        assert_eq!(
+            Report::from(outer).to_string(),
+            "registry unavailable: connect failed: no hosts"
+        );
+        let boxed: BoxError = "plain".into();
+        assert_eq!(Report::from(boxed).to_string(), "plain");
     }
 }

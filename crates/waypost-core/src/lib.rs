@@ -25,7 +25,7 @@ pub use cache::{CacheOptions, CacheView, Picked, ServiceCache, Strategy};
 pub use config::{Config, Connector, Discovery, RegistryUrl};
 #[cfg(feature = "tower")]
 pub use discover::discover;
-pub use error::{BoxError, Error, Result};
+pub use error::{BoxError, Error, Report, Result};
 pub use event::{InstanceSet, Snapshot, WatchEvent};
 pub use model::{Endpoint, Instance, InstanceId, Revision, ServiceName};
 pub use registrar::{Registrar, Registration, RegistrationControl, RegistrationStatus};

@@ -138,9 +138,10 @@ fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions> {
         .with_connect_timeout(config.connect_timeout)
         // Watches on a member cut off from the leader are cancelled rather than silent.
         .with_require_leader(true)
-        // HTTP/2 pings find dead connections under streams; etcd refuses pings more
-        // often than every 5 s, and pings without streams.
-        .with_keep_alive(Duration::from_secs(10), config.request_timeout)
+        // HTTP/2 pings find dead connections under streams (a blackholed member: the
+        // client moves to another one after interval + timeout); etcd refuses pings more
+        // often than every 5 s (`--grpc-keepalive-min-time`), and pings without streams.
+        .with_keep_alive(Duration::from_secs(6), config.request_timeout)
         .with_keep_alive_while_idle(false);
     if let (Some(user), Some(password)) = (&config.username, &config.password) {
         opts = opts

@@ -77,6 +77,41 @@ fn is_temporary(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// An etcd client error as people read it. `etcd_client` shows a gRPC status with tonic's
+/// `Debug` of its transport cause (`source: tonic::transport::Error(Transport, …)`): this
+/// shows the status's code and message, and chains its cause as a `source`, so
+/// [`waypost_core::Report`] prints `… tcp connect error: Connection refused (os error 111)`.
+#[derive(Debug)]
+pub(crate) struct Readable(etcd_client::Error);
+
+impl std::fmt::Display for Readable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            etcd_client::Error::GRpcStatus(s) if s.message().is_empty() => {
+                write!(f, "gRPC status {:?}", s.code())
+            }
+            etcd_client::Error::GRpcStatus(s) => {
+                write!(f, "gRPC status {:?}: {}", s.code(), s.message())
+            }
+            e => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for Readable {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.0 {
+            etcd_client::Error::GRpcStatus(s) => std::error::Error::source(s),
+            e => e.source(),
+        }
+    }
+}
+
+/// `e` as the `source` of a public error.
+fn readable(e: etcd_client::Error) -> waypost_core::BoxError {
+    Box::new(Readable(e))
+}
+
 impl From<EtcdError> for Error {
     fn from(e: EtcdError) -> Self {
         match e {
@@ -86,12 +121,12 @@ impl From<EtcdError> for Error {
                 } else if is_auth(&source) {
                     Error::Unauthorized {
                         message: format!("etcd refused {operation}"),
-                        source: Some(Box::new(source)),
+                        source: Some(readable(source)),
                     }
                 } else if is_temporary(&source) {
                     Error::Unavailable {
                         message: format!("etcd {operation} failed"),
-                        source: Some(Box::new(source)),
+                        source: Some(readable(source)),
                     }
                 } else {
                     let temporary = is_temporary(&source);

@@ -211,7 +211,15 @@ pub(crate) async fn close(config: &ZkConfig, client: Client) {
     if let Ok(Ok(closer)) =
         tokio::time::timeout(config.connect_timeout, c.connect(&config.connect_string())).await
     {
+        // Dropping the last handle only asks the client's task to send CloseSession: wait
+        // (bounded) until it has, so a process exiting right after `shutdown()` leaves no
+        // session (and no lock contender) behind until the session timeout.
+        let mut state = closer.state_watcher();
         drop(closer);
+        let _ = tokio::time::timeout(config.request_timeout, async {
+            while !state.changed().await.is_terminated() {}
+        })
+        .await;
     }
 }
 
