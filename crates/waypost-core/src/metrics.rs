@@ -2,7 +2,8 @@
 //!
 //! waypost installs no recorder and no exporter: an application that installs one (for
 //! example `metrics-exporter-prometheus`) gets these; one that does not pays nothing but a
-//! no-op call per event.
+//! no-op call per event. `examples/metrics_prometheus.rs` installs
+//! `metrics-exporter-prometheus` and serves these at `/metrics`.
 //!
 //! | name | type | labels | what |
 //! | --- | --- | --- | --- |
