@@ -153,7 +153,7 @@ pub(crate) async fn run(ctx: &Ctx, cmd: ConfigCommand) -> Outcome {
                 kv.watch(&key)
             };
             let mut seen = 0;
-            while events.map_or(true, |l| seen < l) {
+            while events.is_none_or(|l| seen < l) {
                 let e = tokio::select! {
                     e = stream.next() => e,
                     _ = interrupted() => break,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Client, EventType, PutOptions, Txn, TxnOp, WatchOptions};
 use futures::StreamExt;
-use waypost_core::{CacheOptions, Instance, Registrar, ServiceCache, WatchEvent, Watcher};
+use waypost_core::{Instance, Registrar, ServiceCache, WatchEvent, Watcher};
 use waypost_etcd::{EtcdConfig, EtcdDiscovery};
 
 const SAMPLES: usize = 200;
@@ -167,15 +167,7 @@ async fn main() {
             Some(Ok(WatchEvent::Snapshot(s))) => assert_eq!(s.len(), n),
             other => panic!("expected a snapshot, got {other:?}"),
         }
-        let cache = ServiceCache::watch(
-            Arc::new(watcher),
-            service.parse().unwrap(),
-            CacheOptions::default(),
-        );
-        cache
-            .wait_for(Duration::from_secs(30), |v| v.len() == n)
-            .await
-            .unwrap();
+        let cache = waypost_testkit::bench::cache_holding(Arc::new(watcher), &service, n).await;
         let mut raw_client = Client::connect([server.endpoint()], None).await.unwrap();
         let mut raw_watch = raw_client
             .watch(

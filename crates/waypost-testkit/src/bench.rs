@@ -13,6 +13,26 @@ use waypost_core::coord::{Coordinator, Name};
 use waypost_core::kv::{ConfigEvent, ConfigKey, ConfigStore};
 use waypost_core::Result;
 
+/// A [`ServiceCache`](waypost_core::ServiceCache) of `service` on `watcher` (default
+/// options), returned once it holds `n` instances (panics after 30 s): the cache side of the
+/// register→visible benches.
+pub async fn cache_holding(
+    watcher: std::sync::Arc<dyn waypost_core::Watcher>,
+    service: &str,
+    n: usize,
+) -> waypost_core::ServiceCache {
+    let cache = waypost_core::ServiceCache::watch(
+        watcher,
+        service.parse().expect("a service name"),
+        waypost_core::CacheOptions::default(),
+    );
+    cache
+        .wait_for(Duration::from_secs(30), |v| v.len() == n)
+        .await
+        .expect("the cache holds every instance");
+    cache
+}
+
 /// The `p` quantile (0.0–1.0) of `samples` (sorted in place).
 pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples.sort();

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use waypost_core::{CacheOptions, Instance, Registrar, ServiceCache, WatchEvent, Watcher};
+use waypost_core::{Instance, Registrar, ServiceCache, WatchEvent, Watcher};
 use waypost_testkit::server::{require, ServerKind, ZooKeeperOptions, ZooKeeperServer};
 use waypost_zookeeper::{ZkConfig, ZkDiscovery};
 use zookeeper_client::{Acls, AddWatchMode, Client, CreateMode, EventType};
@@ -81,15 +81,7 @@ async fn setup(server: &ZooKeeperServer, raw: &Client, n: usize) -> Case {
         WatchEvent::Snapshot(s) => assert_eq!(s.len(), n),
         e => panic!("{e:?}"),
     }
-    let cache = ServiceCache::watch(
-        Arc::new(watcher),
-        service.parse().unwrap(),
-        CacheOptions::default(),
-    );
-    cache
-        .wait_for(Duration::from_secs(30), |v| v.len() == n)
-        .await
-        .unwrap();
+    let cache = waypost_testkit::bench::cache_holding(Arc::new(watcher), &service, n).await;
     let raw_service = format!("bench-raw-{n}");
     let raw_path = format!("/services/{raw_service}");
     prefill(raw, &raw_path, &raw_service, n).await;

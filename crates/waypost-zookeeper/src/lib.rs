@@ -204,7 +204,7 @@ impl ZkDiscovery {
     pub fn session_lost(&self) -> bool {
         self.current()
             .and_then(|s| s.client().ok())
-            .map_or(true, |c| c.state().is_terminated())
+            .is_none_or(|c| c.state().is_terminated())
     }
 }
 

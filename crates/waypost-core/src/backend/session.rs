@@ -98,7 +98,7 @@ struct Inner<D: SessionDriver> {
 impl<D: SessionDriver> Inner<D> {
     fn confirm(&self, sent: tokio::time::Instant) {
         let mut c = self.confirmed.lock().unwrap_or_else(|p| p.into_inner());
-        if c.map_or(true, |at| at < sent) {
+        if c.is_none_or(|at| at < sent) {
             *c = Some(sent);
         }
     }

@@ -218,7 +218,7 @@ impl CoordDriver for MemoryCoord {
 
     async fn wait(&self, t: &Ticket, &(predecessor, ahead): &(u64, usize)) -> Result<()> {
         self.wait_until(|st| {
-            st.queue(&t.queue).map_or(true, |q| {
+            st.queue(&t.queue).is_none_or(|q| {
                 !q.contains_key(&predecessor)
                     || !q.contains_key(&t.token)
                     || q.range(..t.token).count() < ahead
@@ -231,7 +231,7 @@ impl CoordDriver for MemoryCoord {
         self.wait_until(|st| {
             st.queue(&t.queue)
                 .and_then(|q| q.get(&t.token))
-                .map_or(true, |c| c.session != t.session)
+                .is_none_or(|c| c.session != t.session)
         })
         .await
     }

@@ -39,7 +39,7 @@ pub(crate) fn is_contender(np: &str, key: &[u8]) -> bool {
         && lease
             .iter()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b));
-    let ok = hex && id.map_or(true, |id| !id.is_empty());
+    let ok = hex && id.is_none_or(|id| !id.is_empty());
     if !ok {
         tracing::warn!(
             key = %String::from_utf8_lossy(key),

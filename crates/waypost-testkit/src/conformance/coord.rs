@@ -658,7 +658,7 @@ pub async fn coord_observe_resyncs(backend: &dyn TestBackend) {
         &mut got,
         t,
         "no leader after the resignation",
-        |l| l.as_ref().map_or(true, |l| l.value != b"before"),
+        |l| l.as_ref().is_none_or(|l| l.value != b"before"),
     )
     .await;
 }

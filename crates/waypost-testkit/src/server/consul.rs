@@ -107,9 +107,9 @@ pub(crate) async fn agent_ready(address: &str, token: Option<&str>, node: &str) 
     if leader.len() <= 2 || !leader.starts_with('"') {
         return false;
     }
-    if !get(address, token, "/v1/agent/self")
+    if get(address, token, "/v1/agent/self")
         .await
-        .is_some_and(|r| r.status == 200)
+        .is_none_or(|r| r.status != 200)
     {
         return false;
     }

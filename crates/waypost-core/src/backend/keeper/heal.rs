@@ -16,7 +16,7 @@ use super::{key_of, set_status, Inner, Key, Presence, Reg, RegistryStore};
 impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
     fn set_all(&self, from: Option<RegistrationStatus>, to: RegistrationStatus) {
         for reg in self.lock().regs.values() {
-            if from.map_or(true, |f| *reg.status.borrow() == f) {
+            if from.is_none_or(|f| *reg.status.borrow() == f) {
                 set_status(&reg.status, to);
             }
         }
