@@ -314,8 +314,9 @@ fn main() {
             ));
         }
         table.push_str(&format!(
-            "\nClient CPU time per change, watching a service of {OTHERS} instances (each change \
-             re-lists all of them): waypost {} ms, raw reqwest + serde_json::Value {} ms ({:.2}×).\n",
+            "\nClient CPU time per change, watching a service of {OTHERS} instances (each answer \
+             lists all of them; waypost decodes the entries whose bytes changed): waypost {} ms, \
+             raw reqwest + serde_json::Value {} ms ({:.2}×).\n",
             ms(cpu_wp),
             ms(cpu_raw),
             cpu_wp.as_secs_f64() / cpu_raw.as_secs_f64().max(1e-9)

@@ -32,10 +32,10 @@ pub(crate) enum AclState {
     Valid,
 }
 
-/// One health listing: the entries (raw, decoded one by one by the caller) and the
-/// `X-Consul-Index` they were read at.
+/// One health listing: the answer's body (a JSON array of entries, split and decoded by
+/// the caller: `feed/entries.rs`) and the `X-Consul-Index` it was read at.
 pub(crate) struct HealthListing {
-    pub(crate) entries: Vec<serde_json::Value>,
+    pub(crate) body: Vec<u8>,
     pub(crate) index: u64,
 }
 

@@ -8,9 +8,12 @@
 //!   only 64 `Meta` entries and waypost users may use all 64: when waypost's keys do not
 //!   fit, they go into tags `waypost-weight=0` / `waypost-zone=...` instead. Both places
 //!   are read back.
-//! - The checks go in `Checks`: the TTL check `service:{service}:{id}` (registered passing),
+//! - The checks go in `Checks`: the **alias check** `service:{service}:{id}` of the client's
+//!   heartbeat service (`AliasService`: it is critical while the heartbeat's TTL check is),
 //!   and, when configured, the agent-run checks `service:{service}:{id}:http` / `:tcp`, all
 //!   with the same `DeregisterCriticalServiceAfter`.
+//! - The heartbeat service (`waypost-heartbeat`, one per client, `heartbeat.rs`) has the one
+//!   TTL check the client passes.
 //! - Decoding is tolerant: unknown fields are ignored, and an entry that cannot become a
 //!   valid instance is skipped with a warning by the caller.
 
@@ -24,6 +27,9 @@ use waypost_core::{Endpoint, Instance, InstanceId, ServiceName};
 use crate::config::ConsulConfig;
 
 const META_WEIGHT: &str = "waypost-weight";
+/// The name of every client's heartbeat service (see `heartbeat.rs`); hidden from
+/// `services()`, and not a name instances may be registered under.
+pub(crate) const HEARTBEAT_SERVICE: &str = "waypost-heartbeat";
 const META_ZONE: &str = "waypost-zone";
 
 /// The Consul service ID of an instance.
@@ -37,7 +43,8 @@ pub(crate) fn entry_key(node: &str, service_id: &str) -> String {
     format!("{node}/{service_id}")
 }
 
-/// The TTL check's ID of an instance.
+/// The ID of an instance's alias check (of the heartbeat service): the ID of the TTL
+/// check instances had before heartbeat services, so an upgraded client replaces it.
 pub(crate) fn check_id(service: &ServiceName, id: &InstanceId) -> String {
     format!("service:{}", service_id(service, id))
 }
@@ -74,6 +81,8 @@ pub(crate) struct Check {
     pub(crate) name: String,
     #[serde(rename = "TTL", skip_serializing_if = "Option::is_none")]
     pub(crate) ttl: Option<String>,
+    #[serde(rename = "AliasService", skip_serializing_if = "Option::is_none")]
+    pub(crate) alias_service: Option<String>,
     #[serde(rename = "HTTP", skip_serializing_if = "Option::is_none")]
     pub(crate) http: Option<String>,
     #[serde(rename = "TCP", skip_serializing_if = "Option::is_none")]
@@ -140,13 +149,52 @@ fn go_duration(d: Duration) -> String {
     format!("{}ms", d.as_millis().max(1))
 }
 
-/// The agent registration of `instance`: a TTL check registered passing and the
-/// configured agent-run checks, registered with `start`. (For a check it already has, the
-/// agent keeps the current status.)
+/// The agent registration of the heartbeat service `service_id`: one TTL check
+/// (`{service_id}:ttl`), registered passing. It is reaped a minute after the instances'
+/// alias checks would be: an alias check of a service that is gone passes ("no checks
+/// found"), so the instances must go first.
+pub(crate) fn heartbeat_registration(service_id: &str, config: &ConsulConfig) -> Registration {
+    Registration {
+        id: service_id.to_string(),
+        name: HEARTBEAT_SERVICE.to_string(),
+        address: String::new(),
+        port: 0,
+        tags: Vec::new(),
+        meta: BTreeMap::new(),
+        weights: Weights {
+            passing: 1,
+            warning: 1,
+        },
+        checks: vec![Check {
+            check_id: heartbeat_check_id(service_id),
+            name: format!("waypost heartbeat of {service_id}"),
+            ttl: Some(go_duration(config.ttl)),
+            alias_service: None,
+            http: None,
+            tcp: None,
+            interval: None,
+            timeout: None,
+            status: "passing",
+            deregister_critical_after: go_duration(
+                config.deregister_critical_after + Duration::from_secs(60),
+            ),
+        }],
+    }
+}
+
+/// The TTL check of the heartbeat service `service_id`.
+pub(crate) fn heartbeat_check_id(service_id: &str) -> String {
+    format!("{service_id}:ttl")
+}
+
+/// The agent registration of `instance`: an alias check of the heartbeat service
+/// `heartbeat` and the configured agent-run checks, registered with `start`. (For a check
+/// it already has, the agent keeps the current status.)
 pub(crate) fn encode(
     instance: &Instance,
     config: &ConsulConfig,
     start: AgentCheckStart,
+    heartbeat: &str,
 ) -> Registration {
     let mut ours = Vec::new();
     if instance.weight == 0 {
@@ -166,8 +214,9 @@ pub(crate) fn encode(
     let deregister_after = go_duration(config.deregister_critical_after);
     let mut checks = vec![Check {
         check_id: check_id(&instance.service, &instance.id),
-        name: format!("waypost TTL of {sid}"),
-        ttl: Some(go_duration(config.ttl)),
+        name: format!("waypost heartbeat of {sid}"),
+        ttl: None,
+        alias_service: Some(heartbeat.to_string()),
         http: None,
         tcp: None,
         interval: None,
@@ -196,6 +245,7 @@ pub(crate) fn encode(
             status,
             check_id: cid,
             ttl: None,
+            alias_service: None,
             http,
             tcp,
             interval: Some(go_duration(config.check_interval)),
@@ -331,7 +381,7 @@ mod tests {
 
     fn enc(i: &Instance) -> Registration {
         let config = ConsulConfig::default().with_ttl(Duration::from_secs(3));
-        encode(i, &config, AgentCheckStart::Passing)
+        encode(i, &config, AgentCheckStart::Passing, "waypost-heartbeat:t")
     }
 
     fn round_trip(i: &Instance) -> Instance {
@@ -359,7 +409,15 @@ mod tests {
         assert_eq!(reg.id, "s:i-1");
         assert_eq!(reg.checks.len(), 1);
         assert_eq!(reg.checks[0].check_id, "service:s:i-1");
-        assert_eq!(reg.checks[0].ttl.as_deref(), Some("3000ms"));
+        assert_eq!(reg.checks[0].ttl, None);
+        assert_eq!(
+            reg.checks[0].alias_service.as_deref(),
+            Some("waypost-heartbeat:t")
+        );
+        let hb = heartbeat_registration("waypost-heartbeat:t", &ConsulConfig::default());
+        assert_eq!(hb.checks[0].check_id, "waypost-heartbeat:t:ttl");
+        assert_eq!(hb.checks[0].ttl.as_deref(), Some("10000ms"));
+        assert_eq!(hb.checks[0].deregister_critical_after, "120000ms");
         assert_eq!(reg.weights.passing, 1);
         assert_eq!(reg.meta["waypost-weight"], "0");
         assert_eq!(round_trip(&i), i);
@@ -416,12 +474,13 @@ mod tests {
             .with_tcp_check(true)
             .with_check_interval(Duration::from_secs(2))
             .with_check_timeout(Duration::from_secs(1));
-        let reg = encode(&i, &config, AgentCheckStart::Passing);
+        let reg = encode(&i, &config, AgentCheckStart::Passing, "waypost-heartbeat:t");
         let json = serde_json::to_value(&reg).unwrap();
         let checks = json["Checks"].as_array().unwrap();
         assert_eq!(checks.len(), 3);
         assert_eq!(checks[0]["CheckID"], "service:s:i-1");
-        assert_eq!(checks[0]["TTL"], "10000ms");
+        assert_eq!(checks[0]["AliasService"], "waypost-heartbeat:t");
+        assert!(checks[0].get("TTL").is_none());
         assert!(checks[0].get("HTTP").is_none());
         assert_eq!(checks[1]["CheckID"], "service:s:i-1:http");
         assert_eq!(checks[1]["HTTP"], "http://10.0.0.5:8080/health");
@@ -435,7 +494,12 @@ mod tests {
         assert!(json.get("Check").is_none());
 
         // A re-registration by the heartbeat starts them critical; the TTL check passes.
-        let reg = encode(&i, &config, AgentCheckStart::Critical);
+        let reg = encode(
+            &i,
+            &config,
+            AgentCheckStart::Critical,
+            "waypost-heartbeat:t",
+        );
         let st: Vec<_> = reg.checks.iter().map(|c| c.status).collect();
         assert_eq!(st, ["passing", "critical", "critical"]);
     }

@@ -38,7 +38,7 @@ fn check_decode(entry: HealthEntry) -> Result<(), TestCaseError> {
 /// The health entry the agent returns for what `encode` registered.
 fn as_health_entry(i: &Instance) -> Value {
     let config = ConsulConfig::default().with_ttl(Duration::from_secs(3));
-    let reg = encode(i, &config, AgentCheckStart::Passing);
+    let reg = encode(i, &config, AgentCheckStart::Passing, "waypost-heartbeat:p");
     json!({
         "Node": {"Node": "n", "Address": "10.0.0.9"},
         "Service": {

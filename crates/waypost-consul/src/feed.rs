@@ -22,6 +22,8 @@
 //!   woken. A shared watch becomes a per-service one as soon as a permit is free (its
 //!   blocking query starts from the index it holds, so nothing is missed).
 
+mod entries;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,10 +32,11 @@ use futures::stream::BoxStream;
 use rand::Rng;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use waypost_core::backend::watch::{shared_instances, WatchHub};
-use waypost_core::backend::{Feed, Listing, Next, Session};
+use waypost_core::backend::{Change, Entry, Feed, Listing, Next, Session};
 use waypost_core::{Error, Instance, Result, Revision, ServiceName, WatchEvent};
 
 use crate::client::{AclState, Agent, Lane};
+use crate::error::ConsulError;
 use crate::mux::{Mux, Ticket};
 use crate::session::AgentDriver;
 
@@ -61,6 +64,8 @@ pub(crate) struct HealthFeed {
     offset: u64,
     /// Whether the last listing held anything (for the revoked-token check).
     non_empty: bool,
+    /// The last answer's entries: only what changed since is decoded.
+    known: entries::Known,
     generation: watch::Receiver<u64>,
     /// The client's session, to stop once it is closed.
     session: Option<Session<AgentDriver>>,
@@ -75,6 +80,12 @@ impl HealthFeed {
         let mut feed = Self::new(agent, service, Duration::from_secs(1), None, None);
         feed.node = agent.node_name().await;
         feed
+    }
+
+    /// Every valid instance of a health answer (for `instances()`).
+    pub(crate) fn decode_all(&mut self, body: &[u8]) -> Result<Vec<Entry<Instance>>> {
+        self.take(body, 0)?;
+        Ok(self.known.listing())
     }
 
     fn new(
@@ -94,6 +105,7 @@ impl HealthFeed {
             revision: 0,
             offset: 0,
             non_empty: false,
+            known: entries::Known::new(service),
             generation: agent.generation(),
             session,
             mux,
@@ -149,7 +161,8 @@ impl HealthFeed {
             .health(&self.service, None, self.read_lane())
             .await?;
         let revision = self.revision(listing.index);
-        let entries = Agent::decode(&self.service, listing.entries);
+        self.take(&listing.body, revision)?;
+        let entries = self.known.listing();
         self.non_empty = !entries.is_empty();
         Ok(Listing { entries, revision })
     }
@@ -189,14 +202,27 @@ impl HealthFeed {
                 continue; // the wait ran out with no change
             }
             let revision = self.revision(got);
-            let entries = Agent::decode(&self.service, listing.entries);
-            if entries.is_empty() && self.non_empty && self.acl == Some(AclState::Valid) {
+            let changes = self.take(&listing.body, revision)?;
+            let non_empty = self.known.has_instances();
+            if !non_empty && self.non_empty && self.acl == Some(AclState::Valid) {
                 // With ACLs, losing read access looks exactly like "everyone left".
                 self.agent.check_read_access(true).await?;
             }
-            self.non_empty = !entries.is_empty();
-            return Ok(Next::Listing(Listing { entries, revision }));
+            self.non_empty = non_empty;
+            return Ok(Next::Changes(changes));
         }
+    }
+
+    /// Takes a health answer as the last one: its changes since the last one, decoding
+    /// only the entries whose bytes changed (see `feed/entries.rs`).
+    fn take(&mut self, body: &[u8], revision: Revision) -> Result<Vec<Change<Instance>>> {
+        self.known.update(body, revision).map_err(|source| {
+            ConsulError::Decode {
+                op: "health query",
+                source,
+            }
+            .into()
+        })
     }
 
     /// The watch's revision of the agent's index `index`, which becomes the index of the
@@ -237,7 +263,7 @@ impl Feed for HealthFeed {
             .and_then(|rest| rest.strip_prefix(':'))
             == Some(item.id.as_str());
         // The node is unknown (a token without `agent:read`): any node's.
-        ours && self.node.as_deref().map_or(true, |n| n == node)
+        ours && self.node.as_deref().is_none_or(|n| n == node)
     }
 }
 

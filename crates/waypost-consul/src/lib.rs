@@ -11,6 +11,7 @@ mod config;
 mod coord;
 mod error;
 mod feed;
+mod heartbeat;
 mod kv;
 mod mux;
 mod session;
@@ -79,6 +80,9 @@ impl ConsulDiscovery {
         d.agent.ping().await?;
         // The node name, and the agent's per-client connection limit (the budget).
         d.agent.node_name().await;
+        // Whether reads are authorized (cached for every watch; a refusal is not cached
+        // and is reported by the first watch or listing, so it does not fail `connect`).
+        let _ = d.agent.check_read_access(false).await;
         if let Some(dc) = &d.config.datacenter {
             let known = d.agent.datacenters().await?;
             if !known.iter().any(|k| k == dc) {
@@ -98,17 +102,24 @@ impl ConsulDiscovery {
         config.validate()?;
         let agent = Agent::new(&config)?;
         let written = Written::default();
+        let heartbeat = heartbeat::Heartbeat::new(&agent, &config);
         // Retries (keep-alives, re-registrations, watches) back off within
         // `backoff_initial..backoff_max` (by default 100 ms up to a third of the TTL, at
         // most 5 s).
         let session = Session::new(
-            AgentDriver::new(agent.clone(), config.ttl, written.clone()),
+            AgentDriver::new(
+                agent.clone(),
+                config.ttl,
+                written.clone(),
+                heartbeat.clone(),
+            ),
             config.backoff(),
         );
         let store = AgentStore {
             agent: agent.clone(),
             config: config.clone(),
             written,
+            heartbeat,
         };
         let kv = Kv::new(
             ConsulKv::new(
@@ -245,8 +256,8 @@ impl Watcher for ConsulDiscovery {
         self.keeper.session().check_open()?;
         self.agent.check_read_access(false).await?;
         let listing = self.agent.health(service, None, Lane::Control).await?;
-        let entries = Agent::decode(service, listing.entries);
-        let feed = feed::HealthFeed::for_listing(&self.agent, service).await;
+        let mut feed = feed::HealthFeed::for_listing(&self.agent, service).await;
+        let entries = feed.decode_all(&listing.body)?;
         Ok(watch::snapshot(
             &feed,
             service,

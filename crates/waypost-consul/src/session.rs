@@ -3,17 +3,19 @@
 //!
 //! - `open`: the agent answers (`GET /v1/status/leader`, which needs no ACL). The handle
 //!   is an epoch, one per opened session.
-//! - `keep_alive`: the agent still answers; an error makes the session `Suspended` (and
-//!   every registration with it). The agent never "expires" a session: when it loses
-//!   services (a restarted agent keeps none of a `-dev` agent's, or Consul removed one
-//!   whose check stayed critical), the store's per-registration heartbeat finds them
-//!   missing and core's keeper registers them again.
+//! - `keep_alive`: passes the client's heartbeat TTL check (`heartbeat.rs`; registered
+//!   with the first instance, and again if the agent lost it), or pings the agent while
+//!   the client has registered nothing; an error makes the session `Suspended` (and every
+//!   registration with it). The agent never "expires" a session: when it loses services
+//!   (a restarted agent keeps none of a `-dev` agent's, or Consul removed one whose check
+//!   stayed critical), the store's read-back (`GET /v1/agent/services`, once per round)
+//!   finds them missing and core's keeper registers them again.
 //! - `close`: deregisters every agent service this client wrote and still holds, as the
-//!   end of a session releases its entries on the other registries.
+//!   end of a session releases its entries on the other registries, then the heartbeat.
 //!
-//! Each registration stays alive by its own **TTL check**, passed by
-//! [`RegistryStore::inspect`](waypost_core::backend::RegistryStore::inspect) once per
-//! keep-alive round: the interval is a third of the TTL.
+//! Registrations stay alive by the client's one **TTL check** (the heartbeat's; each
+//! instance has an alias check of it), passed once per keep-alive round: the interval is a
+//! third of the TTL.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -27,6 +29,7 @@ use waypost_core::{Error, Result};
 
 use crate::client::Agent;
 use crate::error::ConsulError;
+use crate::heartbeat::Heartbeat;
 
 /// One session of a client with its agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +64,7 @@ pub(crate) struct AgentDriver {
     pub(crate) agent: Agent,
     pub(crate) ttl: Duration,
     pub(crate) written: Written,
+    pub(crate) heartbeat: Heartbeat,
     epochs: Arc<AtomicU64>,
 }
 
@@ -69,16 +73,18 @@ impl fmt::Debug for AgentDriver {
         f.debug_struct("ConsulDriver")
             .field("agent", &self.agent)
             .field("ttl", &self.ttl)
+            .field("heartbeat", &self.heartbeat)
             .finish()
     }
 }
 
 impl AgentDriver {
-    pub(crate) fn new(agent: Agent, ttl: Duration, written: Written) -> Self {
+    pub(crate) fn new(agent: Agent, ttl: Duration, written: Written, heartbeat: Heartbeat) -> Self {
         Self {
             agent,
             ttl,
             written,
+            heartbeat,
             epochs: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -94,7 +100,7 @@ impl SessionDriver for AgentDriver {
     }
 
     async fn keep_alive(&self, _epoch: &AgentEpoch) -> Result<()> {
-        Ok(self.agent.ping().await?)
+        Ok(self.heartbeat.pass().await?)
     }
 
     async fn close(&self, _epoch: &AgentEpoch) -> Result<()> {
@@ -104,6 +110,15 @@ impl SessionDriver for AgentDriver {
                 tracing::warn!(%service_id, "consul: not deregistered at close; it leaves watches when its TTL runs out: {e}");
                 first_error.get_or_insert(e.into());
             }
+        }
+        // Only once no instance is left: an alias check of a service that is gone passes
+        // ("no checks found"), so an instance left behind must keep a heartbeat that runs
+        // out (it is reaped after them).
+        if first_error.is_some() {
+            tracing::warn!("consul: the heartbeat service is left to run out, with the instances that were not deregistered");
+        } else if let Err(e) = self.heartbeat.deregister().await {
+            tracing::warn!("consul: the heartbeat service was not deregistered at close; Consul removes it after its check stays critical: {e}");
+            first_error.get_or_insert(e.into());
         }
         first_error.map_or(Ok(()), Err)
     }

@@ -2,25 +2,28 @@
 //!
 //! - `write`: `PUT /v1/agent/service/register` (the agent syncs it to the catalog before
 //!   it answers). The agent replaces a service of the same ID, so there is no "foreign"
-//!   entry on one agent: a second registrant of one id replaces the first. A first
-//!   registration starts the agent-run checks (HTTP / TCP) *passing*; a write that heals
-//!   or updates a registration (`takeover`) starts them *critical* — for a check the agent
-//!   already runs, it keeps the current status either way.
-//! - `inspect`: the TTL heartbeat, `PUT /v1/agent/check/pass/{check}`. An unknown check
-//!   means the agent lost the service (restarted, or deregistered behind our back):
-//!   [`Presence::Missing`], and the keeper registers it again. Then
-//!   `GET /v1/agent/service/{id}` checks that the agent holds exactly our instance.
+//!   entry on one agent: a second registrant of one id replaces the first. The instance's
+//!   liveness is an alias check of the client's heartbeat service (`heartbeat.rs`). A
+//!   first registration starts the agent-run checks (HTTP / TCP) *passing*; a write that
+//!   heals or updates a registration (`takeover`) starts them *critical* — for a check
+//!   the agent already runs, it keeps the current status either way.
+//! - `inspect_many`: once per keep-alive round, **one** `GET /v1/agent/services` reads back
+//!   every instance the client holds (the heartbeat is the session's keep-alive, not a
+//!   request per instance): an instance the agent lost (restarted, or deregistered behind
+//!   our back) is [`Presence::Missing`], and the keeper registers it again.
+//!   `inspect` (one instance) is `GET /v1/agent/service/{id}`.
 //! - `delete`: `PUT /v1/agent/service/deregister/{id}`; an unknown service is success.
 
 use std::fmt;
 
 use async_trait::async_trait;
 use waypost_core::backend::{Presence, RegistryStore};
-use waypost_core::{Instance, Result};
+use waypost_core::{Error, Instance, Result};
 
 use crate::client::Agent;
-use crate::codec::{self, AgentCheckStart};
+use crate::codec::{self, AgentCheckStart, AgentService, HEARTBEAT_SERVICE};
 use crate::config::ConsulConfig;
+use crate::heartbeat::Heartbeat;
 use crate::session::{AgentEpoch, Written};
 
 /// The registration primitives over one agent.
@@ -28,6 +31,7 @@ pub(crate) struct AgentStore {
     pub(crate) agent: Agent,
     pub(crate) config: ConsulConfig,
     pub(crate) written: Written,
+    pub(crate) heartbeat: Heartbeat,
 }
 
 impl fmt::Debug for AgentStore {
@@ -38,11 +42,26 @@ impl fmt::Debug for AgentStore {
     }
 }
 
+/// What the agent holds under an instance's service ID, compared with the instance.
+fn presence(held: Option<AgentService>, instance: &Instance) -> Presence {
+    match held {
+        None => Presence::Missing,
+        Some(held) => Presence::Ours {
+            current: codec::decode_agent_service(held, &instance.service).as_ref() == Ok(instance),
+        },
+    }
+}
+
 #[async_trait]
 impl RegistryStore for AgentStore {
     type Handle = AgentEpoch;
 
     async fn write(&self, _epoch: &AgentEpoch, instance: &Instance, takeover: bool) -> Result<()> {
+        if instance.service.as_str() == HEARTBEAT_SERVICE {
+            return Err(Error::invalid_input(format!(
+                "service name `{HEARTBEAT_SERVICE}` is reserved for waypost's heartbeat services on Consul"
+            )));
+        }
         let start = if takeover {
             // An instance Consul removed after its health check failed for
             // `deregister_critical_after` must not come back into watches before that
@@ -52,27 +71,32 @@ impl RegistryStore for AgentStore {
             // `register` returning means watchers list it.
             AgentCheckStart::Passing
         };
-        let reg = codec::encode(instance, &self.config, start);
+        // The alias check must find the heartbeat (an alias of nothing passes).
+        self.heartbeat.ensure().await?;
+        let reg = codec::encode(instance, &self.config, start, self.heartbeat.service_id());
         // Recorded first: a write whose outcome is unknown is released at close too.
         self.written.insert(&reg.id);
         Ok(self.agent.register(&reg).await?)
     }
 
     async fn inspect(&self, _epoch: &AgentEpoch, instance: &Instance) -> Result<Presence> {
-        let check = codec::check_id(&instance.service, &instance.id);
-        match self.agent.pass(&check).await {
-            Ok(()) => {}
-            Err(e) if e.is_unknown_check() => return Ok(Presence::Missing),
-            Err(e) => return Err(e.into()),
-        }
         let service_id = codec::service_id(&instance.service, &instance.id);
-        Ok(match self.agent.service(&service_id).await? {
-            None => Presence::Missing,
-            Some(held) => Presence::Ours {
-                current: codec::decode_agent_service(held, &instance.service).as_ref()
-                    == Ok(instance),
-            },
-        })
+        Ok(presence(self.agent.service(&service_id).await?, instance))
+    }
+
+    async fn inspect_many(
+        &self,
+        _epoch: &AgentEpoch,
+        instances: &[Instance],
+    ) -> Result<Vec<Presence>> {
+        if instances.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut held = self.agent.local_services().await?;
+        Ok(instances
+            .iter()
+            .map(|i| presence(held.remove(&codec::service_id(&i.service, &i.id)), i))
+            .collect())
     }
 
     async fn delete(&self, _epoch: &AgentEpoch, instance: &Instance) -> Result<()> {

@@ -294,7 +294,10 @@ mod tests {
         let line = "registry unavailable: connect to 127.0.0.1:1: refused";
         assert_eq!(r.to_string(), line);
         assert_eq!(format!("{r:?}"), line);
-        assert_eq!(r.error().to_string(), "registry unavailable: connect to 127.0.0.1:1");
+        assert_eq!(
+            r.error().to_string(),
+            "registry unavailable: connect to 127.0.0.1:1"
+        );
         // A cause that repeats its error's text, or extends it, is not written twice.
         let inner = Error::Unavailable {
             message: "connect failed: no hosts".into(),

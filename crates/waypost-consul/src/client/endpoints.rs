@@ -5,11 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
-use waypost_core::backend::Entry;
-use waypost_core::{Error, Instance, Result, ServiceName};
+use waypost_core::{Error, Result, ServiceName};
 
 use super::{AclState, Agent, HealthListing, Lane, Pools};
-use crate::codec::{AgentService, HealthEntry, Registration};
+use crate::codec::{AgentService, Registration};
 use crate::error::ConsulError;
 
 impl Agent {
@@ -148,9 +147,7 @@ impl Agent {
             op,
             what: "the response has no X-Consul-Index header".into(),
         })?;
-        let entries: Vec<serde_json::Value> =
-            serde_json::from_slice(&body).map_err(|source| ConsulError::Decode { op, source })?;
-        Ok(HealthListing { entries, index })
+        Ok(HealthListing { body, index })
     }
 
     /// `GET /v1/catalog/services`: the names of every service in the catalog of the
@@ -169,6 +166,8 @@ impl Agent {
             serde_json::from_slice(&body).map_err(|source| ConsulError::Decode { op, source })?;
         let mut names: Vec<ServiceName> = listed
             .into_keys()
+            // Every waypost client's heartbeat service (`heartbeat.rs`) is bookkeeping.
+            .filter(|name| name != crate::codec::HEARTBEAT_SERVICE)
             .filter_map(|name| match ServiceName::new(&name) {
                 Ok(n) => Some(n),
                 Err(why) => {
@@ -179,35 +178,6 @@ impl Agent {
             .collect();
         names.sort();
         Ok(names)
-    }
-
-    /// Decodes the entries of a listing, keyed `{node}/{service id}`, skipping (with a
-    /// warning) what is not a valid instance of `service`.
-    pub(crate) fn decode(
-        service: &ServiceName,
-        entries: Vec<serde_json::Value>,
-    ) -> Vec<Entry<Instance>> {
-        entries
-            .into_iter()
-            .filter_map(|v| {
-                let entry: HealthEntry = match serde_json::from_value(v) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        tracing::warn!(%service, "consul: skipping a malformed health entry: {e}");
-                        return None;
-                    }
-                };
-                let sid = entry.service.id.clone();
-                let key = crate::codec::entry_key(entry.node.as_ref().map_or("", |n| &n.name), &sid);
-                match crate::codec::decode(entry, service) {
-                    Ok(item) => Some(Entry { key, item }),
-                    Err(why) => {
-                        tracing::warn!(%service, service_id = %sid.escape_debug(), "consul: skipping an entry that is not a valid instance: {why}");
-                        None
-                    }
-                }
-            })
-            .collect()
     }
 
     /// `GET /v1/agent/service/{id}`: the agent's local service, `None` if it has none.
@@ -232,6 +202,17 @@ impl Agent {
             Err(ConsulError::Status { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// `GET /v1/agent/services`: every service of the agent's local state, by ID.
+    pub(crate) async fn local_services(
+        &self,
+    ) -> Result<std::collections::HashMap<String, AgentService>, ConsulError> {
+        let op = "read agent services";
+        let (body, _) = self
+            .send_limited(op, Method::GET, "/v1/agent/services", &[], None)
+            .await?;
+        serde_json::from_slice(&body).map_err(|source| ConsulError::Decode { op, source })
     }
 
     /// The agent's node name (`GET /v1/agent/self`, once), or `None` when the agent does

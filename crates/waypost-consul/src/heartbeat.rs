@@ -1,0 +1,113 @@
+//! The client's heartbeat: **one** TTL check per client, whatever the number of instances
+//! it registers.
+//!
+//! Each client registers a hidden agent service, `waypost-heartbeat` with the ID
+//! `waypost-heartbeat:{random}`, whose one TTL check (`{id}:ttl`) the session's keep-alive
+//! passes every third of the TTL. Every instance carries an **alias check** of it
+//! (`AliasService`), which the agent keeps in the heartbeat check's state: when the client
+//! stops passing it (a crash), its TTL runs out and every instance of the client leaves
+//! the passing set at once. The agent does its per-check-update work once per keep-alive
+//! round, not once per instance.
+//!
+//! - `ensure`: before the client's first instance is written, `PUT
+//!   /v1/agent/service/register` with the TTL check passing (once; concurrent first
+//!   registrations wait for the one request). A client that registers nothing (a watcher,
+//!   the CLI) has no heartbeat service.
+//! - `pass`: `PUT /v1/agent/check/pass/{id}:ttl` once the heartbeat exists (else a ping);
+//!   an unknown check (agent restarted, or the service deregistered behind our back)
+//!   registers the service again.
+//! - `deregister`: at the session's close, after the instances.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::client::Agent;
+use crate::codec::{self, HEARTBEAT_SERVICE};
+use crate::config::ConsulConfig;
+use crate::error::ConsulError;
+
+/// One client's heartbeat service. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Heartbeat {
+    agent: Agent,
+    config: Arc<ConsulConfig>,
+    service_id: Arc<str>,
+    /// Whether the heartbeat was registered (and not deregistered at close since).
+    registered: Arc<AtomicBool>,
+    /// Held while it is being registered by `ensure`.
+    registering: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl fmt::Debug for Heartbeat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Heartbeat")
+            .field("service_id", &self.service_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Heartbeat {
+    /// A heartbeat with a fresh random ID (nothing is sent yet).
+    pub(crate) fn new(agent: &Agent, config: &ConsulConfig) -> Self {
+        Self {
+            agent: agent.clone(),
+            config: Arc::new(config.clone()),
+            service_id: format!("{HEARTBEAT_SERVICE}:{:016x}", rand::random::<u64>()).into(),
+            registered: Arc::new(AtomicBool::new(false)),
+            registering: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// The heartbeat service's ID (what the instances' alias checks name).
+    pub(crate) fn service_id(&self) -> &str {
+        &self.service_id
+    }
+
+    /// Registers the heartbeat service, its TTL check passing.
+    async fn register(&self) -> Result<(), ConsulError> {
+        let reg = codec::heartbeat_registration(&self.service_id, &self.config);
+        self.agent.register(&reg).await?;
+        self.registered.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Registers the heartbeat service unless it was already (before an instance's write).
+    pub(crate) async fn ensure(&self) -> Result<(), ConsulError> {
+        if self.registered.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _one = self.registering.lock().await;
+        if self.registered.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.register().await
+    }
+
+    /// Passes the TTL check, or only pings the agent while the client has no heartbeat;
+    /// registers the service again when the agent does not know it.
+    pub(crate) async fn pass(&self) -> Result<(), ConsulError> {
+        if !self.registered.load(Ordering::Acquire) {
+            return self.agent.ping().await;
+        }
+        match self
+            .agent
+            .pass(&codec::heartbeat_check_id(&self.service_id))
+            .await
+        {
+            Err(e) if e.is_unknown_check() => {
+                tracing::info!(service_id = %self.service_id, "consul: the agent lost this client's heartbeat service; registering it again");
+                self.register().await
+            }
+            other => other,
+        }
+    }
+
+    /// Deregisters the heartbeat service (an unknown one is fine), if it was registered.
+    pub(crate) async fn deregister(&self) -> Result<(), ConsulError> {
+        if self.registered.swap(false, Ordering::AcqRel) {
+            self.agent.deregister(&self.service_id).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,237 @@
+//! One heartbeat per client (`heartbeat.rs`): many instances, one TTL check; a crashed
+//! client takes all its instances out of the passing set within its TTL, Consul reaps them
+//! after `deregister_critical_after`, and a heartbeat service deregistered behind the
+//! client's back comes back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use waypost_consul::{ConsulConfig, ConsulDiscovery};
+use waypost_core::{InstanceSet, Registrar, RegistrationStatus, Watcher};
+use waypost_testkit::conformance::{wait_for_set, Namespace};
+use waypost_testkit::ConsulServer;
+
+const TTL: Duration = Duration::from_secs(3);
+const T: Duration = Duration::from_secs(15);
+const N: usize = 40;
+
+async fn client(server: &ConsulServer) -> Arc<ConsulDiscovery> {
+    let config = ConsulConfig::from_url(&server.url())
+        .unwrap()
+        .with_ttl(TTL)
+        .with_request_timeout(Duration::from_secs(2));
+    Arc::new(ConsulDiscovery::connect(config).await.expect("connect"))
+}
+
+async fn get(server: &ConsulServer, path: &str) -> serde_json::Value {
+    let url = format!("http://{}{path}", server.address());
+    serde_json::from_slice(&reqwest::get(url).await.unwrap().bytes().await.unwrap()).unwrap()
+}
+
+/// The agent's checks of service `service`, as (check ID, type, status).
+async fn checks_of(server: &ConsulServer, service: &str) -> Vec<(String, String, String)> {
+    let checks = get(server, "/v1/agent/checks").await;
+    let mut out: Vec<_> = checks
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|c| c["ServiceName"] == service)
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+            (s("CheckID"), s("Type"), s("Status"))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Waits until `cond` holds for what `read` returns, or fails naming `what`.
+async fn until<F, Fut, V>(within: Duration, what: &str, read: F, cond: impl Fn(&V) -> bool) -> V
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = V>,
+    V: std::fmt::Debug,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        let v = read().await;
+        if cond(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} within {within:?}: last {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Many instances of one client cost one TTL check (the heartbeat's) and an alias check
+/// each; the heartbeat service is in the catalog but not in `services()`; when the client
+/// crashes, every instance leaves the passing set within the TTL (not at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_client_takes_all_its_instances_out_within_the_ttl() {
+    let Some(server) = waypost_testkit::server::consul().await else {
+        return;
+    };
+    let ns = Namespace::new();
+    let svc = ns.service("hb");
+    let victim = client(&server).await;
+    let watcher = client(&server).await;
+    let mut regs = Vec::new();
+    for n in 0..N {
+        regs.push(
+            victim
+                .register(ns.instance(&svc, &format!("i{n}"), 1000 + n as u16))
+                .await
+                .unwrap(),
+        );
+    }
+    let checks = checks_of(&server, svc.as_str()).await;
+    assert_eq!(checks.len(), N);
+    assert!(
+        checks
+            .iter()
+            .all(|(_, ty, st)| ty == "alias" && st == "passing"),
+        "{checks:?}"
+    );
+    let heartbeat = checks_of(&server, "waypost-heartbeat").await;
+    assert_eq!(heartbeat.len(), 1, "{heartbeat:?}");
+    assert_eq!(
+        (heartbeat[0].1.as_str(), heartbeat[0].2.as_str()),
+        ("ttl", "passing")
+    );
+    let catalog = get(&server, "/v1/catalog/services").await;
+    assert!(catalog.get("waypost-heartbeat").is_some());
+    let listed = watcher.services().await.unwrap();
+    assert!(listed.contains(&svc));
+    assert!(!listed.iter().any(|s| s.as_str() == "waypost-heartbeat"));
+
+    let mut watch = watcher.watch(&svc);
+    let mut set = InstanceSet::new();
+    wait_for_set(&mut watch, &mut set, T, "all", |s| s.len() == N).await;
+    // Several keep-alive rounds: the instances stay (one pass per round keeps them all).
+    tokio::time::sleep(TTL * 2).await;
+    assert!(regs
+        .iter()
+        .all(|r| r.current_status() == RegistrationStatus::Registered));
+    assert_eq!(
+        get(&server, &format!("/v1/health/service/{svc}?passing=true"))
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        N
+    );
+
+    waypost_core::backend::TestHooks::crash(&*victim);
+    for r in regs {
+        std::mem::forget(r);
+    }
+    let crashed = Instant::now();
+    wait_for_set(
+        &mut watch,
+        &mut set,
+        TTL + Duration::from_secs(4),
+        "all gone",
+        |s| s.is_empty(),
+    )
+    .await;
+    let after = crashed.elapsed();
+    assert!(
+        after >= TTL / 2,
+        "gone after {after:?}, before the TTL could run out"
+    );
+    let checks = checks_of(&server, svc.as_str()).await;
+    assert!(
+        checks.iter().all(|(_, _, st)| st == "critical"),
+        "{checks:?}"
+    );
+}
+
+/// `deregister_critical_after` still removes a crashed client's instances (before its
+/// heartbeat service, whose removal would make their alias checks pass).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_clients_instances_are_reaped() {
+    let Some(server) = waypost_testkit::server::consul().await else {
+        return;
+    };
+    let ns = Namespace::new();
+    let svc = ns.service("reap");
+    let victim = client(&server).await;
+    for n in 0..3 {
+        std::mem::forget(
+            victim
+                .register(ns.instance(&svc, &format!("r{n}"), 1))
+                .await
+                .unwrap(),
+        );
+    }
+    waypost_core::backend::TestHooks::crash(&*victim);
+    // Consul's floor of 1 minute, then its reaper's period (30 s in 1.8).
+    let services = || async {
+        get(&server, "/v1/agent/services")
+            .await
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|s| s["Service"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let left = until(
+        Duration::from_secs(120),
+        "instances reaped",
+        services,
+        |s| !s.iter().any(|n| n == svc.as_str()),
+    )
+    .await;
+    // The heartbeat goes a minute later: nothing came back passing meanwhile.
+    assert!(left.iter().any(|n| n == "waypost-heartbeat"), "{left:?}");
+    assert!(get(&server, &format!("/v1/health/service/{svc}"))
+        .await
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
+
+/// A heartbeat service deregistered behind the client's back is registered again by the
+/// next keep-alive; the instances stay registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_deregistered_behind_our_back_comes_back() {
+    let Some(server) = waypost_testkit::server::consul().await else {
+        return;
+    };
+    let ns = Namespace::new();
+    let svc = ns.service("hbback");
+    let c = client(&server).await;
+    let reg = c.register(ns.instance(&svc, "a", 1)).await.unwrap();
+    let hb = checks_of(&server, "waypost-heartbeat").await;
+    let hb_service = hb[0].0.trim_end_matches(":ttl").to_string();
+    let resp = reqwest::Client::new()
+        .put(format!(
+            "http://{}/v1/agent/service/deregister/{hb_service}",
+            server.address()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success());
+    until(
+        T,
+        "heartbeat back",
+        || checks_of(&server, "waypost-heartbeat"),
+        |c| c.len() == 1 && c[0].2 == "passing",
+    )
+    .await;
+    assert_eq!(reg.current_status(), RegistrationStatus::Registered);
+    // The alias check follows the heartbeat; the catalog follows the agent's state (its
+    // sync runs in the background).
+    let passing = format!("/v1/health/service/{svc}?passing=true");
+    until(
+        T,
+        "the instance passing",
+        || get(&server, &passing),
+        |p| p.as_array().map_or(0, Vec::len) == 1,
+    )
+    .await;
+}
