@@ -6,6 +6,8 @@ use super::script::{id, inst, snapshot, svc, ScriptedWatcher};
 use super::*;
 use crate::backoff::Backoff;
 
+mod edges;
+
 const T: Duration = Duration::from_secs(5);
 
 const STRATEGIES: [Strategy; 5] = [

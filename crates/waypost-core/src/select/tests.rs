@@ -2,6 +2,8 @@
 
 use super::*;
 
+mod edges;
+
 /// A fixed-seed splitmix64, so these tests are deterministic.
 fn rng(seed: u64) -> impl FnMut() -> u64 {
     let mut s = seed;
