@@ -190,6 +190,13 @@ impl ConsulDiscovery {
         &self.config
     }
 
+    /// How many registrations wait to be confirmed gone from the agent: writes whose outcome
+    /// is unknown (a timeout, a lost reply) and deletes that failed; the client retries them
+    /// every keep-alive round.
+    pub fn pending_removals(&self) -> usize {
+        self.keeper.pending_removals()
+    }
+
     /// How this client's connections to its agent are split between registrations and
     /// watches (sized at [`connect`](Self::connect) from the agent's
     /// `http_max_conns_per_client`); see "Many watched services" in the crate docs.

@@ -76,7 +76,17 @@ impl RegistryStore for AgentStore {
         let reg = codec::encode(instance, &self.config, start, self.heartbeat.service_id());
         // Recorded first: a write whose outcome is unknown is released at close too.
         self.written.insert(&reg.id);
-        Ok(self.agent.register(&reg).await?)
+        match self.agent.register(&reg).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e: Error = e.into();
+                if e.is_temporary() {
+                    // It may still land after the keeper deleted the leftover.
+                    self.written.uncertain(&reg.id);
+                }
+                Err(e)
+            }
+        }
     }
 
     async fn inspect(&self, _epoch: &AgentEpoch, instance: &Instance) -> Result<Presence> {

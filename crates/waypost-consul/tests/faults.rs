@@ -261,3 +261,75 @@ async fn deregistered_behind_our_back_comes_back() {
         .await
         .expect("Registered again");
 }
+
+/// A `register` that fails while the agent is paused has an unknown outcome: the agent may
+/// apply it after the client cleaned up. Such an entry would pass for as long as the client
+/// lives (its alias check follows the client's heartbeat), so the client looks for it every
+/// round and removes it. The late write is played here by a raw write of the same service
+/// ID after the client's own clean-up, so the order is certain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_write_with_an_unknown_outcome_is_removed() {
+    let Some(server) = waypost_testkit::server::consul().await else {
+        return;
+    };
+    let ns = Namespace::new();
+    let svc = ns.service("late");
+    let c = client(&server).await;
+    let anchor = ns.instance(&svc, "anchor", 1);
+    let _anchor = c.register(anchor.clone()).await.unwrap();
+    let lost = ns.instance(&svc, "lost", 2);
+    server.pause().unwrap();
+    let failed = tokio::time::timeout(T, c.register(lost.clone())).await;
+    server.resume().unwrap();
+    let err = failed
+        .expect("register returns while the agent is paused")
+        .expect_err("register fails while the agent is paused");
+    assert!(err.is_temporary(), "{err}");
+    let listed = |v: &serde_json::Value, id: &str| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["Service"]["ID"] == format!("{svc}:{id}"))
+    };
+    // The client's own clean-up of the leftover (whatever the agent applied).
+    let deadline = Instant::now() + T;
+    while c.pending_removals() > 0
+        || listed(&health_raw(&server, svc.as_str(), false).await, "lost")
+    {
+        assert!(Instant::now() < deadline, "the leftover was never removed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The late write lands.
+    let resp = reqwest::Client::new()
+        .put(format!(
+            "http://{}/v1/agent/service/register",
+            server.address()
+        ))
+        .body(
+            serde_json::json!({"ID": format!("{svc}:lost"), "Name": svc.as_str(), "Port": 2})
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success());
+    assert!(listed(
+        &health_raw(&server, svc.as_str(), true).await,
+        "lost"
+    ));
+    // Removed within a keep-alive round or two; the live registration stays.
+    let deadline = Instant::now() + TTL * 2;
+    loop {
+        let all = health_raw(&server, svc.as_str(), false).await;
+        if !listed(&all, "lost") {
+            assert!(listed(&all, "anchor"), "the live registration went missing");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the late write is still listed after {:?}",
+            TTL * 2
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
