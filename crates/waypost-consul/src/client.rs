@@ -66,8 +66,12 @@ struct Pools {
 impl Pools {
     fn new(config: &ConsulConfig, budget: &ConnectionBudget) -> Result<Self> {
         Ok(Self {
-            control: build_http(config, budget.control_connections)?,
-            watch: build_http(config, budget.watch_reads)?,
+            control: build_http(config, budget.control_connections, Duration::from_secs(30))?,
+            // Watch reads come in bursts (listings, reads after a change signal); their
+            // connections are not kept long against the agent's per-client limit, and
+            // dropped watches leave nothing open for long (`dropped_watches_are_released`
+            // counts the agent's connections).
+            watch: build_http(config, budget.watch_reads, Duration::from_secs(3))?,
         })
     }
 }

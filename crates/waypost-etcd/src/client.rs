@@ -133,15 +133,22 @@ fn read_file(option: &str, path: &std::path::Path) -> Result<Vec<u8>> {
     })
 }
 
+/// How long an HTTP/2 ping may go unanswered: `request_timeout`, at most 3 s (a live
+/// member answers a ping at once, even when busy).
+fn ping_timeout(config: &EtcdConfig) -> Duration {
+    config.request_timeout.min(Duration::from_secs(3))
+}
+
 fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions> {
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(config.connect_timeout)
         // Watches on a member cut off from the leader are cancelled rather than silent.
         .with_require_leader(true)
         // HTTP/2 pings find dead connections under streams (a blackholed member: the
-        // client moves to another one after interval + timeout); etcd refuses pings more
-        // often than every 5 s (`--grpc-keepalive-min-time`), and pings without streams.
-        .with_keep_alive(Duration::from_secs(6), config.request_timeout)
+        // client moves to another one after interval + timeout, 9 s at most, within the
+        // default 10 s lease); etcd refuses pings more often than every 5 s
+        // (`--grpc-keepalive-min-time`), and pings without streams.
+        .with_keep_alive(Duration::from_secs(6), ping_timeout(config))
         .with_keep_alive_while_idle(false);
     if let (Some(user), Some(password)) = (&config.username, &config.password) {
         opts = opts

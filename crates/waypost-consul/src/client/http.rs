@@ -17,8 +17,12 @@ fn read_pem(what: &str, path: &std::path::Path) -> Result<Vec<u8>> {
 }
 
 /// The HTTP client of `config`, keeping at most `max_idle` idle connections (more are
-/// closed as they come back); fails only on bad TLS material.
-pub(super) fn build_http(config: &ConsulConfig, max_idle: usize) -> Result<reqwest::Client> {
+/// closed as they come back) for `idle` each; fails only on bad TLS material.
+pub(super) fn build_http(
+    config: &ConsulConfig,
+    max_idle: usize,
+    idle: Duration,
+) -> Result<reqwest::Client> {
     let mut headers = HeaderMap::new();
     if let Some(token) = &config.token {
         let mut v = HeaderValue::from_str(token.expose()).map_err(|_| {
@@ -31,7 +35,7 @@ pub(super) fn build_http(config: &ConsulConfig, max_idle: usize) -> Result<reqwe
         .default_headers(headers)
         .connect_timeout(config.connect_timeout)
         .no_proxy()
-        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_idle_timeout(idle)
         .pool_max_idle_per_host(max_idle)
         .tcp_nodelay(true)
         .user_agent(concat!("waypost-consul/", env!("CARGO_PKG_VERSION")));
