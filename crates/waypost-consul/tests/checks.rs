@@ -13,6 +13,8 @@ use waypost_testkit::ConsulServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+mod common;
+
 /// Generous: the agent runs the checks every second (Consul's minimum interval).
 const T: Duration = Duration::from_secs(20);
 
@@ -284,12 +286,7 @@ async fn reregistration_starts_agent_checks_critical() {
     let sid = format!("{svc}:web-1");
     let http_id = format!("service:{sid}:http");
 
-    let url = format!(
-        "http://{}/v1/agent/service/deregister/{sid}",
-        server.address()
-    );
-    let resp = reqwest::Client::new().put(url).send().await.unwrap();
-    assert!(resp.status().is_success(), "{resp:?}");
+    common::agent_put(&server, &format!("service/deregister/{sid}"), None).await;
 
     // The heartbeat (every second) notices and registers again.
     let deadline = tokio::time::Instant::now() + T;

@@ -12,6 +12,8 @@ use waypost_core::{
 use waypost_testkit::conformance::{wait_for_event, wait_for_set, Namespace};
 use waypost_testkit::ConsulServer;
 
+mod common;
+
 const TTL: Duration = Duration::from_secs(3);
 const T: Duration = Duration::from_secs(15);
 
@@ -243,15 +245,7 @@ async fn deregistered_behind_our_back_comes_back() {
     let mut watch = c.watch(&svc);
     let mut set = InstanceSet::new();
     wait_for_set(&mut watch, &mut set, T, "a", |s| s.contains(&a.id)).await;
-    let resp = reqwest::Client::new()
-        .put(format!(
-            "http://{}/v1/agent/service/deregister/{svc}:a",
-            server.address()
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_success());
+    common::agent_put(&server, &format!("service/deregister/{svc}:a"), None).await;
     wait_for_set(&mut watch, &mut set, T, "a removed", |s| s.is_empty()).await;
     wait_for_set(&mut watch, &mut set, T, "a back", |s| {
         s.get(&a.id) == Some(&a)
@@ -300,19 +294,8 @@ async fn a_late_write_with_an_unknown_outcome_is_removed() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The late write lands.
-    let resp = reqwest::Client::new()
-        .put(format!(
-            "http://{}/v1/agent/service/register",
-            server.address()
-        ))
-        .body(
-            serde_json::json!({"ID": format!("{svc}:lost"), "Name": svc.as_str(), "Port": 2})
-                .to_string(),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_success());
+    let late = serde_json::json!({"ID": format!("{svc}:lost"), "Name": svc.as_str(), "Port": 2});
+    common::agent_put(&server, "service/register", Some(late.to_string())).await;
     assert!(listed(
         &health_raw(&server, svc.as_str(), true).await,
         "lost"

@@ -11,6 +11,8 @@ use waypost_core::{InstanceSet, Registrar, RegistrationStatus, Watcher};
 use waypost_testkit::conformance::{wait_for_set, Namespace};
 use waypost_testkit::ConsulServer;
 
+mod common;
+
 const TTL: Duration = Duration::from_secs(3);
 const T: Duration = Duration::from_secs(15);
 const N: usize = 40;
@@ -207,15 +209,7 @@ async fn heartbeat_deregistered_behind_our_back_comes_back() {
     let reg = c.register(ns.instance(&svc, "a", 1)).await.unwrap();
     let hb = checks_of(&server, "waypost-heartbeat").await;
     let hb_service = hb[0].0.trim_end_matches(":ttl").to_string();
-    let resp = reqwest::Client::new()
-        .put(format!(
-            "http://{}/v1/agent/service/deregister/{hb_service}",
-            server.address()
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_success());
+    common::agent_put(&server, &format!("service/deregister/{hb_service}"), None).await;
     until(
         T,
         "heartbeat back",
