@@ -185,7 +185,20 @@ async fn paused_agent_makes_the_watch_stale_then_resyncs() {
     };
     let ns = Namespace::new();
     let svc = ns.service("pause");
-    let reg_client = client(&server).await;
+    // The registrant's TTL outlasts the pause: a paused agent's TTL timers fire as soon as
+    // it resumes, and with a shorter TTL the instance is critical until the registrant's
+    // next heartbeat, so a resync in between would rightly be empty.
+    let reg_client = Arc::new(
+        ConsulDiscovery::connect(
+            ConsulConfig::from_url(&server.url())
+                .unwrap()
+                .with_ttl(Duration::from_secs(30))
+                .with_request_timeout(Duration::from_secs(2))
+                .with_connect_timeout(Duration::from_secs(1)),
+        )
+        .await
+        .expect("connect"),
+    );
     let watcher = client(&server).await;
     let a = ns.instance(&svc, "a", 1);
     let reg = reg_client.register(a.clone()).await.unwrap();
