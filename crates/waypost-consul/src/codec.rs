@@ -151,8 +151,10 @@ fn go_duration(d: Duration) -> String {
 
 /// The agent registration of the heartbeat service `service_id`: one TTL check
 /// (`{service_id}:ttl`), registered passing. It is reaped a minute after the instances'
-/// alias checks would be: an alias check of a service that is gone passes ("no checks
-/// found"), so the instances must go first.
+/// alias checks would be, so a crashed client's instances leave the catalog first. (On
+/// Consul 1.8.7 an alias check of a service the agent does not hold is critical, "could
+/// not be found on node"; of a service *without checks* it passes, "No checks found.":
+/// the heartbeat always carries its TTL check.)
 pub(crate) fn heartbeat_registration(service_id: &str, config: &ConsulConfig) -> Registration {
     Registration {
         id: service_id.to_string(),

@@ -16,6 +16,12 @@
 //! - `pass`: `PUT /v1/agent/check/pass/{id}:ttl` once the heartbeat exists (else a ping);
 //!   an unknown check (agent restarted, or the service deregistered behind our back)
 //!   registers the service again.
+//! - `lost`: the keeper's read-back of the agent's services did not find the heartbeat, or
+//!   the session opens a new epoch after a failed keep-alive (agent restarted): the
+//!   instances it re-registers next register the heartbeat first.
+//!   An alias check of a service the agent does not hold is *critical* ("could not be
+//!   found on node"), so an instance written before its heartbeat would leave the passing
+//!   set until the keep-alive's next `pass` put the heartbeat back.
 //! - `deregister`: at the session's close, after the instances.
 
 use std::fmt;
@@ -35,6 +41,8 @@ pub(crate) struct Heartbeat {
     service_id: Arc<str>,
     /// Whether the heartbeat was registered (and not deregistered at close since).
     registered: Arc<AtomicBool>,
+    /// Whether a read-back of the agent's services found it gone since it was registered.
+    missing: Arc<AtomicBool>,
     /// Held while it is being registered by `ensure`.
     registering: Arc<tokio::sync::Mutex<()>>,
 }
@@ -55,6 +63,7 @@ impl Heartbeat {
             config: Arc::new(config.clone()),
             service_id: format!("{HEARTBEAT_SERVICE}:{:016x}", rand::random::<u64>()).into(),
             registered: Arc::new(AtomicBool::new(false)),
+            missing: Arc::new(AtomicBool::new(false)),
             registering: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
@@ -67,18 +76,29 @@ impl Heartbeat {
     /// Registers the heartbeat service, its TTL check passing.
     async fn register(&self) -> Result<(), ConsulError> {
         let reg = codec::heartbeat_registration(&self.service_id, &self.config);
-        self.agent.register(&reg).await?;
+        // Cleared first: a loss noted while this request runs is kept for the next write.
+        self.missing.store(false, Ordering::Release);
+        if let Err(e) = self.agent.register(&reg).await {
+            self.missing.store(true, Ordering::Release);
+            return Err(e);
+        }
         self.registered.store(true, Ordering::Release);
         Ok(())
     }
 
-    /// Registers the heartbeat service unless it was already (before an instance's write).
+    /// Whether the agent holds the heartbeat, as far as this client knows.
+    fn held(&self) -> bool {
+        self.registered.load(Ordering::Acquire) && !self.missing.load(Ordering::Acquire)
+    }
+
+    /// Registers the heartbeat service unless the agent holds it already (before an
+    /// instance's write).
     pub(crate) async fn ensure(&self) -> Result<(), ConsulError> {
-        if self.registered.load(Ordering::Acquire) {
+        if self.held() {
             return Ok(());
         }
         let _one = self.registering.lock().await;
-        if self.registered.load(Ordering::Acquire) {
+        if self.held() {
             return Ok(());
         }
         self.register().await
@@ -90,6 +110,9 @@ impl Heartbeat {
         if !self.registered.load(Ordering::Acquire) {
             return self.agent.ping().await;
         }
+        if self.missing.load(Ordering::Acquire) {
+            return self.ensure().await;
+        }
         match self
             .agent
             .pass(&codec::heartbeat_check_id(&self.service_id))
@@ -100,6 +123,16 @@ impl Heartbeat {
                 self.register().await
             }
             other => other,
+        }
+    }
+
+    /// Notes that the agent may no longer hold the heartbeat service (a read-back of its
+    /// services did not find it, or a new epoch follows a failed keep-alive): the next
+    /// instance write or keep-alive registers it again first, so an instance's alias check
+    /// finds it from the start.
+    pub(crate) fn lost(&self) {
+        if self.registered.load(Ordering::Acquire) && !self.missing.swap(true, Ordering::AcqRel) {
+            tracing::info!(service_id = %self.service_id, "consul: the agent may have lost this client's heartbeat service; it is registered again before the instances");
         }
     }
 

@@ -153,6 +153,10 @@ impl SessionDriver for AgentDriver {
 
     async fn open(&self) -> Result<AgentEpoch> {
         self.agent.ping().await?;
+        // A new epoch follows a keep-alive that failed: the agent may have restarted and
+        // lost the heartbeat. The instances the keeper writes again register it first (an
+        // alias check of a service the agent does not hold starts critical).
+        self.heartbeat.lost();
         Ok(AgentEpoch(self.epochs.fetch_add(1, Ordering::Relaxed) + 1))
     }
 
@@ -174,9 +178,9 @@ impl SessionDriver for AgentDriver {
                 first_error.get_or_insert(e.into());
             }
         }
-        // Only once no instance is left: an alias check of a service that is gone passes
-        // ("no checks found"), so an instance left behind must keep a heartbeat that runs
-        // out (it is reaped after them).
+        // Only once no instance is left: an instance left behind keeps its heartbeat,
+        // which runs out a TTL later and takes it out of the passing set (and is reaped
+        // after it).
         if first_error.is_some() {
             tracing::warn!("consul: the heartbeat service is left to run out, with the instances that were not deregistered");
         } else if let Err(e) = self.heartbeat.deregister().await {

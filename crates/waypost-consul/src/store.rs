@@ -71,7 +71,8 @@ impl RegistryStore for AgentStore {
             // `register` returning means watchers list it.
             AgentCheckStart::Passing
         };
-        // The alias check must find the heartbeat (an alias of nothing passes).
+        // The alias check must find the heartbeat (an alias of a service the agent does
+        // not hold is critical).
         self.heartbeat.ensure().await?;
         let reg = codec::encode(instance, &self.config, start, self.heartbeat.service_id());
         // Recorded first: a write whose outcome is unknown is released at close too.
@@ -103,6 +104,11 @@ impl RegistryStore for AgentStore {
             return Ok(Vec::new());
         }
         let mut held = self.agent.local_services().await?;
+        if !held.contains_key(self.heartbeat.service_id()) {
+            // The agent restarted (or the heartbeat was deregistered behind our back): the
+            // instances healed next must find their heartbeat when their alias check starts.
+            self.heartbeat.lost();
+        }
         Ok(instances
             .iter()
             .map(|i| presence(held.remove(&codec::service_id(&i.service, &i.id)), i))
