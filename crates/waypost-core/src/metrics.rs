@@ -269,6 +269,36 @@ mod tests {
                     1
                 );
                 assert_eq!(counter(snap, "waypost_locks_lost_total", &[]), 1);
+                // Each reason has its label: an entry deleted behind the holder's back, and
+                // a session the registry stopped confirming.
+                let deleted = counter(snap, "waypost_locks_lost_total", &[("reason", "deleted")]);
+                let n: crate::coord::Name = "jobs/d".parse().unwrap();
+                let g = c.coordinator().lock(&n).await.unwrap();
+                assert_eq!(r.delete_contenders(&n, false), 1);
+                let why = tokio::time::timeout(Duration::from_secs(5), g.lost())
+                    .await
+                    .unwrap();
+                assert_eq!(why, crate::coord::Lost::Deleted);
+                assert_eq!(
+                    counter(snap, "waypost_locks_lost_total", &[("reason", "deleted")]),
+                    deleted + 1
+                );
+                let g = c.coordinator().lock(&n).await.unwrap();
+                r.set_reachable(false);
+                let why = tokio::time::timeout(Duration::from_secs(5), g.lost())
+                    .await
+                    .unwrap();
+                assert_eq!(why, crate::coord::Lost::Unconfirmed);
+                assert_eq!(
+                    counter(
+                        snap,
+                        "waypost_locks_lost_total",
+                        &[("reason", "unconfirmed")]
+                    ),
+                    1
+                );
+                assert_eq!(counter(snap, "waypost_locks_lost_total", &[]), 3);
+                r.set_reachable(true);
 
                 reg.deregister().await.unwrap();
                 assert_eq!(

@@ -138,6 +138,58 @@ impl MemoryRegistry {
         let st = self.inner.lock();
         st.queue(&(name.clone(), election)).map_or(0, BTreeMap::len)
     }
+
+    /// Fault injection, as a foreign writer (`zkCli.sh delete`, `etcdctl del`): deletes
+    /// every contender of lock `name` (or election `name` with `election`), holders
+    /// included. Returns how many there were.
+    pub fn delete_contenders(&self, name: &Name, election: bool) -> usize {
+        let mut st = self.inner.lock();
+        let removed = st
+            .coord
+            .queues
+            .remove(&(name.clone(), election))
+            .map_or(0, |q| q.len());
+        if removed > 0 {
+            st.coord_changed();
+        }
+        removed
+    }
+
+    /// Fault injection: after the next `after` coordination requests of clients (enqueue,
+    /// position, wait, dequeue, forget), the `n` following are refused with
+    /// [`Error::Unauthorized`], as by a registry whose ACL stopped admitting the client: an
+    /// error that retrying cannot fix.
+    pub fn refuse_coordination(&self, after: usize, n: usize) {
+        *self
+            .inner
+            .refuse_coordination
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = (after, n);
+    }
+}
+
+impl super::registry::Inner {
+    /// `Err` for a coordination request that [`MemoryRegistry::refuse_coordination`] refuses.
+    fn admit(&self, operation: &str) -> Result<()> {
+        let mut r = self
+            .refuse_coordination
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match *r {
+            (0, 0) => Ok(()),
+            (0, ref mut n) => {
+                *n -= 1;
+                Err(Error::Unauthorized {
+                    message: format!("memory registry refused {operation} (fault injected)"),
+                    source: None,
+                })
+            }
+            (ref mut after, _) => {
+                *after -= 1;
+                Ok(())
+            }
+        }
+    }
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
@@ -161,6 +213,7 @@ impl CoordDriver for MemoryCoord {
 
     async fn enqueue(&self, session: &SessionId, c: &Contender, retry: bool) -> Result<Ticket> {
         let inner = &self.registry.inner;
+        inner.admit("enqueueing a contender")?;
         let mut st = inner.op()?;
         let queue = queue_key(&c.name, c.kind);
         let found = st.queue(&queue).and_then(|q| {
@@ -198,6 +251,9 @@ impl CoordDriver for MemoryCoord {
     }
 
     async fn position(&self, t: &Ticket) -> Result<Position<(u64, usize)>> {
+        self.registry
+            .inner
+            .admit("reading a contender's position")?;
         let st = self.registry.inner.op()?;
         let Some(q) = st.queue(&t.queue).filter(|q| q.contains_key(&t.token)) else {
             return Ok(Position::Gone);
@@ -217,6 +273,7 @@ impl CoordDriver for MemoryCoord {
     }
 
     async fn wait(&self, t: &Ticket, &(predecessor, ahead): &(u64, usize)) -> Result<()> {
+        self.registry.inner.admit("waiting on a predecessor")?;
         self.wait_until(|st| {
             st.queue(&t.queue).is_none_or(|q| {
                 !q.contains_key(&predecessor)
@@ -238,6 +295,7 @@ impl CoordDriver for MemoryCoord {
 
     async fn dequeue(&self, t: &Ticket) -> Result<()> {
         let inner = &self.registry.inner;
+        inner.admit("removing a contender")?;
         let mut st = inner.op()?;
         let ours = st
             .queue(&t.queue)
@@ -257,6 +315,7 @@ impl CoordDriver for MemoryCoord {
     }
 
     async fn forget(&self, session: &SessionId, c: &Contender) -> Result<()> {
+        self.registry.inner.admit("forgetting a contender")?;
         let mut st = self.registry.inner.op()?;
         let queue = queue_key(&c.name, c.kind);
         let mut removed = false;

@@ -237,3 +237,181 @@ fn tokens_and_reasons_print_for_people() {
     );
     assert_eq!(Lost::Released.to_string(), "released by its holder");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_lock_waits_for_its_first_session_while_the_registry_is_unreachable() {
+    let r = MemoryRegistry::new("coord-no-session");
+    let (waiter, trier) = (
+        r.client(Duration::from_secs(10)),
+        r.client(Duration::from_secs(10)),
+    );
+    let n = name("jobs/no-session");
+    // Neither client has a session yet, and none can be opened.
+    r.set_reachable(false);
+    let e = tokio::time::timeout(Duration::from_secs(30), trier.coordinator().try_lock(&n))
+        .await
+        .expect("try_lock answers while no session can be opened")
+        .unwrap_err();
+    assert!(e.is_temporary(), "{e:?}");
+    let n2 = n.clone();
+    let lock = tokio::spawn(async move { waiter.coordinator().lock(&n2).await.map(|g| g.token()) });
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(!lock.is_finished(), "lock gave up: {:?}", lock.await);
+    r.set_reachable(true);
+    tokio::time::timeout(Duration::from_secs(30), lock)
+        .await
+        .expect("held once the registry answers")
+        .unwrap()
+        .expect("held");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_enqueue_the_registry_does_not_answer_gives_up_only_for_try_lock() {
+    let r = MemoryRegistry::new("coord-enqueue-budget");
+    let c = r.client(Duration::from_secs(120));
+    let n = name("jobs/budget");
+    // Open the session, then cut the registry: the session stays (suspended).
+    drop(c.coordinator().try_lock(&name("jobs/other")).await.unwrap());
+    r.set_reachable(false);
+    let started = tokio::time::Instant::now();
+    let e = tokio::time::timeout(Duration::from_secs(60), c.coordinator().try_lock(&n))
+        .await
+        .expect("try_lock gives up within its retry budget")
+        .unwrap_err();
+    assert!(e.is_temporary(), "{e:?}");
+    assert!(
+        started.elapsed() <= crate::backend::CoordOptions::default().retry_for,
+        "gave up after {:?}",
+        started.elapsed()
+    );
+    // A waiting lock keeps retrying past that budget, and holds once answered.
+    let c = std::sync::Arc::new(c);
+    let c2 = c.clone();
+    let n2 = n.clone();
+    let lock = tokio::spawn(async move { c2.coordinator().lock(&n2).await.map(|g| g.token()) });
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(!lock.is_finished(), "lock gave up: {:?}", lock.await);
+    r.set_reachable(true);
+    tokio::time::timeout(Duration::from_secs(30), lock)
+        .await
+        .expect("held once the registry answers")
+        .unwrap()
+        .expect("held");
+}
+
+/// An error retrying cannot fix ends the acquisition at whichever step it comes, and the
+/// contender it may have queued is removed.
+#[tokio::test(start_paused = true)]
+async fn a_refused_request_ends_the_acquisition_and_leaves_nothing() {
+    let r = MemoryRegistry::new("coord-refused");
+    let (a, b) = (
+        r.client(Duration::from_secs(10)),
+        r.client(Duration::from_secs(10)),
+    );
+    let n = name("jobs/refused");
+    let refused = |res: crate::Result<_>, step: &str| match res {
+        Err(Error::Unauthorized { .. }) => {}
+        other => panic!("{step}: {:?}", other.map(|_: crate::coord::LockGuard| ())),
+    };
+    let settle = |want: usize, step: &'static str| {
+        let r = r.clone();
+        let n = n.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while r.contenders(&n, false) != want {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{step}: contenders left"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let within = Duration::from_secs(30);
+    // The enqueue refused.
+    r.refuse_coordination(0, 1);
+    refused(
+        tokio::time::timeout(within, a.coordinator().lock(&n))
+            .await
+            .expect("answers"),
+        "enqueue",
+    );
+    settle(0, "enqueue").await;
+    // Queued, then the position refused.
+    r.refuse_coordination(1, 1);
+    refused(
+        tokio::time::timeout(within, a.coordinator().lock(&n))
+            .await
+            .expect("answers"),
+        "position",
+    );
+    settle(0, "position").await;
+    // Queued behind a holder, then the wait refused.
+    let _held = a.coordinator().lock(&n).await.unwrap();
+    r.refuse_coordination(2, 1);
+    refused(
+        tokio::time::timeout(within, b.coordinator().lock(&n))
+            .await
+            .expect("answers"),
+        "wait",
+    );
+    settle(1, "wait").await;
+    // A refused release is reported, not retried for ever (the entry goes with the session).
+    r.refuse_coordination(0, 1);
+    let e = tokio::time::timeout(within, _held.release())
+        .await
+        .expect("answers");
+    assert!(matches!(e, Err(Error::Unauthorized { .. })), "{e:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashed_clients_holds_are_lost_as_closed() {
+    let r = MemoryRegistry::new("coord-crash");
+    let c = r.client(Duration::from_secs(10));
+    let g = c.coordinator().lock(&name("jobs/crash")).await.unwrap();
+    c.kill();
+    let why = tokio::time::timeout(Duration::from_secs(5), g.lost())
+        .await
+        .expect("lost at once, not when the TTL runs out");
+    assert_eq!(why, Lost::Closed);
+}
+
+/// A contender abandoned while the registry does not answer is removed once it answers
+/// (the removal is retried in the background, not given up at the first failure).
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_contender_is_removed_after_an_outage() {
+    let r = MemoryRegistry::new("coord-abandon-outage");
+    let (a, b) = (
+        r.client(Duration::from_secs(60)),
+        r.client(Duration::from_secs(60)),
+    );
+    let n = name("jobs/abandon");
+    let _held = a.coordinator().lock(&n).await.unwrap();
+    let waiting = {
+        let n = n.clone();
+        tokio::spawn(async move { b.coordinator().lock(&n).await.map(|g| g.token()) })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while r.contenders(&n, false) != 2 {
+        assert!(tokio::time::Instant::now() < deadline, "b never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    r.set_reachable(false);
+    waiting.abort();
+    let _ = waiting.await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        r.contenders(&n, false),
+        2,
+        "nothing can be removed meanwhile"
+    );
+    r.set_reachable(true);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while r.contenders(&n, false) != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the abandoned contender stayed queued"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -151,6 +151,8 @@ pub(crate) struct Inner {
     /// Fault injection: how many more writes and deletes are applied but answered with a
     /// timeout (a lost reply).
     lose_replies: std::sync::atomic::AtomicUsize,
+    /// Fault injection: coordination requests to let through, then how many to refuse.
+    pub(super) refuse_coordination: Mutex<(usize, usize)>,
     name: String,
 }
 
@@ -396,6 +398,7 @@ impl MemoryRegistry {
                 state: Mutex::new(State::default()),
                 reachable,
                 lose_replies: Default::default(),
+                refuse_coordination: Mutex::new((0, 0)),
                 name: name.into(),
             }),
         }

@@ -261,6 +261,38 @@ fn config_from_urls() {
     assert!(MemoryConfig::from_url("memory://a/path").is_err());
     let e = MemoryConfig::from_url("memory://?nme=x").unwrap_err();
     assert!(e.to_string().contains("nme"), "{e}");
+    let c = MemoryConfig::default()
+        .with_name("built")
+        .with_ttl(Duration::from_millis(750));
+    assert_eq!(
+        (c.name.as_str(), c.ttl),
+        ("built", Duration::from_millis(750))
+    );
+}
+
+#[tokio::test]
+async fn a_named_registry_is_shared_by_its_clients_and_the_connector_is_memory() {
+    use crate::config::Connector;
+    assert_eq!(MemoryConnector.name(), "memory");
+    assert_eq!(MemoryConnector.schemes(), &["memory"]);
+    // Two clients of `memory://NAME` (one by URL through the connector) share one registry.
+    let name = format!("shared-{}", std::process::id());
+    let by_url = MemoryConnector
+        .connect(&crate::Config::from_url(format!("memory://{name}")))
+        .await
+        .unwrap();
+    let by_config = MemoryConfig::default().with_name(&name).client();
+    let _reg = by_config.register(inst("a")).await.unwrap();
+    let seen = by_url
+        .watcher
+        .instances(&"svc".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(seen.instances, vec![inst("a")]);
+    assert_eq!(registry(&name).peek(&"svc".parse().unwrap()).len(), 1);
+    assert!(registry(&format!("{name}-other"))
+        .peek(&"svc".parse().unwrap())
+        .is_empty());
 }
 
 mod kv {
