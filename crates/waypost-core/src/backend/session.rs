@@ -398,3 +398,6 @@ impl<D: SessionDriver> Drop for Inner<D> {
         });
     }
 }
+
+#[cfg(test)]
+mod tests;
