@@ -185,9 +185,15 @@ async fn a_create_whose_reply_was_lost_is_removed_and_a_retry_wins() {
     let c = r.client(Duration::from_secs(4));
     let svc: crate::ServiceName = "svc".parse().unwrap();
     let _anchor = c.register(inst("anchor")).await.unwrap();
+    assert_eq!(c.registry().name(), "t");
     r.lose_replies(1);
     let e = c.register(inst("a")).await.unwrap_err();
     assert!(matches!(e, crate::Error::Timeout { .. }), "{e}");
+    assert_eq!(
+        c.keeper_pending_removals(),
+        1,
+        "the keeper has it to remove"
+    );
     assert_eq!(
         r.peek(&svc).len(),
         2,
@@ -201,6 +207,11 @@ async fn a_create_whose_reply_was_lost_is_removed_and_a_retry_wins() {
         set.apply(&next(&mut w).await);
     }
     assert_eq!(r.peek(&svc).len(), 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while c.keeper_pending_removals() != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never forgotten");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     // Lost again, then retried at once by the caller: the retry's entry stays.
     r.lose_replies(1);

@@ -76,7 +76,9 @@ impl Faults for MemoryBackend {
     }
 
     async fn foreign_claim(&self, instance: &Instance) -> String {
-        let key = format!("foreign/{}", instance.id);
+        // A key that sorts before the owner's (its id): ours must win by being canonical,
+        // not by its key's order.
+        let key = format!("!foreign/{}", instance.id);
         self.registry.put_foreign(&key, instance);
         key
     }
