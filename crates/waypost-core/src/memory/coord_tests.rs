@@ -202,8 +202,12 @@ async fn semaphore_permits_of_one_client_hold_together_and_values_up_to_the_limi
     let c = r.client(Duration::from_secs(10));
     let n = name("pool/x");
     let g1 = c.coordinator().acquire(&n, 2, Wait::No).await.unwrap();
+    // The second permit's enqueue is answered with a timeout: its retry must find its own
+    // entry, not the first permit's (same client, same session, same queue).
+    r.lose_replies(1);
     let g2 = c.coordinator().acquire(&n, 2, Wait::No).await.unwrap();
     assert!(g2.token() > g1.token());
+    assert_eq!(r.contenders(&n, false), 2);
     assert!(matches!(
         c.coordinator().acquire(&n, 2, Wait::No).await,
         Err(Error::Busy { .. })
