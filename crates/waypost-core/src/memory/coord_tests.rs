@@ -419,3 +419,18 @@ async fn an_abandoned_contender_is_removed_after_an_outage() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A lock taken right after the registry dropped the client's session (before the client
+/// heard of it) is bound to the new session, not to the dead one.
+#[tokio::test(start_paused = true)]
+async fn a_lock_taken_just_after_an_expiry_binds_to_the_new_session() {
+    let r = MemoryRegistry::new("coord-after-expiry");
+    let c = r.client(Duration::from_secs(4));
+    drop(c.coordinator().try_lock(&name("jobs/warm")).await.unwrap());
+    let old = c.session().expect("a session");
+    r.expire_all_sessions();
+    let g = c.coordinator().lock(&name("jobs/after")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(!g.is_lost(), "bound to the expired session");
+    assert_ne!(c.session(), Some(old));
+}

@@ -438,5 +438,31 @@ mod kv {
         );
         assert_eq!(r.kv_peek(&k), None);
         assert!("a//b".parse::<ConfigKey>().is_err());
+        // The documented limit: 1 MiB, like ZooKeeper's default.
+        assert_eq!(MAX_VALUE_LEN, 1 << 20);
+    }
+
+    #[tokio::test]
+    async fn a_configuration_watch_is_counted_while_held() {
+        use futures::StreamExt;
+        let r = MemoryRegistry::new("kv-watches");
+        let c = r.client(Duration::from_secs(10));
+        assert_eq!(r.open_watches(), 0);
+        let mut w = ConfigStore::watch(c.kv(), &key("watched"));
+        tokio::time::timeout(Duration::from_secs(10), w.next())
+            .await
+            .expect("the first event")
+            .expect("open")
+            .expect("no error");
+        assert_eq!(r.open_watches(), 1);
+        drop(w);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while r.open_watches() != 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the watch stayed open"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
