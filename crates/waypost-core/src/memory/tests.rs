@@ -52,7 +52,9 @@ async fn status_goes_suspended_then_registered_across_an_outage() {
     let r = MemoryRegistry::new("t");
     let c = r.client(Duration::from_secs(4));
     let reg = c.register(inst("a")).await.unwrap();
+    assert!(r.is_reachable());
     r.set_reachable(false);
+    assert!(!r.is_reachable());
     reg.wait_status(Duration::from_secs(5), |s| {
         *s == RegistrationStatus::Suspended
     })
@@ -216,7 +218,14 @@ async fn a_create_whose_reply_was_lost_is_removed_and_a_retry_wins() {
     // Lost again, then retried at once by the caller: the retry's entry stays.
     r.lose_replies(1);
     assert!(c.register(inst("b")).await.is_err());
+    let rev = r.revision();
+    assert!(rev > 0);
     let reg = c.register(inst("b")).await.expect("the retry registers");
+    assert_eq!(
+        r.revision(),
+        rev,
+        "the retry found its write: nothing rewritten"
+    );
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert!(
         r.peek(&svc).get(&"b".parse().unwrap()).is_some(),
@@ -257,6 +266,53 @@ async fn the_same_id_twice_is_already_exists() {
         b.register(inst("x")).await,
         Err(crate::Error::AlreadyExists { .. })
     ));
+}
+
+/// Its entry deleted behind its back, an id is registered by another live client before
+/// the keeper heals it: the keeper neither counts that entry as its own (same data) nor
+/// overwrites it (other data), and takes the id back once the other client lets it go.
+#[tokio::test(start_paused = true)]
+async fn an_id_another_live_session_took_is_not_taken_back_until_released() {
+    let r = MemoryRegistry::new("t");
+    let (a, b) = (
+        r.client(Duration::from_secs(4)),
+        r.client(Duration::from_secs(4)),
+    );
+    let svc: crate::ServiceName = "svc".parse().unwrap();
+    let same = a.register(inst("same")).await.unwrap();
+    let other = a.register(inst("other")).await.unwrap();
+    assert!(r.delete_foreign(&svc, "same"));
+    assert!(r.delete_foreign(&svc, "other"));
+    let theirs_same = b.register(inst("same")).await.unwrap();
+    let theirs_other = Instance::parse("svc", "other", "127.0.0.1", 2).unwrap();
+    let theirs_other_reg = b.register(theirs_other.clone()).await.unwrap();
+    for reg in [&same, &other] {
+        reg.wait_status(Duration::from_secs(10), |s| {
+            *s == RegistrationStatus::Reregistering
+        })
+        .await
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(same.current_status(), RegistrationStatus::Reregistering);
+    assert_eq!(
+        r.peek(&svc).get(&"other".parse().unwrap()),
+        Some(&theirs_other),
+        "the other client's entry was overwritten"
+    );
+    theirs_same.deregister().await.unwrap();
+    theirs_other_reg.deregister().await.unwrap();
+    for reg in [&same, &other] {
+        reg.wait_status(Duration::from_secs(10), |s| {
+            *s == RegistrationStatus::Registered
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        r.peek(&svc).get(&"other".parse().unwrap()),
+        Some(&inst("other"))
+    );
 }
 
 #[test]
