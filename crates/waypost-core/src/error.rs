@@ -313,5 +313,23 @@ mod tests {
         );
         let boxed: BoxError = "plain".into();
         assert_eq!(Report::from(boxed).to_string(), "plain");
+        // A cause with no text of its own does not glue the next one to the line.
+        #[derive(Debug)]
+        struct Link(&'static str, Option<Box<Link>>);
+        impl fmt::Display for Link {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Link {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|l| l as _)
+            }
+        }
+        let chain = Link(
+            "outer",
+            Some(Box::new(Link("", Some(Box::new(Link("inner", None)))))),
+        );
+        assert_eq!(Report::from(chain).to_string(), "outer: inner");
     }
 }

@@ -77,3 +77,50 @@ impl<T: Watcher + ?Sized> Watcher for Box<T> {
         (**self).watch(service)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The forwarding impls of `Arc` and `Box` reach the backend's listing; a backend
+    /// without one says so with `Unsupported`.
+    #[tokio::test]
+    async fn services_are_listed_through_arc_and_box_or_unsupported() {
+        use crate::{Registrar, Watcher};
+        let r = crate::memory::MemoryRegistry::new("services-forwarding");
+        let c = r.client(std::time::Duration::from_secs(10));
+        let _reg = c
+            .register(crate::Instance::parse("svc", "a", "127.0.0.1", 1).unwrap())
+            .await
+            .unwrap();
+        let want: Vec<crate::ServiceName> = vec!["svc".parse().unwrap()];
+        let arc: std::sync::Arc<dyn Watcher> = std::sync::Arc::new(c.clone());
+        assert_eq!(Watcher::services(&arc).await.unwrap(), want);
+        let boxed: Box<dyn Watcher> = Box::new(c.clone());
+        assert_eq!(Watcher::services(&boxed).await.unwrap(), want);
+
+        #[derive(Debug)]
+        struct NoListing;
+        #[async_trait::async_trait]
+        impl Watcher for NoListing {
+            async fn instances(
+                &self,
+                service: &crate::ServiceName,
+            ) -> crate::Result<crate::Snapshot> {
+                Err(crate::Error::NotFound {
+                    what: service.to_string(),
+                })
+            }
+            fn watch(
+                &self,
+                _service: &crate::ServiceName,
+            ) -> futures::stream::BoxStream<'static, crate::Result<crate::WatchEvent>> {
+                Box::pin(futures::stream::empty())
+            }
+        }
+        assert!(matches!(
+            NoListing.services().await,
+            Err(crate::Error::Unsupported { .. })
+        ));
+    }
+}
