@@ -37,6 +37,14 @@ fn memory_url_has_no_hosts() {
     let u = RegistryUrl::parse("MEMORY://tests?ttl=1s").unwrap();
     assert_eq!(u.scheme, "memory");
     assert_eq!(u.hosts, vec![("tests".into(), None)]);
+    // Without a URL, the backend is named and its options come from the config.
+    let c = Config::for_backend("memory").with_option("name", "by-options");
+    assert_eq!(
+        (c.backend.as_deref(), c.url.as_deref()),
+        (Some("memory"), None)
+    );
+    let m = crate::memory::MemoryConfig::from_config(&c).unwrap();
+    assert_eq!(m.name, "by-options");
 }
 
 #[test]
