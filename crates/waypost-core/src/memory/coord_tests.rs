@@ -11,6 +11,21 @@ fn name(n: &str) -> Name {
     n.parse().unwrap()
 }
 
+/// Waits until lock `n` has `want` contenders, failing with `what` after `within`.
+async fn contenders_become(
+    r: &MemoryRegistry,
+    n: &Name,
+    want: usize,
+    within: Duration,
+    what: &str,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    while r.contenders(n, false) != want {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn an_enqueue_whose_reply_is_lost_is_found_again_not_written_twice() {
     let r = MemoryRegistry::new("coord-lost-reply");
@@ -40,14 +55,14 @@ async fn a_busy_try_lock_leaves_nothing_even_when_its_dequeue_reply_is_lost() {
     r.lose_replies(2); // b's enqueue reply (found again) and its dequeue reply (retried)
     let e = b.coordinator().try_lock(&n).await.unwrap_err();
     assert!(matches!(e, Error::Busy { .. }), "{e:?}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while r.contenders(&n, false) != 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the busy contender stayed queued"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    contenders_become(
+        &r,
+        &n,
+        1,
+        Duration::from_secs(5),
+        "the busy contender stayed queued",
+    )
+    .await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -158,14 +173,14 @@ async fn an_enqueue_given_up_with_its_outcome_unknown_is_forgotten() {
         .lock_for(&n, Duration::from_millis(300))
         .await;
     assert!(matches!(e, Err(Error::Timeout { .. })), "{e:?}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while r.contenders(&n, false) != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the abandoned contender stayed"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    contenders_become(
+        &r,
+        &n,
+        0,
+        Duration::from_secs(5),
+        "the abandoned contender stayed",
+    )
+    .await;
     r.lose_replies(0);
     let _held = a.coordinator().try_lock(&n).await.expect("nobody in front");
 }
@@ -313,56 +328,32 @@ async fn a_refused_request_ends_the_acquisition_and_leaves_nothing() {
         r.client(Duration::from_secs(10)),
     );
     let n = name("jobs/refused");
-    let refused = |res: crate::Result<_>, step: &str| match res {
-        Err(Error::Unauthorized { .. }) => {}
-        other => panic!("{step}: {:?}", other.map(|_: crate::coord::LockGuard| ())),
-    };
-    let settle = |want: usize, step: &'static str| {
-        let r = r.clone();
-        let n = n.clone();
-        async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            while r.contenders(&n, false) != want {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "{step}: contenders left"
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
     let within = Duration::from_secs(30);
-    // The enqueue refused.
-    r.refuse_coordination(0, 1);
-    refused(
-        tokio::time::timeout(within, a.coordinator().lock(&n))
+    // (requests let through first, who contends, the contenders left after the refusal)
+    let mut held = None;
+    for (after, step, left) in [(0, "enqueue", 0), (1, "position", 0), (2, "wait", 1)] {
+        let who = if step == "wait" {
+            // Queued behind a holder, then the wait refused.
+            held = Some(a.coordinator().lock(&n).await.unwrap());
+            &b
+        } else {
+            &a
+        };
+        r.refuse_coordination(after, 1);
+        let res = tokio::time::timeout(within, who.coordinator().lock(&n))
             .await
-            .expect("answers"),
-        "enqueue",
-    );
-    settle(0, "enqueue").await;
-    // Queued, then the position refused.
-    r.refuse_coordination(1, 1);
-    refused(
-        tokio::time::timeout(within, a.coordinator().lock(&n))
-            .await
-            .expect("answers"),
-        "position",
-    );
-    settle(0, "position").await;
-    // Queued behind a holder, then the wait refused.
-    let _held = a.coordinator().lock(&n).await.unwrap();
-    r.refuse_coordination(2, 1);
-    refused(
-        tokio::time::timeout(within, b.coordinator().lock(&n))
-            .await
-            .expect("answers"),
-        "wait",
-    );
-    settle(1, "wait").await;
+            .expect("answers");
+        assert!(
+            matches!(res, Err(Error::Unauthorized { .. })),
+            "{step}: {:?}",
+            res.map(|g| g.token())
+        );
+        contenders_become(&r, &n, left, Duration::from_secs(5), step).await;
+    }
+    let held = held.expect("held");
     // A refused release is reported, not retried for ever (the entry goes with the session).
     r.refuse_coordination(0, 1);
-    let e = tokio::time::timeout(within, _held.release())
+    let e = tokio::time::timeout(within, held.release())
         .await
         .expect("answers");
     assert!(matches!(e, Err(Error::Unauthorized { .. })), "{e:?}");
@@ -395,11 +386,7 @@ async fn an_abandoned_contender_is_removed_after_an_outage() {
         let n = n.clone();
         tokio::spawn(async move { b.coordinator().lock(&n).await.map(|g| g.token()) })
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while r.contenders(&n, false) != 2 {
-        assert!(tokio::time::Instant::now() < deadline, "b never queued");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    contenders_become(&r, &n, 2, Duration::from_secs(5), "b never queued").await;
     r.set_reachable(false);
     waiting.abort();
     let _ = waiting.await;
@@ -410,14 +397,14 @@ async fn an_abandoned_contender_is_removed_after_an_outage() {
         "nothing can be removed meanwhile"
     );
     r.set_reachable(true);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while r.contenders(&n, false) != 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the abandoned contender stayed queued"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    contenders_become(
+        &r,
+        &n,
+        1,
+        Duration::from_secs(30),
+        "the abandoned contender stayed queued",
+    )
+    .await;
 }
 
 /// A lock taken right after the registry dropped the client's session (before the client
