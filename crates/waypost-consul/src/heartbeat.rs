@@ -25,7 +25,7 @@
 //! - `deregister`: at the session's close, after the instances.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::client::Agent;
@@ -41,9 +41,13 @@ pub(crate) struct Heartbeat {
     service_id: Arc<str>,
     /// Whether the heartbeat was registered (and not deregistered at close since).
     registered: Arc<AtomicBool>,
-    /// Whether a read-back of the agent's services found it gone since it was registered.
+    /// Whether the agent may not hold it (noted gone since it was last registered).
     missing: Arc<AtomicBool>,
-    /// Held while it is being registered by `ensure`.
+    /// How many times it was noted gone: a registration clears `missing` only if no loss
+    /// was noted while its request ran.
+    losses: Arc<AtomicU64>,
+    /// Held while it is being registered: an instance write waits for a registration in
+    /// flight, so it never reaches the agent before its heartbeat.
     registering: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -64,6 +68,7 @@ impl Heartbeat {
             service_id: format!("{HEARTBEAT_SERVICE}:{:016x}", rand::random::<u64>()).into(),
             registered: Arc::new(AtomicBool::new(false)),
             missing: Arc::new(AtomicBool::new(false)),
+            losses: Arc::new(AtomicU64::new(0)),
             registering: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
@@ -73,17 +78,23 @@ impl Heartbeat {
         &self.service_id
     }
 
-    /// Registers the heartbeat service, its TTL check passing.
-    async fn register(&self) -> Result<(), ConsulError> {
+    /// Registers the heartbeat service, its TTL check passing. Called with `registering`
+    /// held.
+    async fn register_locked(&self) -> Result<(), ConsulError> {
         let reg = codec::heartbeat_registration(&self.service_id, &self.config);
-        // Cleared first: a loss noted while this request runs is kept for the next write.
-        self.missing.store(false, Ordering::Release);
-        if let Err(e) = self.agent.register(&reg).await {
-            self.missing.store(true, Ordering::Release);
-            return Err(e);
-        }
+        let losses = self.losses.load(Ordering::Acquire);
+        self.agent.register(&reg).await?;
         self.registered.store(true, Ordering::Release);
+        if self.losses.load(Ordering::Acquire) == losses {
+            self.missing.store(false, Ordering::Release);
+        }
         Ok(())
+    }
+
+    /// Marks the heartbeat as possibly gone from the agent; `true` if it was not marked.
+    fn note_missing(&self) -> bool {
+        self.losses.fetch_add(1, Ordering::AcqRel);
+        !self.missing.swap(true, Ordering::AcqRel)
     }
 
     /// Whether the agent holds the heartbeat, as far as this client knows.
@@ -101,7 +112,7 @@ impl Heartbeat {
         if self.held() {
             return Ok(());
         }
-        self.register().await
+        self.register_locked().await
     }
 
     /// Passes the TTL check, or only pings the agent while the client has no heartbeat;
@@ -119,8 +130,10 @@ impl Heartbeat {
             .await
         {
             Err(e) if e.is_unknown_check() => {
-                tracing::info!(service_id = %self.service_id, "consul: the agent lost this client's heartbeat service; registering it again");
-                self.register().await
+                if self.note_missing() {
+                    tracing::info!(service_id = %self.service_id, "consul: the agent lost this client's heartbeat service; registering it again");
+                }
+                self.ensure().await
             }
             other => other,
         }
@@ -131,7 +144,7 @@ impl Heartbeat {
     /// instance write or keep-alive registers it again first, so an instance's alias check
     /// finds it from the start.
     pub(crate) fn lost(&self) {
-        if self.registered.load(Ordering::Acquire) && !self.missing.swap(true, Ordering::AcqRel) {
+        if self.registered.load(Ordering::Acquire) && self.note_missing() {
             tracing::info!(service_id = %self.service_id, "consul: the agent may have lost this client's heartbeat service; it is registered again before the instances");
         }
     }

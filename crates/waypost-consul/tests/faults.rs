@@ -151,6 +151,9 @@ async fn agent_restart_brings_registrations_back() {
         }
         seen
     });
+    // Every state the catalog shows for the instances' checks from here on.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let states = common::record_check_states(&server, svc.as_str(), stop.clone());
     server.restart().await.unwrap();
     let seen = tokio::time::timeout(T, seen)
         .await
@@ -173,7 +176,23 @@ async fn agent_restart_brings_registrations_back() {
     })
     .await;
     let truth = watcher.instances(&svc).await.unwrap();
-    assert_eq!(truth.instances, vec![updated, b]);
+    // They came back passing: an instance written before its client's heartbeat would
+    // have shown a critical alias check ("could not be found on node") for a moment.
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let states = tokio::time::timeout(T, states).await.unwrap().unwrap();
+    assert_eq!(
+        truth.instances,
+        vec![updated, b],
+        "check states: {states:?}"
+    );
+    assert!(
+        states.iter().any(|(_, status, _)| status == "passing"),
+        "no state recorded: {states:?}"
+    );
+    assert!(
+        states.iter().all(|(_, status, _)| status != "critical"),
+        "an instance went critical on its way back: {states:?}"
+    );
 }
 
 /// A paused agent (accepts connections, answers nothing): the watch says `Stale` and the

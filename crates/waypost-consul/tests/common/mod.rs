@@ -14,3 +14,52 @@ pub(crate) async fn agent_put(server: &ConsulServer, path: &str, body: Option<St
     let resp = req.send().await.expect("the agent answers");
     assert!(resp.status().is_success(), "PUT /v1/agent/{path}: {resp:?}");
 }
+
+/// Records every state the catalog shows for the health checks of `service`, by blocking
+/// queries on `/v1/health/checks/{service}` (so a check that goes critical for a moment is
+/// seen), until `stop` is set: each distinct `(CheckID, Status, Output)` once, in order.
+/// An agent that is down or restarting is asked again.
+#[allow(dead_code)] // Not every test binary records check states.
+pub(crate) fn record_check_states(
+    server: &ConsulServer,
+    service: &str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<(String, String, String)>> {
+    let url = format!("http://{}/v1/health/checks/{service}", server.address());
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let (mut index, mut seen) = (0u64, Vec::<(String, String, String)>::new());
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            let answer = http
+                .get(format!("{url}?index={index}&wait=1s"))
+                .timeout(std::time::Duration::from_secs(3))
+                .send()
+                .await;
+            let Ok(resp) = answer else {
+                index = 0;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            };
+            let next: u64 = resp
+                .headers()
+                .get("X-Consul-Index")
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(0);
+            let body = resp.bytes().await.unwrap_or_default();
+            let Ok(checks) = serde_json::from_slice::<Vec<serde_json::Value>>(&body) else {
+                index = 0;
+                continue;
+            };
+            // A restarted agent counts from the start again.
+            index = if next < index { 0 } else { next };
+            for c in checks {
+                let field = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+                let state = (field("CheckID"), field("Status"), field("Output"));
+                if !seen.contains(&state) {
+                    seen.push(state);
+                }
+            }
+        }
+        seen
+    })
+}
