@@ -46,6 +46,9 @@ pub(crate) struct Heartbeat {
     /// How many times it was noted gone: a registration clears `missing` only if no loss
     /// was noted while its request ran.
     losses: Arc<AtomicU64>,
+    /// How many registrations were sent, and how many the agent accepted.
+    attempts: Arc<AtomicU64>,
+    registrations: Arc<AtomicU64>,
     /// Held while it is being registered: an instance write waits for a registration in
     /// flight, so it never reaches the agent before its heartbeat.
     registering: Arc<tokio::sync::Mutex<()>>,
@@ -69,6 +72,8 @@ impl Heartbeat {
             registered: Arc::new(AtomicBool::new(false)),
             missing: Arc::new(AtomicBool::new(false)),
             losses: Arc::new(AtomicU64::new(0)),
+            attempts: Arc::new(AtomicU64::new(0)),
+            registrations: Arc::new(AtomicU64::new(0)),
             registering: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
@@ -83,12 +88,19 @@ impl Heartbeat {
     async fn register_locked(&self) -> Result<(), ConsulError> {
         let reg = codec::heartbeat_registration(&self.service_id, &self.config);
         let losses = self.losses.load(Ordering::Acquire);
+        self.attempts.fetch_add(1, Ordering::AcqRel);
         self.agent.register(&reg).await?;
+        self.registrations.fetch_add(1, Ordering::AcqRel);
         self.registered.store(true, Ordering::Release);
         if self.losses.load(Ordering::Acquire) == losses {
             self.missing.store(false, Ordering::Release);
         }
         Ok(())
+    }
+
+    /// How many times the agent accepted the heartbeat's registration.
+    pub(crate) fn registrations(&self) -> u64 {
+        self.registrations.load(Ordering::Acquire)
     }
 
     /// Marks the heartbeat as possibly gone from the agent; `true` if it was not marked.
@@ -146,6 +158,21 @@ impl Heartbeat {
     pub(crate) fn lost(&self) {
         if self.registered.load(Ordering::Acquire) && self.note_missing() {
             tracing::info!(service_id = %self.service_id, "consul: the agent may have lost this client's heartbeat service; it is registered again before the instances");
+        }
+    }
+
+    /// Where a read-back of the agent's services starts: pass it to
+    /// [`Heartbeat::absent_from_read`] if the answer does not list the heartbeat.
+    pub(crate) fn read_started(&self) -> u64 {
+        self.attempts.load(Ordering::Acquire)
+    }
+
+    /// A read-back that started at `started` did not list the heartbeat: it is lost,
+    /// unless a registration was in flight or sent since (the read may predate it).
+    pub(crate) fn absent_from_read(&self, started: u64) {
+        let in_flight = self.registering.try_lock().is_err();
+        if !in_flight && self.attempts.load(Ordering::Acquire) == started {
+            self.lost();
         }
     }
 

@@ -197,6 +197,13 @@ impl ConsulDiscovery {
         self.keeper.pending_removals()
     }
 
+    /// How many times this client registered its heartbeat service with the agent: once
+    /// before its first instance, and once more each time the agent lost it (a restart, a
+    /// deregistration behind the client's back). Zero for a client that registered nothing.
+    pub fn heartbeat_registrations(&self) -> u64 {
+        self.keeper.store().heartbeat.registrations()
+    }
+
     /// How this client's connections to its agent are split between registrations and
     /// watches (sized at [`connect`](Self::connect) from the agent's
     /// `http_max_conns_per_client`); see "Many watched services" in the crate docs.

@@ -103,11 +103,12 @@ impl RegistryStore for AgentStore {
         if instances.is_empty() {
             return Ok(Vec::new());
         }
+        let started = self.heartbeat.read_started();
         let mut held = self.agent.local_services().await?;
         if !held.contains_key(self.heartbeat.service_id()) {
             // The agent restarted (or the heartbeat was deregistered behind our back): the
             // instances healed next must find their heartbeat when their alias check starts.
-            self.heartbeat.lost();
+            self.heartbeat.absent_from_read(started);
         }
         Ok(instances
             .iter()

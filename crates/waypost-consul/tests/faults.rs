@@ -260,6 +260,9 @@ async fn paused_agent_makes_the_watch_stale_then_resyncs() {
         s.contains(&b.id)
     })
     .await;
+    // The agent kept everything: keep-alives that timed out are no reason to register
+    // the heartbeat again.
+    assert_eq!(reg_client.heartbeat_registrations(), 1);
 }
 
 /// Deregistered behind the client's back (another tool): the heartbeat finds the check

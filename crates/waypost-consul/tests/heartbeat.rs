@@ -89,6 +89,12 @@ async fn a_crashed_client_takes_all_its_instances_out_within_the_ttl() {
                 .unwrap(),
         );
     }
+    assert_eq!(
+        victim.heartbeat_registrations(),
+        1,
+        "one heartbeat for {N} instances"
+    );
+    assert_eq!(watcher.heartbeat_registrations(), 0, "a watcher has none");
     let checks = checks_of(&server, svc.as_str()).await;
     assert_eq!(checks.len(), N);
     assert!(
@@ -228,4 +234,8 @@ async fn heartbeat_deregistered_behind_our_back_comes_back() {
         |p| p.as_array().map_or(0, Vec::len) == 1,
     )
     .await;
+    // Registered once more (not again for a read-back that overlapped that registration),
+    // and not on every keep-alive round: three rounds go by.
+    tokio::time::sleep(TTL).await;
+    assert_eq!(c.heartbeat_registrations(), 2);
 }
