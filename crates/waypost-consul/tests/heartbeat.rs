@@ -215,6 +215,8 @@ async fn heartbeat_deregistered_behind_our_back_comes_back() {
     let reg = c.register(ns.instance(&svc, "a", 1)).await.unwrap();
     let hb = checks_of(&server, "waypost-heartbeat").await;
     let hb_service = hb[0].0.trim_end_matches(":ttl").to_string();
+    let mut statuses = reg.status();
+    statuses.borrow_and_update();
     common::agent_put(&server, &format!("service/deregister/{hb_service}"), None).await;
     until(
         T,
@@ -238,4 +240,56 @@ async fn heartbeat_deregistered_behind_our_back_comes_back() {
     // and not on every keep-alive round: three rounds go by.
     tokio::time::sleep(TTL).await;
     assert_eq!(c.heartbeat_registrations(), 2);
+    // No outage either: the keep-alive's unknown-check answer is handled, not reported.
+    assert!(
+        !statuses.has_changed().unwrap(),
+        "the registration left Registered: {:?}",
+        *statuses.borrow()
+    );
+    // At shutdown the heartbeat goes with the instance.
+    c.shutdown().await.unwrap();
+    assert!(checks_of(&server, "waypost-heartbeat").await.is_empty());
+}
+
+/// The heartbeat and an instance deregistered behind the client's back at once: whether
+/// the keeper's read-back or the keep-alive notices first, the heartbeat is registered
+/// before the instance, which never shows a critical check on its way back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_and_instance_deregistered_together_come_back_in_order() {
+    let Some(server) = waypost_testkit::server::consul().await else {
+        return;
+    };
+    let ns = Namespace::new();
+    let svc = ns.service("hbboth");
+    let c = client(&server).await;
+    for round in 0..5 {
+        let id = format!("r{round}");
+        let reg = c.register(ns.instance(&svc, &id, 1)).await.unwrap();
+        let hb = checks_of(&server, "waypost-heartbeat").await;
+        let hb_service = hb[0].0.trim_end_matches(":ttl").to_string();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let states = common::record_check_states(&server, svc.as_str(), stop.clone());
+        // The instance first: with the heartbeat gone first, its alias check would go
+        // critical before our own deregistration removed it.
+        for service in [format!("{svc}:{id}"), hb_service] {
+            common::agent_put(&server, &format!("service/deregister/{service}"), None).await;
+        }
+        // Both back on the agent; then the catalog is watched for one more keep-alive
+        // interval (a critical check would reach it with the agent's next sync).
+        until(
+            T,
+            "the heartbeat and the instance back on the agent",
+            || checks_of(&server, svc.as_str()),
+            |checks| checks.len() == 1 && c.heartbeat_registrations() > 1 + round,
+        )
+        .await;
+        tokio::time::sleep(TTL / 3).await;
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        let states = tokio::time::timeout(T, states).await.unwrap().unwrap();
+        assert!(
+            states.iter().all(|(_, status, _)| status != "critical"),
+            "round {round}: the instance went critical on its way back: {states:?}"
+        );
+        reg.deregister().await.unwrap();
+    }
 }
