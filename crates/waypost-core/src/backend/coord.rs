@@ -341,7 +341,11 @@ where
                 match crate::metrics::timed("position", self.driver.position(&ticket)).await {
                     Ok(Position::Held(token)) => {
                         backoff.reset();
-                        if self.session.current_state().handle().as_ref() != Some(&handle) {
+                        // Held only under a session the registry confirmed since: an
+                        // entry read while its session is overdue (the registry paused
+                        // past its TTL, not yet swept) would be lost as soon as handed out.
+                        if !self.confirmed(&handle, wait).await? {
+                            tracing::info!(%name, "first in the queue, but its session ended before the registry confirmed it; queueing again");
                             break;
                         }
                         pending.defuse();
@@ -424,6 +428,21 @@ where
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Whether `handle` is still the session, confirmed alive now (see
+    /// [`Session::confirmed`]). `try_lock` waits for the confirmation only `retry_for`.
+    async fn confirmed(&self, handle: &C::Handle, wait: Wait) -> Result<bool> {
+        let confirmed = self.session.confirmed(handle);
+        if wait != Wait::No {
+            return Ok(confirmed.await);
+        }
+        tokio::time::timeout(self.options.retry_for, confirmed)
+            .await
+            .map_err(|_| Error::Timeout {
+                operation: "confirming the session",
+                after: self.options.retry_for,
+            })
     }
 
     async fn wait_on(&self, ticket: &C::Ticket, w: &C::Wait, handle: &C::Handle) -> Result<Woken> {

@@ -92,15 +92,19 @@ struct Inner<D: SessionDriver> {
     backoff: BackoffOptions,
     /// When the last keep-alive (or the open) the registry answered was *sent*: the
     /// registry heard from the client at or after this instant.
-    confirmed: std::sync::Mutex<Option<tokio::time::Instant>>,
+    confirmed: watch::Sender<Option<tokio::time::Instant>>,
 }
 
 impl<D: SessionDriver> Inner<D> {
     fn confirm(&self, sent: tokio::time::Instant) {
-        let mut c = self.confirmed.lock().unwrap_or_else(|p| p.into_inner());
-        if c.is_none_or(|at| at < sent) {
-            *c = Some(sent);
-        }
+        self.confirmed.send_if_modified(|c| {
+            if c.is_none_or(|at| at < sent) {
+                *c = Some(sent);
+                true
+            } else {
+                false
+            }
+        });
     }
 }
 
@@ -143,7 +147,7 @@ impl<D: SessionDriver> Session<D> {
                 task_started: AtomicBool::new(false),
                 crashed: AtomicBool::new(false),
                 backoff,
-                confirmed: std::sync::Mutex::new(None),
+                confirmed: watch::channel(None).0,
             }),
         }
     }
@@ -198,12 +202,38 @@ impl<D: SessionDriver> Session<D> {
     /// within 10% of each other over one bound.
     pub fn confirmed_until(&self) -> Option<tokio::time::Instant> {
         let bound = self.inner.driver.bound()?;
-        let sent = (*self
-            .inner
-            .confirmed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()))?;
+        let sent = (*self.inner.confirmed.borrow())?;
         Some(sent + bound - bound / 10)
+    }
+
+    /// Waits until `handle` is confirmed alive now: [`Session::confirmed_until`] lies
+    /// ahead (at once without a bound), asking for a keep-alive at once if it does not.
+    /// `false` once `handle` is no longer the open session (it expired, the client
+    /// closed): whatever was bound to it is gone or going.
+    ///
+    /// A registry can answer a read about an entry bound to a session it is about to
+    /// expire (etcd revokes an overdue lease on its own timer, after a pause of the
+    /// server); what is handed out as held waits for this.
+    pub async fn confirmed(&self, handle: &D::Handle) -> bool {
+        let mut confirmations = self.inner.confirmed.subscribe();
+        let mut states = self.state();
+        loop {
+            if states.borrow_and_update().handle().as_ref() != Some(handle) || self.is_closed() {
+                return false;
+            }
+            confirmations.borrow_and_update();
+            if self
+                .confirmed_until()
+                .is_none_or(|at| at > tokio::time::Instant::now())
+            {
+                return true;
+            }
+            self.inner.kick.notify_one();
+            tokio::select! {
+                r = confirmations.changed() => if r.is_err() { return false },
+                r = states.changed() => if r.is_err() { return false },
+            }
+        }
     }
 
     /// The open session's handle, opening one if there is none (the first call starts

@@ -421,3 +421,80 @@ async fn a_lock_taken_just_after_an_expiry_binds_to_the_new_session() {
     assert!(!g.is_lost(), "bound to the expired session");
     assert_ne!(c.session(), Some(old));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_whose_session_is_unconfirmed_holds_only_once_it_is_confirmed() {
+    let r = MemoryRegistry::new("coord-unconfirmed-waiter");
+    // The waiter's shorter TTL makes its session unconfirmed before the holder is lost.
+    let (a, b) = (
+        r.client(Duration::from_secs(10)),
+        r.client(Duration::from_secs(5)),
+    );
+    let n = name("jobs/unconfirmed");
+    let held = a.coordinator().lock(&n).await.unwrap();
+    let waiting = tokio::spawn({
+        let n = n.clone();
+        async move { b.coordinator().lock(&n).await }
+    });
+    contenders_become(&r, &n, 2, Duration::from_secs(5), "the waiter queued").await;
+    // Both sessions stay alive in the registry, but neither client hears so.
+    r.lose_heartbeat_replies(true);
+    let why = tokio::time::timeout(Duration::from_secs(20), held.lost())
+        .await
+        .expect("the holder is lost once unconfirmed");
+    assert_eq!(why, Lost::Unconfirmed);
+    contenders_become(&r, &n, 1, Duration::from_secs(5), "the lost holder left").await;
+    // The waiter's entry is first now, its session alive there but unconfirmed here: it
+    // must not be handed a hold it would lose at once. Nothing to wait on but time: the
+    // acquisition must not finish within three of its TTLs (paused clock).
+    let window = tokio::time::timeout(Duration::from_secs(15), async {
+        while !waiting.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        window.is_err(),
+        "the waiter was handed the lock while its session was unconfirmed"
+    );
+    let lifted = tokio::time::Instant::now();
+    r.lose_heartbeat_replies(false);
+    let next = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the waiter holds once its session is confirmed")
+        .unwrap()
+        .expect("lock");
+    assert!(tokio::time::Instant::now() >= lifted);
+    assert!(!next.is_lost(), "the new holder's session is confirmed");
+    assert!(next.token() > held.token());
+    assert_eq!(r.contenders(&n, false), 1, "the waiter kept its entry");
+}
+
+#[tokio::test(start_paused = true)]
+async fn try_lock_under_an_unconfirmed_session_times_out_and_leaves_nothing() {
+    let r = MemoryRegistry::new("coord-unconfirmed-try");
+    let c = r.client(Duration::from_secs(5));
+    let n = name("jobs/unconfirmed-try");
+    // Open the session, then let its confirmation run out.
+    drop(c.coordinator().lock(&n).await.unwrap());
+    contenders_become(&r, &n, 0, Duration::from_secs(5), "released").await;
+    r.lose_heartbeat_replies(true);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let e = c.coordinator().try_lock(&n).await.unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+    contenders_become(
+        &r,
+        &n,
+        0,
+        Duration::from_secs(5),
+        "the entry was left behind",
+    )
+    .await;
+    r.lose_heartbeat_replies(false);
+    let g = c
+        .coordinator()
+        .try_lock(&n)
+        .await
+        .expect("free once confirmed");
+    assert!(!g.is_lost());
+}

@@ -151,6 +151,8 @@ pub(crate) struct Inner {
     /// Fault injection: how many more writes and deletes are applied but answered with a
     /// timeout (a lost reply).
     lose_replies: std::sync::atomic::AtomicUsize,
+    /// Fault injection: heartbeats are applied but answered with a timeout.
+    lose_heartbeat_replies: std::sync::atomic::AtomicBool,
     /// Fault injection: coordination requests to let through, then how many to refuse.
     pub(super) refuse_coordination: Mutex<(usize, usize)>,
     name: String,
@@ -245,6 +247,15 @@ impl Inner {
         match st.sessions.get_mut(&session) {
             Some(s) => {
                 s.deadline = Instant::now() + s.ttl;
+                if self
+                    .lose_heartbeat_replies
+                    .load(std::sync::atomic::Ordering::Acquire)
+                {
+                    return Err(Error::Timeout {
+                        operation: "heartbeat",
+                        after: Duration::ZERO,
+                    });
+                }
                 Ok(())
             }
             None => Err(Error::SessionExpired),
@@ -398,6 +409,7 @@ impl MemoryRegistry {
                 state: Mutex::new(State::default()),
                 reachable,
                 lose_replies: Default::default(),
+                lose_heartbeat_replies: Default::default(),
                 refuse_coordination: Mutex::new((0, 0)),
                 name: name.into(),
             }),
@@ -492,6 +504,15 @@ impl MemoryRegistry {
         self.inner
             .lose_replies
             .store(n, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Fault injection: while `on`, every session heartbeat is applied (the session stays
+    /// alive in the registry) but its reply is lost, so clients cannot confirm their
+    /// sessions; every other request is answered.
+    pub fn lose_heartbeat_replies(&self, on: bool) {
+        self.inner
+            .lose_heartbeat_replies
+            .store(on, std::sync::atomic::Ordering::Release);
     }
 
     /// Fault injection, as a foreign writer: writes `instance` at `key` (any string; a

@@ -333,6 +333,12 @@ pub async fn coord_lost_before_next_holder(backend: &dyn TestBackend) {
         backend.name()
     );
     assert!(next.token() > held.token());
+    // Handed out under a session the registry confirmed, not one it is about to expire.
+    assert!(
+        !next.is_lost(),
+        "{}: the new holder was handed a lock already lost",
+        backend.name()
+    );
     held.release().await.expect("releasing a lost lock is fine");
     assert!(
         !next.is_lost(),

@@ -93,3 +93,46 @@ async fn a_late_keep_alive_answer_about_an_earlier_session_leaves_the_newer_one_
         assert_eq!(h, 2);
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn confirmed_waits_for_an_answered_keep_alive_and_is_false_once_the_session_expired() {
+    let (tx, mut calls) = mpsc::unbounded_channel();
+    let s = Session::new(
+        Gated {
+            opened: Arc::default(),
+            calls: tx,
+        },
+        BackoffOptions::default(),
+    );
+    assert_eq!(s.current().await.unwrap(), 1);
+    assert!(s.confirmed(&1).await, "just opened: confirmed");
+    for expire in [false, true] {
+        // Unanswered keep-alives until the last confirmation runs out.
+        while s
+            .confirmed_until()
+            .is_some_and(|at| at > tokio::time::Instant::now())
+        {
+            let (_, reply) = next_call(&mut calls).await;
+            reply.send(Err(Error::unavailable("no answer"))).unwrap();
+        }
+        let waiting = tokio::spawn({
+            let s = s.clone();
+            async move { s.confirmed(&1).await }
+        });
+        let (h, reply) = next_call(&mut calls).await;
+        assert_eq!(h, 1);
+        assert!(!waiting.is_finished(), "confirmed before any answer");
+        if expire {
+            reply.send(Err(Error::SessionExpired)).unwrap();
+            assert!(!waiting.await.unwrap(), "session 1 expired: not confirmed");
+            assert!(
+                !s.confirmed(&1).await,
+                "asked again about an expired session"
+            );
+        } else {
+            reply.send(Ok(())).unwrap();
+            assert!(waiting.await.unwrap(), "the answered keep-alive confirms");
+            assert!(s.confirmed_until().unwrap() > tokio::time::Instant::now());
+        }
+    }
+}
