@@ -52,6 +52,10 @@ pub(crate) struct Heartbeat {
     /// Held while it is being registered: an instance write waits for a registration in
     /// flight, so it never reaches the agent before its heartbeat.
     registering: Arc<tokio::sync::Mutex<()>>,
+    /// **Test hook.** While set, the keep-alive's `pass` sends nothing (see
+    /// `ConsulDiscovery::hold_heartbeat_passes`).
+    #[cfg(feature = "test-hooks")]
+    pub(crate) passes_held: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for Heartbeat {
@@ -75,6 +79,8 @@ impl Heartbeat {
             attempts: Arc::new(AtomicU64::new(0)),
             registrations: Arc::new(AtomicU64::new(0)),
             registering: Arc::new(tokio::sync::Mutex::new(())),
+            #[cfg(feature = "test-hooks")]
+            passes_held: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -130,6 +136,10 @@ impl Heartbeat {
     /// Passes the TTL check, or only pings the agent while the client has no heartbeat;
     /// registers the service again when the agent does not know it.
     pub(crate) async fn pass(&self) -> Result<(), ConsulError> {
+        #[cfg(feature = "test-hooks")]
+        if self.passes_held.load(Ordering::Acquire) {
+            return Ok(());
+        }
         if !self.registered.load(Ordering::Acquire) {
             return self.agent.ping().await;
         }

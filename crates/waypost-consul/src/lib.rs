@@ -185,6 +185,18 @@ impl ConsulDiscovery {
         ContenderProbe(self.coord.driver().contenders())
     }
 
+    /// **Test hook.** While `hold`, the keep-alive does not pass (or re-register) the
+    /// heartbeat and reports success: what the keeper's read-back notices is left to the
+    /// keeper alone. Keep it shorter than the TTL, or the instances' checks go critical.
+    #[cfg(feature = "test-hooks")]
+    pub fn hold_heartbeat_passes(&self, hold: bool) {
+        self.keeper
+            .store()
+            .heartbeat
+            .passes_held
+            .store(hold, std::sync::atomic::Ordering::Release);
+    }
+
     /// The configuration.
     pub fn config(&self) -> &ConsulConfig {
         &self.config

@@ -18,9 +18,13 @@ const T: Duration = Duration::from_secs(15);
 const N: usize = 40;
 
 async fn client(server: &ConsulServer) -> Arc<ConsulDiscovery> {
+    client_with_ttl(server, TTL).await
+}
+
+async fn client_with_ttl(server: &ConsulServer, ttl: Duration) -> Arc<ConsulDiscovery> {
     let config = ConsulConfig::from_url(&server.url())
         .unwrap()
-        .with_ttl(TTL)
+        .with_ttl(ttl)
         .with_request_timeout(Duration::from_secs(2));
     Arc::new(ConsulDiscovery::connect(config).await.expect("connect"))
 }
@@ -288,4 +292,50 @@ async fn heartbeat_and_instance_deregistered_together_come_back_in_order() {
             .await;
         reg.deregister().await.unwrap();
     }
+}
+
+/// The heartbeat and an instance deregistered behind the client's back while the
+/// keep-alive passes nothing (a test hook): the keeper's read-back alone notices, and the
+/// heartbeat is registered again before the instance, whose alias check never goes
+/// critical. (With both running, the keep-alive often gets there first.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_the_read_back_misses_is_registered_before_the_instance() {
+    let Some(server) = waypost_testkit::server::consul().await else {
+        return;
+    };
+    let ns = Namespace::new();
+    let svc = ns.service("hbread");
+    // A TTL that leaves room for the keeper's round (a third of it) while passes are held.
+    let ttl = Duration::from_secs(9);
+    let c = client_with_ttl(&server, ttl).await;
+    let reg = c.register(ns.instance(&svc, "a", 1)).await.unwrap();
+    let hb = checks_of(&server, "waypost-heartbeat").await;
+    let hb_service = hb[0].0.trim_end_matches(":ttl").to_string();
+    c.hold_heartbeat_passes(true);
+    let recorder = common::CheckRecorder::start(&server, svc.as_str());
+    for service in [format!("{svc}:a"), hb_service] {
+        common::agent_put(&server, &format!("service/deregister/{service}"), None).await;
+    }
+    let held_since = Instant::now();
+    until(
+        T,
+        "the keeper registered the heartbeat again, and the instance",
+        || checks_of(&server, svc.as_str()),
+        |checks| checks.len() == 1 && c.heartbeat_registrations() == 2,
+    )
+    .await;
+    let held_for = held_since.elapsed();
+    c.hold_heartbeat_passes(false);
+    assert!(
+        held_for < ttl,
+        "the keeper took {held_for:?}, past the TTL: the heartbeat may have run out"
+    );
+    // One more keep-alive interval of catalog states (a critical check reaches the
+    // catalog with the agent's next sync).
+    tokio::time::sleep(ttl / 3).await;
+    recorder
+        .never_critical("the instance coming back after its heartbeat")
+        .await;
+    assert_eq!(reg.current_status(), RegistrationStatus::Registered);
+    reg.deregister().await.unwrap();
 }
