@@ -51,6 +51,16 @@ impl SessionDriver for Gated {
     }
 }
 
+/// A session over a [`Gated`] driver, and the keep-alives it sends.
+fn gated() -> (Session<Gated>, mpsc::UnboundedReceiver<Call>) {
+    let (tx, calls) = mpsc::unbounded_channel();
+    let driver = Gated {
+        opened: Arc::default(),
+        calls: tx,
+    };
+    (Session::new(driver, BackoffOptions::default()), calls)
+}
+
 async fn next_call(calls: &mut mpsc::UnboundedReceiver<Call>) -> Call {
     tokio::time::timeout(Duration::from_secs(30), calls.recv())
         .await
@@ -64,14 +74,7 @@ async fn a_late_keep_alive_answer_about_an_earlier_session_leaves_the_newer_one_
         Error::SessionExpired,
         Error::unavailable("the reply came late"),
     ] {
-        let (tx, mut calls) = mpsc::unbounded_channel();
-        let s = Session::new(
-            Gated {
-                opened: Arc::default(),
-                calls: tx,
-            },
-            BackoffOptions::default(),
-        );
+        let (s, mut calls) = gated();
         assert_eq!(s.current().await.unwrap(), 1);
         let (h, first) = next_call(&mut calls).await;
         assert_eq!(h, 1);
@@ -96,14 +99,7 @@ async fn a_late_keep_alive_answer_about_an_earlier_session_leaves_the_newer_one_
 
 #[tokio::test(start_paused = true)]
 async fn confirmed_waits_for_an_answered_keep_alive_and_is_false_once_the_session_expired() {
-    let (tx, mut calls) = mpsc::unbounded_channel();
-    let s = Session::new(
-        Gated {
-            opened: Arc::default(),
-            calls: tx,
-        },
-        BackoffOptions::default(),
-    );
+    let (s, mut calls) = gated();
     assert_eq!(s.current().await.unwrap(), 1);
     assert!(s.confirmed(&1).await, "just opened: confirmed");
     for expire in [false, true] {
