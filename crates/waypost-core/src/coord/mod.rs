@@ -168,6 +168,9 @@ pub type LeaderEvent = Event<Leader>;
 ///   predecessor only.
 /// - An acquisition survives a session expiry while it waits (it queues again under the
 ///   new session); it never hangs silently.
+/// - A guard is handed out only while its session is confirmed alive (its last answered
+///   keep-alive recent enough that the registry cannot have expired it; otherwise one is
+///   asked for at once), never under a session the registry is about to expire.
 /// - Dropping the future of an acquisition, or a guard, removes what it wrote, in the
 ///   background.
 #[async_trait]
@@ -190,7 +193,10 @@ pub trait Coordinator: fmt::Debug + Send + Sync {
         self.acquire(name, 1, Wait::Forever).await
     }
 
-    /// Holds `name` if nobody does; [`Error::Busy`] at once otherwise.
+    /// Holds `name` if nobody does; [`Error::Busy`] at once otherwise. While the
+    /// registry does not answer (the enqueue, or the session's confirmation), it retries
+    /// for a bounded time, then returns the error ([`Error::Timeout`] for an unconfirmed
+    /// session) and leaves nothing behind.
     async fn try_lock(&self, name: &Name) -> Result<LockGuard> {
         self.acquire(name, 1, Wait::No).await
     }
