@@ -55,12 +55,22 @@ pub trait RegistryStore: Debug + Send + Sync + 'static {
     async fn delete(&self, session: &Self::Handle, instance: &Instance) -> Result<()>;
 
     /// How many registrations one keep-alive round reads back at most (in rotation, so
-    /// each is read within `ceil(n / this)` rounds); all of them by default. A store whose
-    /// `inspect` is also the entries' heartbeat (Consul's TTL checks) must keep the
-    /// default; one that reads entry by entry (ZooKeeper) bounds it, so a process with
-    /// many registrations does not load the registry every round.
+    /// each is read within `ceil(n / this)` rounds); all of them by default. A store that
+    /// reads entry by entry (ZooKeeper) bounds it, so a process with many registrations
+    /// does not load the registry every round.
     fn inspect_per_round(&self) -> usize {
         usize::MAX
+    }
+
+    /// Whether keep-alive round `round` (counted from 0 over the keeper's life) reads back
+    /// the registrations written under the live session; the others count as held. Every
+    /// round by default. A store whose read-back costs the registry a whole listing
+    /// whatever the number of registrations (Consul's `GET /v1/agent/services`) may read
+    /// every Nth round, and at once when it learnt that the registry may have lost
+    /// entries. Registrations not written under the session are written every round.
+    fn read_back_round(&self, round: u64) -> bool {
+        let _ = round;
+        true
     }
 
     /// [`RegistryStore::inspect`] for many instances at once, answers in the same order:

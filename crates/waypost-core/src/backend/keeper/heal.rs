@@ -38,11 +38,20 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
             }
         }
         // At most `inspect_per_round` of them, in rotation: every entry is read back within
-        // ceil(n / budget) rounds, and the others count as held (their session is live).
+        // ceil(n / budget) rounds, and the others count as held (their session is live);
+        // none in a round the store does not read back.
         written.sort_by(|a, b| a.0.cmp(&b.0));
-        let budget = self.store.inspect_per_round().max(1);
+        let round = self.rounds.fetch_add(1, Ordering::Relaxed);
+        let budget = if self.store.read_back_round(round) {
+            self.store.inspect_per_round().max(1)
+        } else {
+            0
+        };
         if written.len() > budget {
-            let start = self.cursor.fetch_add(budget, Ordering::Relaxed) % written.len();
+            let start = match budget {
+                0 => 0,
+                b => self.cursor.fetch_add(b, Ordering::Relaxed) % written.len(),
+            };
             written.rotate_left(start);
             for (key, instance) in written.split_off(budget) {
                 self.with_reg(&key, |reg| {
@@ -55,17 +64,19 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
             }
         }
         let instances: Vec<Instance> = written.iter().map(|(_, i)| i.clone()).collect();
-        let presence =
-            match crate::metrics::timed("inspect", self.store.inspect_many(session, &instances))
-                .await
-            {
-                Ok(p) => p,
-                Err(Error::SessionExpired) => {
-                    self.session.expired(session);
-                    return Err(Error::SessionExpired);
-                }
-                Err(e) => return Err(e),
-            };
+        let presence = if instances.is_empty() {
+            Ok(Vec::new())
+        } else {
+            crate::metrics::timed("inspect", self.store.inspect_many(session, &instances)).await
+        };
+        let presence = match presence {
+            Ok(p) => p,
+            Err(Error::SessionExpired) => {
+                self.session.expired(session);
+                return Err(Error::SessionExpired);
+            }
+            Err(e) => return Err(e),
+        };
         for ((key, instance), p) in written.into_iter().zip(presence) {
             if p == (Presence::Ours { current: true }) {
                 self.with_reg(&key, |reg| {

@@ -89,6 +89,8 @@ struct Inner<D: SessionDriver, S> {
     task_started: AtomicBool,
     /// Where the next round's read-back starts (see [`RegistryStore::inspect_per_round`]).
     cursor: std::sync::atomic::AtomicUsize,
+    /// Rounds run so far (see [`RegistryStore::read_back_round`]).
+    rounds: std::sync::atomic::AtomicU64,
     backend: &'static str,
 }
 
@@ -135,6 +137,7 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Keeper<D, S> {
                 kick: Arc::new(Notify::new()),
                 task_started: AtomicBool::new(false),
                 cursor: Default::default(),
+                rounds: Default::default(),
                 backend,
             }),
         }

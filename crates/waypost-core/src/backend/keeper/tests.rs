@@ -10,11 +10,14 @@ use crate::memory::backend::{Driver, Store};
 use crate::memory::MemoryRegistry;
 use crate::{Instance, Registrar, Result, ServiceName};
 
-/// The memory store with a read-back budget of 2, recording each round's batch size.
+/// The memory store with a read-back budget of 2, recording each round's batch size;
+/// reading back every `every`th round, recording the rounds it was asked about.
 #[derive(Debug)]
 struct Budgeted {
     inner: Store,
     batches: Arc<Mutex<Vec<usize>>>,
+    every: u64,
+    rounds: Arc<Mutex<Vec<u64>>>,
 }
 
 #[async_trait]
@@ -35,6 +38,11 @@ impl RegistryStore for Budgeted {
 
     fn inspect_per_round(&self) -> usize {
         2
+    }
+
+    fn read_back_round(&self, round: u64) -> bool {
+        self.rounds.lock().unwrap().push(round);
+        round.is_multiple_of(self.every)
     }
 
     async fn inspect_many(&self, s: &u64, instances: &[Instance]) -> Result<Vec<Presence>> {
@@ -67,6 +75,8 @@ async fn a_budget_reads_back_in_rotation_and_heals_every_entry() {
                 registry: registry.clone(),
             },
             batches: batches.clone(),
+            every: 1,
+            rounds: Arc::default(),
         },
     );
     let svc: ServiceName = "svc".parse().unwrap();
@@ -407,6 +417,8 @@ fn budgeted_keeper(
                 registry: registry.clone(),
             },
             batches: batches.clone(),
+            every: 1,
+            rounds: Arc::default(),
         },
     );
     (keeper, batches)
@@ -568,4 +580,54 @@ async fn a_leftover_of_an_expired_session_is_dropped_with_it() {
     })
     .await;
     wait_until("the leftover dropped", || keeper.pending_removals() == 0).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn reading_back_every_third_round_reads_a_third_as_often_and_still_heals() {
+    let registry = MemoryRegistry::new("every-third");
+    let ttl = Duration::from_secs(4);
+    let (batches, rounds) = (Arc::new(Mutex::new(Vec::new())), Arc::default());
+    let keeper = Keeper::new(
+        "memory",
+        session_over(&registry, ttl),
+        Budgeted {
+            inner: Store {
+                registry: registry.clone(),
+            },
+            batches: batches.clone(),
+            every: 3,
+            rounds: Arc::clone(&rounds),
+        },
+    );
+    let svc: ServiceName = "svc".parse().unwrap();
+    let regs = [
+        keeper.register(inst("a")).await.unwrap(),
+        keeper.register(inst("b")).await.unwrap(),
+    ];
+    // Thirty rounds of a quarter TTL: a read-back in every third (rounds 0, 3, 6, ...).
+    tokio::time::sleep(ttl * 30 / 4).await;
+    let (asked, reads) = {
+        let rounds = rounds.lock().unwrap();
+        let reads = rounds.iter().filter(|r| r.is_multiple_of(3)).count();
+        (rounds.len(), reads)
+    };
+    let batches = batches.lock().unwrap().len();
+    assert!(asked >= 28, "only {asked} rounds in thirty intervals");
+    assert!(
+        batches + 1 >= reads && batches <= reads,
+        "{batches} read-backs for {reads} reading rounds of {asked}"
+    );
+    // A foreign delete is healed by the next reading round: within three intervals.
+    assert!(registry.delete_foreign(&svc, "a"));
+    let deadline = tokio::time::Instant::now() + ttl * 3 / 4 + Duration::from_millis(500);
+    while registry.peek(&svc).len() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not healed within three rounds"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for r in &regs {
+        assert_eq!(r.current_status(), crate::RegistrationStatus::Registered);
+    }
 }
