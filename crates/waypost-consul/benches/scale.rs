@@ -6,8 +6,8 @@
 //!   the control lane (the agent's floor);
 //! - **keep-alive cost** at steady state: this process's CPU time and the agent's (its
 //!   `/proc/<pid>/stat`) over a period, for waypost (one heartbeat TTL check per client,
-//!   an alias check per instance, one `GET /v1/agent/services` per round), for the same
-//!   registrations raw without the read-back, and for the previous design replayed raw: a TTL check per instance, passed and read back once per
+//!   an alias check per instance, one `GET /v1/agent/services` per round; then the same
+//!   with `read_back_every = 3`), for the same registrations raw without the read-back, and for the previous design replayed raw: a TTL check per instance, passed and read back once per
 //!   round (a third of the TTL).
 //!
 //! `cargo bench -p waypost-consul --bench scale` prints markdown tables and writes them
@@ -187,15 +187,23 @@ async fn steady(label: &'static str, pid: Option<u32>) -> (CpuRow, Option<Durati
     (row, pid.map(|p| cpu_of(p) - a0.unwrap_or_default()))
 }
 
+/// A fresh agent (a `-dev` agent keeps nothing across a restart) and its process id: an
+/// agent's own CPU grows with what it has been through, so each row starts from scratch.
+async fn fresh(server: &mut ConsulServer) -> Option<u32> {
+    server.restart().await.expect("restart the agent");
+    agent_pid(server.port())
+}
+
 async fn keepalive(
-    server: &ConsulServer,
+    server: &mut ConsulServer,
     raw: &Raw,
     lane: usize,
 ) -> Vec<(CpuRow, Option<Duration>)> {
-    let pid = agent_pid(server.port());
     let mut rows = Vec::new();
+    let pid = fresh(server).await;
     rows.push(steady("nothing registered", pid).await);
 
+    let pid = fresh(server).await;
     let client = ConsulDiscovery::connect(config(server)).await.unwrap();
     let regs: Vec<_> = futures::stream::iter(0..INSTANCES)
         .map(|n| {
@@ -215,9 +223,33 @@ async fn keepalive(
     drop(regs);
     client.shutdown().await.unwrap();
 
+    // The same, reading the agent's services back every third round only.
+    let pid = fresh(server).await;
+    let client = ConsulDiscovery::connect(config(server).with_read_back_every(3))
+        .await
+        .unwrap();
+    let regs: Vec<_> = futures::stream::iter(0..INSTANCES)
+        .map(|n| {
+            let c = client.clone();
+            async move { c.register(instance("keepwp3", n)).await.unwrap() }
+        })
+        .buffer_unordered(INSTANCES)
+        .collect()
+        .await;
+    rows.push(steady("waypost: the same, `read_back_every = 3`", pid).await);
+    for r in &regs {
+        assert_eq!(
+            r.current_status(),
+            waypost_core::RegistrationStatus::Registered
+        );
+    }
+    drop(regs);
+    client.shutdown().await.unwrap();
+
     // The same registrations raw, passing the heartbeat every round and reading nothing
     // back: what the agent spends on the alias checks and its own work, without the
     // keeper's one `GET /v1/agent/services` per round.
+    let pid = fresh(server).await;
     raw.put("/v1/agent/service/register", Some(raw_heartbeat_body()))
         .await;
     raw.all(lane, |n| {
@@ -244,6 +276,7 @@ async fn keepalive(
 
     // The previous design, replayed: a TTL check per instance, passed and read back once
     // per round.
+    let pid = fresh(server).await;
     raw.all(lane, |n| {
         let body = raw_body("keepraw", n);
         async move { raw.put("/v1/agent/service/register", Some(body)).await }
@@ -310,7 +343,7 @@ fn ms(d: Duration) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let Some(server) = waypost_testkit::server::consul().await else {
+    let Some(mut server) = waypost_testkit::server::consul().await else {
         eprintln!("consul is not installed: no benchmark");
         return;
     };
@@ -331,7 +364,7 @@ async fn main() {
         ms(w), ms(wp[0]), ms(wp[ROUNDS - 1]), ms(r), ms(rw[0]), ms(rw[ROUNDS - 1]),
         w.as_secs_f64() / r.as_secs_f64(),
     );
-    let rows = keepalive(&server, &raw, lane).await;
+    let rows = keepalive(&mut server, &raw, lane).await;
     let cpu: Vec<CpuRow> = rows.iter().map(|(r, _)| r.clone()).collect();
     let mut ka = keepalive_table(&cpu, "");
     ka = ka.trim_end().to_string();
@@ -350,7 +383,7 @@ async fn main() {
         }
     }
     table.push_str(&format!(
-        "\nRows measured one after the other in one run on one agent, {PERIOD:?} each, {SETTLE:?} after the state was reached, TTL {TTL:?} (keep-alive round every {:?}); this process's CPU: `getrusage(RUSAGE_SELF)`; the agent's: `/proc/<pid>/stat` utime + stime over the same period (the requests column is not counted on Consul). {}\n",
+        "\nRows measured one after the other in one run, each on a freshly restarted `-dev` agent, {PERIOD:?} each, {SETTLE:?} after the state was reached, TTL {TTL:?} (keep-alive round every {:?}); this process's CPU: `getrusage(RUSAGE_SELF)`; the agent's: `/proc/<pid>/stat` utime + stime over the same period (the requests column is not counted on Consul). {}\n",
         TTL / 3,
         common::measured_on("scale")
     ));

@@ -49,6 +49,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(600);
 /// | `config_prefix` | `config` | KV prefix of configuration keys: key `a/b` is KV key `config/a/b` (a configuration key itself: no leading or trailing `/`) |
 /// | `coord_prefix` | `coord` | KV prefix of locks and elections: name `a/b` is the lock key `coord/a/b/.lock` (`consul lock coord/a/b` takes the same lock); validated like `config_prefix` |
 /// | `lock_delay` | `1s` | `LockDelay` of the coordination session (0 to 60s): how long Consul refuses to hand a lock on after the session was invalidated |
+/// | `read_back_every` | `1` | the client reads its registrations back from the agent (`GET /v1/agent/services`, which costs the agent in proportion to its services) every this many keep-alive rounds (1 to 10), and at once when the agent lost the heartbeat; a registration deleted behind the client's back comes back within this many rounds |
 /// | `watch_share_percent` | `50` | share (1 to 90 %) of the agent's `http_max_conns_per_client` that watches may use; registrations and heartbeats keep their own connections (see the crate docs, "Many watched services") |
 ///
 /// Agent-run checks start **passing** when an instance is registered (so `register`
@@ -140,6 +141,11 @@ pub struct ConsulConfig {
     /// that watches may use. See the crate docs, "Many watched services".
     #[serde(deserialize_with = "de::number")]
     pub watch_share_percent: u8,
+    /// Read the client's registrations back from the agent every this many keep-alive
+    /// rounds (1 to 10; 1 by default), and at once after the agent lost the client's
+    /// heartbeat. See the crate docs, "At 1,000 instances".
+    #[serde(deserialize_with = "de::number")]
+    pub read_back_every: u8,
 }
 
 impl Default for ConsulConfig {
@@ -167,6 +173,7 @@ impl Default for ConsulConfig {
             coord_prefix: crate::coord::default_coord_prefix(),
             lock_delay: crate::coord::DEFAULT_LOCK_DELAY,
             watch_share_percent: 50,
+            read_back_every: 1,
         }
     }
 }
@@ -201,6 +208,7 @@ impl fmt::Debug for ConsulConfig {
             .field("coord_prefix", &self.coord_prefix)
             .field("lock_delay", &self.lock_delay)
             .field("watch_share_percent", &self.watch_share_percent)
+            .field("read_back_every", &self.read_back_every)
             .finish()
     }
 }

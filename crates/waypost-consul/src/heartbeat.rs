@@ -52,6 +52,9 @@ pub(crate) struct Heartbeat {
     /// Held while it is being registered: an instance write waits for a registration in
     /// flight, so it never reaches the agent before its heartbeat.
     registering: Arc<tokio::sync::Mutex<()>>,
+    /// Set when the heartbeat is noted gone: the keeper's next round reads the instances
+    /// back whatever its cadence (`read_back_every`), since the agent may have lost them too.
+    read_back: Arc<AtomicBool>,
     /// **Test hook.** While set, the keep-alive's `pass` sends nothing (see
     /// `ConsulDiscovery::hold_heartbeat_passes`).
     #[cfg(feature = "test-hooks")]
@@ -79,6 +82,7 @@ impl Heartbeat {
             attempts: Arc::new(AtomicU64::new(0)),
             registrations: Arc::new(AtomicU64::new(0)),
             registering: Arc::new(tokio::sync::Mutex::new(())),
+            read_back: Arc::new(AtomicBool::new(false)),
             #[cfg(feature = "test-hooks")]
             passes_held: Arc::new(AtomicBool::new(false)),
         }
@@ -112,7 +116,14 @@ impl Heartbeat {
     /// Marks the heartbeat as possibly gone from the agent; `true` if it was not marked.
     fn note_missing(&self) -> bool {
         self.losses.fetch_add(1, Ordering::AcqRel);
+        self.read_back.store(true, Ordering::Release);
         !self.missing.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether the heartbeat was noted gone since the last call: the instances should be
+    /// read back now.
+    pub(crate) fn take_read_back_request(&self) -> bool {
+        self.read_back.swap(false, Ordering::AcqRel)
     }
 
     /// Whether the agent holds the heartbeat, as far as this client knows.

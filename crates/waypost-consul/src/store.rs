@@ -95,6 +95,14 @@ impl RegistryStore for AgentStore {
         Ok(presence(self.agent.service(&service_id).await?, instance))
     }
 
+    /// Every `read_back_every`th round, and the next one after the heartbeat was noted
+    /// gone (the agent restarted or lost it behind our back: so may the instances).
+    fn read_back_round(&self, round: u64) -> bool {
+        let due = round.is_multiple_of(u64::from(self.config.read_back_every.max(1)));
+        // Taken even when due, so a request is not served twice.
+        self.heartbeat.take_read_back_request() || due
+    }
+
     async fn inspect_many(
         &self,
         _epoch: &AgentEpoch,

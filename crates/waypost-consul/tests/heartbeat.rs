@@ -339,3 +339,50 @@ async fn a_heartbeat_the_read_back_misses_is_registered_before_the_instance() {
     assert_eq!(reg.current_status(), RegistrationStatus::Registered);
     reg.deregister().await.unwrap();
 }
+
+/// With `read_back_every = 10` the keeper reads the agent's services back only every tenth
+/// round; a keep-alive that finds the heartbeat gone asks for a read-back at once, so an
+/// instance the agent lost with it (an agent restart, a deregistration behind our back)
+/// comes back within a few rounds, not ten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_found_gone_asks_for_a_read_back_at_once() {
+    let Some(server) = waypost_testkit::server::consul().await else {
+        return;
+    };
+    let ns = Namespace::new();
+    let svc = ns.service("hbrb");
+    let config = ConsulConfig::from_url(&server.url())
+        .unwrap()
+        .with_ttl(TTL)
+        .with_request_timeout(Duration::from_secs(2))
+        .with_read_back_every(10);
+    let c = ConsulDiscovery::connect(config).await.expect("connect");
+    let reg = c.register(ns.instance(&svc, "a", 1)).await.unwrap();
+    let hb = checks_of(&server, "waypost-heartbeat").await;
+    let hb_service = hb[0].0.trim_end_matches(":ttl").to_string();
+    // The register's own keeper round (a read-back: round 0) starts at once; nothing
+    // outside marks its end, so a keep-alive interval goes by before the removal (else
+    // that round would heal it and the test would prove nothing).
+    tokio::time::sleep(TTL / 3).await;
+    for service in [format!("{svc}:a"), hb_service] {
+        common::agent_put(&server, &format!("service/deregister/{service}"), None).await;
+    }
+    let gone = Instant::now();
+    until(
+        T,
+        "the heartbeat and the instance back on the agent",
+        || checks_of(&server, svc.as_str()),
+        |checks| checks.len() == 1 && c.heartbeat_registrations() == 2,
+    )
+    .await;
+    let took = gone.elapsed();
+    // Ten rounds would be 10 s; the keep-alive notices within a round, the read-back is
+    // the round after.
+    let bound = TTL / 3 * 4;
+    assert!(
+        took <= bound,
+        "the instance came back {took:?} after it was removed (bound {bound:?}): the read-back waited for its turn"
+    );
+    assert_eq!(reg.current_status(), RegistrationStatus::Registered);
+    reg.deregister().await.unwrap();
+}

@@ -138,4 +138,11 @@ impl ConsulConfig {
         self.watch_share_percent = percent;
         self
     }
+
+    /// Reads the client's registrations back from the agent every `rounds` keep-alive
+    /// rounds (1 to 10).
+    pub fn with_read_back_every(mut self, rounds: u8) -> Self {
+        self.read_back_every = rounds;
+        self
+    }
 }

@@ -18,6 +18,9 @@ fn parses_plain_and_tls_urls() {
     assert_eq!(c.watch_share_percent, 50);
     let c = ConsulConfig::from_url("consul://h:1?watch_share_percent=30").unwrap();
     assert_eq!(c.watch_share_percent, 30);
+    assert_eq!(c.read_back_every, 1);
+    let c = ConsulConfig::from_url("consul://h:1?read_back_every=3").unwrap();
+    assert_eq!(c.read_back_every, 3);
 }
 
 #[test]
@@ -52,6 +55,8 @@ fn bad_urls_and_options_name_the_key() {
         ("etcd://h:1", "consul://"),
         ("consul://h:1?timeout=0s", "timeout"),
         ("consul://h:1?watch_share_percent=0", "watch_share_percent"),
+        ("consul://h:1?read_back_every=0", "read_back_every"),
+        ("consul://h:1?read_back_every=11", "read_back_every"),
         ("consul://h:1?watch_share_percent=95", "watch_share_percent"),
         (
             "consul://h:1?watch_share_percent=half",

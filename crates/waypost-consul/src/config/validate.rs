@@ -63,6 +63,11 @@ impl ConsulConfig {
                 "consul option `watch_share_percent` must be from 1 to 90",
             ));
         }
+        if !(1..=10).contains(&self.read_back_every) {
+            return Err(Error::invalid_config(
+                "consul option `read_back_every` must be from 1 to 10 (keep-alive rounds)",
+            ));
+        }
         if let Some(dc) = &self.datacenter {
             if dc.is_empty()
                 || !dc
