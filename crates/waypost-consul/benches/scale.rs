@@ -194,6 +194,33 @@ async fn fresh(server: &mut ConsulServer) -> Option<u32> {
     agent_pid(server.port())
 }
 
+/// One client with 1,000 instances, measured at steady state, then shut down.
+async fn waypost_row(
+    config: ConsulConfig,
+    label: &'static str,
+    pid: Option<u32>,
+) -> (CpuRow, Option<Duration>) {
+    let client = ConsulDiscovery::connect(config).await.unwrap();
+    let regs: Vec<_> = futures::stream::iter(0..INSTANCES)
+        .map(|n| {
+            let c = client.clone();
+            async move { c.register(instance("keepwp", n)).await.unwrap() }
+        })
+        .buffer_unordered(INSTANCES)
+        .collect()
+        .await;
+    let row = steady(label, pid).await;
+    for r in &regs {
+        assert_eq!(
+            r.current_status(),
+            waypost_core::RegistrationStatus::Registered
+        );
+    }
+    drop(regs);
+    client.shutdown().await.unwrap();
+    row
+}
+
 async fn keepalive(
     server: &mut ConsulServer,
     raw: &Raw,
@@ -204,47 +231,18 @@ async fn keepalive(
     rows.push(steady("nothing registered", pid).await);
 
     let pid = fresh(server).await;
-    let client = ConsulDiscovery::connect(config(server)).await.unwrap();
-    let regs: Vec<_> = futures::stream::iter(0..INSTANCES)
-        .map(|n| {
-            let c = client.clone();
-            async move { c.register(instance("keepwp", n)).await.unwrap() }
-        })
-        .buffer_unordered(INSTANCES)
-        .collect()
-        .await;
-    rows.push(steady("waypost: 1,000 instances, one heartbeat", pid).await);
-    for r in &regs {
-        assert_eq!(
-            r.current_status(),
-            waypost_core::RegistrationStatus::Registered
-        );
-    }
-    drop(regs);
-    client.shutdown().await.unwrap();
-
+    rows.push(
+        waypost_row(
+            config(server),
+            "waypost: 1,000 instances, one heartbeat",
+            pid,
+        )
+        .await,
+    );
     // The same, reading the agent's services back every third round only.
     let pid = fresh(server).await;
-    let client = ConsulDiscovery::connect(config(server).with_read_back_every(3))
-        .await
-        .unwrap();
-    let regs: Vec<_> = futures::stream::iter(0..INSTANCES)
-        .map(|n| {
-            let c = client.clone();
-            async move { c.register(instance("keepwp3", n)).await.unwrap() }
-        })
-        .buffer_unordered(INSTANCES)
-        .collect()
-        .await;
-    rows.push(steady("waypost: the same, `read_back_every = 3`", pid).await);
-    for r in &regs {
-        assert_eq!(
-            r.current_status(),
-            waypost_core::RegistrationStatus::Registered
-        );
-    }
-    drop(regs);
-    client.shutdown().await.unwrap();
+    let every_third = config(server).with_read_back_every(3);
+    rows.push(waypost_row(every_third, "waypost: the same, `read_back_every = 3`", pid).await);
 
     // The same registrations raw, passing the heartbeat every round and reading nothing
     // back: what the agent spends on the alias checks and its own work, without the
