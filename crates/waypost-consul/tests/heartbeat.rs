@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use waypost_consul::{ConsulConfig, ConsulDiscovery};
-use waypost_core::{InstanceSet, Registrar, RegistrationStatus, Watcher};
+use waypost_core::{InstanceSet, Registrar, RegistrationStatus, ServiceName, Watcher};
 use waypost_testkit::conformance::{wait_for_set, Namespace};
 use waypost_testkit::ConsulServer;
 
@@ -22,11 +22,34 @@ async fn client(server: &ConsulServer) -> Arc<ConsulDiscovery> {
 }
 
 async fn client_with_ttl(server: &ConsulServer, ttl: Duration) -> Arc<ConsulDiscovery> {
-    let config = ConsulConfig::from_url(&server.url())
+    connect(config(server, ttl)).await
+}
+
+fn config(server: &ConsulServer, ttl: Duration) -> ConsulConfig {
+    ConsulConfig::from_url(&server.url())
         .unwrap()
         .with_ttl(ttl)
-        .with_request_timeout(Duration::from_secs(2));
+        .with_request_timeout(Duration::from_secs(2))
+}
+
+async fn connect(config: ConsulConfig) -> Arc<ConsulDiscovery> {
     Arc::new(ConsulDiscovery::connect(config).await.expect("connect"))
+}
+
+/// The ID of the client's heartbeat service on the agent (there is one client).
+async fn heartbeat_service(server: &ConsulServer) -> String {
+    let hb = checks_of(server, "waypost-heartbeat").await;
+    hb[0].0.trim_end_matches(":ttl").to_string()
+}
+
+/// Deregisters instance `id` of `svc`, then the heartbeat, behind the client's back. The
+/// instance first: with the heartbeat gone first, its alias check would go critical before
+/// this removed it.
+async fn deregister_with_heartbeat(server: &ConsulServer, svc: &ServiceName, id: &str) {
+    let hb_service = heartbeat_service(server).await;
+    for service in [format!("{svc}:{id}"), hb_service] {
+        common::agent_put(server, &format!("service/deregister/{service}"), None).await;
+    }
 }
 
 async fn get(server: &ConsulServer, path: &str) -> serde_json::Value {
@@ -217,8 +240,7 @@ async fn heartbeat_deregistered_behind_our_back_comes_back() {
     let svc = ns.service("hbback");
     let c = client(&server).await;
     let reg = c.register(ns.instance(&svc, "a", 1)).await.unwrap();
-    let hb = checks_of(&server, "waypost-heartbeat").await;
-    let hb_service = hb[0].0.trim_end_matches(":ttl").to_string();
+    let hb_service = heartbeat_service(&server).await;
     let mut statuses = reg.status();
     statuses.borrow_and_update();
     common::agent_put(&server, &format!("service/deregister/{hb_service}"), None).await;
@@ -269,14 +291,8 @@ async fn heartbeat_and_instance_deregistered_together_come_back_in_order() {
     for round in 0..5 {
         let id = format!("r{round}");
         let reg = c.register(ns.instance(&svc, &id, 1)).await.unwrap();
-        let hb = checks_of(&server, "waypost-heartbeat").await;
-        let hb_service = hb[0].0.trim_end_matches(":ttl").to_string();
         let recorder = common::CheckRecorder::start(&server, svc.as_str());
-        // The instance first: with the heartbeat gone first, its alias check would go
-        // critical before our own deregistration removed it.
-        for service in [format!("{svc}:{id}"), hb_service] {
-            common::agent_put(&server, &format!("service/deregister/{service}"), None).await;
-        }
+        deregister_with_heartbeat(&server, &svc, &id).await;
         // Both back on the agent; then the catalog is watched for one more keep-alive
         // interval (a critical check would reach it with the agent's next sync).
         until(
@@ -309,13 +325,9 @@ async fn a_heartbeat_the_read_back_misses_is_registered_before_the_instance() {
     let ttl = Duration::from_secs(9);
     let c = client_with_ttl(&server, ttl).await;
     let reg = c.register(ns.instance(&svc, "a", 1)).await.unwrap();
-    let hb = checks_of(&server, "waypost-heartbeat").await;
-    let hb_service = hb[0].0.trim_end_matches(":ttl").to_string();
     c.hold_heartbeat_passes(true);
     let recorder = common::CheckRecorder::start(&server, svc.as_str());
-    for service in [format!("{svc}:a"), hb_service] {
-        common::agent_put(&server, &format!("service/deregister/{service}"), None).await;
-    }
+    deregister_with_heartbeat(&server, &svc, "a").await;
     let held_since = Instant::now();
     until(
         T,
@@ -351,22 +363,13 @@ async fn a_heartbeat_found_gone_asks_for_a_read_back_at_once() {
     };
     let ns = Namespace::new();
     let svc = ns.service("hbrb");
-    let config = ConsulConfig::from_url(&server.url())
-        .unwrap()
-        .with_ttl(TTL)
-        .with_request_timeout(Duration::from_secs(2))
-        .with_read_back_every(10);
-    let c = ConsulDiscovery::connect(config).await.expect("connect");
+    let c = connect(config(&server, TTL).with_read_back_every(10)).await;
     let reg = c.register(ns.instance(&svc, "a", 1)).await.unwrap();
-    let hb = checks_of(&server, "waypost-heartbeat").await;
-    let hb_service = hb[0].0.trim_end_matches(":ttl").to_string();
     // The register's own keeper round (a read-back: round 0) starts at once; nothing
     // outside marks its end, so a keep-alive interval goes by before the removal (else
     // that round would heal it and the test would prove nothing).
     tokio::time::sleep(TTL / 3).await;
-    for service in [format!("{svc}:a"), hb_service] {
-        common::agent_put(&server, &format!("service/deregister/{service}"), None).await;
-    }
+    deregister_with_heartbeat(&server, &svc, "a").await;
     let gone = Instant::now();
     until(
         T,
