@@ -9,6 +9,8 @@ bash scripts/install-servers.sh
 
 # A CI build is built once: incremental caches would only cost disk (2.5 GB of 12).
 if [ -n "${CI:-}" ]; then export CARGO_INCREMENTAL=0; fi
+# A full build and test run takes ~3 GB of disk (target/ and the servers' temp dirs).
+echo "== disk free here: $(df -Ph . | awk 'NR==2 {print $4}')"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
