@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use waypost_core::backend::SessionDriver;
+use waypost_core::backend::{SessionDriver, UNCERTAIN_FOR};
 use waypost_core::{Error, Result};
 
 use crate::client::Agent;
@@ -42,7 +42,10 @@ pub(crate) struct AgentEpoch(u64);
 /// reply): an agent that was paused or slow may still apply such a write after the keeper
 /// deleted its leftover. With per-client heartbeats that entry's alias check would pass for
 /// as long as the client lives, so every keep-alive round looks for these IDs on the agent
-/// and deregisters what it finds, for [`UNCERTAIN_FOR`] × the TTL after the failure.
+/// and deregisters what it finds, for [`UNCERTAIN_FOR`] × the TTL after the failure. Core's
+/// keeper looks for such writes too, but only under the session they were written in; an
+/// agent's services outlive the client's epochs (a paused agent fails the keep-alive, and
+/// the next epoch begins), so this sweep spans them.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Written(Arc<Mutex<WrittenIds>>);
 
@@ -52,9 +55,6 @@ pub(crate) struct WrittenIds {
     /// Service ID → when its write failed with the outcome unknown.
     uncertain: HashMap<String, Instant>,
 }
-
-/// How long (in TTLs) a write whose outcome is unknown is looked for on the agent.
-pub(crate) const UNCERTAIN_FOR: u32 = 3;
 
 impl Written {
     pub(crate) fn insert(&self, service_id: &str) {

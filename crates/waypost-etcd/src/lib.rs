@@ -275,6 +275,13 @@ impl waypost_core::backend::TestHooks for EtcdDiscovery {
 
 #[cfg(feature = "test-hooks")]
 impl EtcdDiscovery {
+    /// **Test hook.** How many rounds the registration keeper ran: a test waits for two
+    /// more to know one ran whole after a given moment.
+    #[doc(hidden)]
+    pub fn keeper_rounds(&self) -> u64 {
+        self.keeper.rounds()
+    }
+
     /// **Test hook.** Stops (`true`) or resumes (`false`) reading every watch stream of
     /// this client, as a connection that stalls would: etcd keeps the events, the client
     /// does not see them. With [`drop_connections`](waypost_core::backend::TestHooks::drop_connections)

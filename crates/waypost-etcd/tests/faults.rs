@@ -391,3 +391,81 @@ async fn an_idle_watch_on_a_healthy_server_stays_live() {
         "no outage: {events:?}"
     );
 }
+
+/// A `register` that fails while the server is paused has an unknown outcome: etcd may
+/// apply the put later (it waited in the server's socket), bound to the client's live
+/// lease, after the client found the key absent. The client goes on looking for it for
+/// `UNCERTAIN_FOR` lease TTLs and removes it. The late put is played here by a raw put of
+/// the same key under the client's lease, after the client's own clean-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_put_with_an_unknown_outcome_is_removed() {
+    common::init_tracing();
+    let Some(server) = waypost_testkit::server::etcd().await else {
+        return;
+    };
+    let ns = Namespace::new();
+    let svc = ns.service("late");
+    // A lease that outlives the pause: the late put lands under the same session.
+    let d = waypost_etcd::EtcdDiscovery::connect(
+        common::config(&server.url()).with_lease_ttl(Duration::from_secs(6)),
+    )
+    .await
+    .unwrap();
+    let anchor = ns.instance(&svc, "anchor", 1);
+    let _anchor = d.register(anchor.clone()).await.unwrap();
+    let lease = d.lease_id().expect("a lease");
+    let mut admin = common::admin(&[server.endpoint()]).await;
+    // `server.url()` names the prefix `/services`.
+    let anchor_key = format!("/services/{svc}/anchor");
+    let anchor_kv = admin
+        .get(anchor_key.as_str(), None)
+        .await
+        .unwrap()
+        .kvs()
+        .first()
+        .cloned()
+        .expect("the anchor's key");
+    let lost_key = anchor_kv.key_str().unwrap().replace("/anchor", "/lost");
+
+    server.pause().unwrap();
+    let failed = tokio::time::timeout(T, d.register(ns.instance(&svc, "lost", 2))).await;
+    server.resume().unwrap();
+    let err = failed
+        .expect("register returns while the server is paused")
+        .expect_err("register fails while the server is paused");
+    assert!(err.is_temporary(), "{err}");
+    // The client's own clean-up (of whatever the server applied).
+    let deadline = Instant::now() + T;
+    while admin.get(lost_key.as_str(), None).await.unwrap().count() > 0 {
+        assert!(Instant::now() < deadline, "the leftover was never removed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Two more keeper rounds: one ran whole with the key absent (a client that stopped
+    // looking then would miss the late put).
+    let rounds = d.keeper_rounds();
+    let deadline = Instant::now() + T;
+    while d.keeper_rounds() < rounds + 2 {
+        assert!(Instant::now() < deadline, "the keeper ran no round");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(d.lease_id(), Some(lease), "the lease outlived the pause");
+    // The late put lands, bound to the client's lease.
+    let opts = etcd_client::PutOptions::new().with_lease(lease);
+    admin
+        .put(lost_key.as_str(), anchor_kv.value(), Some(opts))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + T;
+    while admin.get(lost_key.as_str(), None).await.unwrap().count() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the late put is still there after {T:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        admin.get(anchor_key.as_str(), None).await.unwrap().count(),
+        1,
+        "the live registration went missing"
+    );
+}

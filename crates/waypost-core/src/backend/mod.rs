@@ -28,7 +28,7 @@ pub mod watch;
 
 pub use coord::{Contender, Coord, CoordDriver, CoordOptions, Kind, Position};
 pub use hooks::TestHooks;
-pub use keeper::Keeper;
+pub use keeper::{Keeper, UNCERTAIN_FOR};
 pub use kv::{Kv, KvDriver, KvOptions, Scope};
 pub use options::BackoffOptions;
 pub use session::{Session, SessionDriver, SessionState};

@@ -124,8 +124,15 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
             let guard = self.lock_key(&key).await;
             let settled = self.settle_one(session, &key, &p.instance).await;
             self.release_key(&key, guard);
+            // An outcome-unknown write found absent may still land: looked for until its
+            // window closes (unless its id is registered again: that write owns it).
+            let watched = p
+                .watch_until
+                .is_some_and(|until| tokio::time::Instant::now() < until)
+                && !self.lock().regs.contains_key(&key);
             match settled {
                 Ok(true) => keep.push(p),
+                Ok(false) if watched => keep.push(p),
                 Ok(false) => {}
                 Err(e) if e.is_temporary() => {
                     error = Some(e);

@@ -12,7 +12,11 @@
 //! - **writes whose outcome is unknown** (a timeout, a lost reply, a caller that gave up
 //!   waiting): the entry is tracked as a *pending removal* until the registry confirms it
 //!   does not hold it, so a caller who got an error never finds the instance registered
-//!   afterwards; a failed deregistration is retried the same way;
+//!   afterwards. A registry that was paused or slow can still apply such a write after it
+//!   answered that it holds nothing (the request waited in its socket), and the entry would
+//!   then live as long as the session: the keeper keeps looking for it, every round, for
+//!   [`UNCERTAIN_FOR`] session bounds after the failure. A failed deregistration is
+//!   retried the same way (until confirmed absent: a delete applied late does no harm);
 //! - drop-time deregistration in the background.
 
 use std::collections::HashMap;
@@ -22,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use tokio::sync::{watch, Notify, OwnedMutexGuard};
+use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::model::{Instance, InstanceId, ServiceName};
@@ -50,7 +55,15 @@ struct Reg<H> {
 struct Pending<H> {
     session: H,
     instance: Instance,
+    /// An outcome-unknown write: looked for until then even when found absent, as it may
+    /// still land. `None` (a failed delete): settled once found absent.
+    watch_until: Option<Instant>,
 }
+
+/// How long, in session bounds ([`SessionDriver::bound`], or three keep-alive intervals
+/// where the registry has none), the keeper looks for an outcome-unknown write that may
+/// still land.
+pub const UNCERTAIN_FOR: u32 = 3;
 
 struct Table<H> {
     regs: HashMap<Key, Reg<H>>,
@@ -169,6 +182,13 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Keeper<D, S> {
         self.inner.lock().pending.len()
     }
 
+    /// How many rounds the keeper ran (read-back, healing and pending removals, once per
+    /// keep-alive interval while it holds anything): for diagnostics and tests that must
+    /// know a round went by.
+    pub fn rounds(&self) -> u64 {
+        self.inner.rounds.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// How many per-id locks the keeper keeps (one per id registered or pending).
     #[cfg(test)]
     pub(crate) fn locked_ids(&self) -> usize {
@@ -229,8 +249,28 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
         }
     }
 
+    /// A failed delete: the entry may still be there.
     fn add_pending(&self, session: D::Handle, instance: Instance) {
-        self.lock().pending.push(Pending { session, instance });
+        self.push_pending(session, instance, None);
+    }
+
+    /// A write whose outcome is unknown: it may be there, or land later.
+    fn add_unknown(&self, session: D::Handle, instance: Instance) {
+        let driver = self.session.driver();
+        let bound = driver.bound().unwrap_or(driver.interval() * 3);
+        self.push_pending(
+            session,
+            instance,
+            Some(Instant::now() + bound * UNCERTAIN_FOR),
+        );
+    }
+
+    fn push_pending(&self, session: D::Handle, instance: Instance, watch_until: Option<Instant>) {
+        self.lock().pending.push(Pending {
+            session,
+            instance,
+            watch_until,
+        });
         self.kick.notify_one();
     }
 
@@ -381,6 +421,7 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
                 t.pending.push(Pending {
                     session,
                     instance: reg.instance,
+                    watch_until: None,
                 });
             }
         }
@@ -425,7 +466,7 @@ impl<'a, D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Unknown<'a, D, 
 impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Drop for Unknown<'_, D, S> {
     fn drop(&mut self) {
         if let Some((session, instance)) = self.armed.take() {
-            self.inner.add_pending(session, instance);
+            self.inner.add_unknown(session, instance);
         }
     }
 }

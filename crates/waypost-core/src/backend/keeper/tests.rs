@@ -296,7 +296,10 @@ async fn another_ids_unknown_write_is_still_removed_after_a_new_registration() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(registry.peek(&svc).get(&"a".parse().unwrap()).is_some());
-    assert_eq!(keeper.pending_removals(), 0);
+    wait_until("`b` forgotten once its window closed", || {
+        keeper.pending_removals() == 0
+    })
+    .await;
 }
 
 #[test]
@@ -630,4 +633,98 @@ async fn reading_back_every_third_round_reads_a_third_as_often_and_still_heals()
     for r in &regs {
         assert_eq!(r.current_status(), crate::RegistrationStatus::Registered);
     }
+}
+
+/// The memory store whose next write is held back: it fails with an unknown outcome and
+/// lands only when the test plays it, as a request a paused registry applies late.
+#[derive(Debug, Default)]
+struct Late {
+    inner: Option<Store>,
+    hold_next: Mutex<bool>,
+    held: Mutex<Option<(u64, Instance)>>,
+    /// Inspections of a held write's id.
+    looked: Mutex<usize>,
+}
+
+#[async_trait]
+impl RegistryStore for Arc<Late> {
+    type Handle = u64;
+
+    async fn write(&self, s: &u64, i: &Instance, takeover: bool) -> Result<()> {
+        if std::mem::take(&mut *self.hold_next.lock().unwrap()) {
+            *self.held.lock().unwrap() = Some((*s, i.clone()));
+            return Err(crate::Error::unavailable("the reply never came"));
+        }
+        self.inner.as_ref().unwrap().write(s, i, takeover).await
+    }
+
+    async fn inspect(&self, s: &u64, i: &Instance) -> Result<Presence> {
+        if self
+            .held
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|(_, h)| h.id == i.id)
+        {
+            *self.looked.lock().unwrap() += 1;
+        }
+        self.inner.as_ref().unwrap().inspect(s, i).await
+    }
+
+    async fn delete(&self, s: &u64, i: &Instance) -> Result<()> {
+        self.inner.as_ref().unwrap().delete(s, i).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_that_lands_after_it_was_found_absent_is_removed_within_the_window() {
+    let registry = MemoryRegistry::new("late");
+    let svc: ServiceName = "svc".parse().unwrap();
+    let ttl = Duration::from_secs(4);
+    let store = Arc::new(Late {
+        inner: Some(Store {
+            registry: registry.clone(),
+        }),
+        ..Late::default()
+    });
+    let session = Session::new(
+        Driver {
+            registry: registry.clone(),
+            ttl,
+        },
+        BackoffOptions::default(),
+    );
+    let keeper = Keeper::new("memory", session, store.clone());
+    let _a = keeper.register(inst("a")).await.unwrap();
+    *store.hold_next.lock().unwrap() = true;
+    let failed_at = tokio::time::Instant::now();
+    assert!(keeper.register(inst("b")).await.is_err());
+    // The keeper looks and finds nothing (the write has not landed)...
+    wait_until("`b` found absent twice", || {
+        *store.looked.lock().unwrap() >= 2
+    })
+    .await;
+    assert_eq!(keeper.pending_removals(), 1, "dropped once found absent");
+    // ...then the registry applies it, late.
+    let (s, b) = store.held.lock().unwrap().clone().unwrap();
+    store
+        .inner
+        .as_ref()
+        .unwrap()
+        .write(&s, &b, false)
+        .await
+        .unwrap();
+    wait_until("the late write removed", || {
+        registry.peek(&svc).get(&b.id).is_none()
+    })
+    .await;
+    assert!(registry.peek(&svc).get(&"a".parse().unwrap()).is_some());
+    // Looked for until the window closes, then forgotten.
+    let window = ttl * crate::backend::UNCERTAIN_FOR;
+    wait_until("the window closed", || keeper.pending_removals() == 0).await;
+    let after = failed_at.elapsed();
+    assert!(
+        after >= window && after < window + ttl,
+        "forgotten after {after:?}: the window is {window:?}"
+    );
 }
