@@ -435,11 +435,7 @@ async fn a_late_put_with_an_unknown_outcome_is_removed() {
         .expect_err("register fails while the server is paused");
     assert!(err.is_temporary(), "{err}");
     // The client's own clean-up (of whatever the server applied).
-    let deadline = Instant::now() + T;
-    while admin.get(lost_key.as_str(), None).await.unwrap().count() > 0 {
-        assert!(Instant::now() < deadline, "the leftover was never removed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    key_gone(&mut admin, &lost_key, "the leftover").await;
     // Two more keeper rounds: one ran whole with the key absent (a client that stopped
     // looking then would miss the late put).
     let rounds = d.keeper_rounds();
@@ -455,17 +451,22 @@ async fn a_late_put_with_an_unknown_outcome_is_removed() {
         .put(lost_key.as_str(), anchor_kv.value(), Some(opts))
         .await
         .unwrap();
-    let deadline = Instant::now() + T;
-    while admin.get(lost_key.as_str(), None).await.unwrap().count() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the late put is still there after {T:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    key_gone(&mut admin, &lost_key, "the late put").await;
     assert_eq!(
         admin.get(anchor_key.as_str(), None).await.unwrap().count(),
         1,
         "the live registration went missing"
     );
+}
+
+/// Waits (at most `T`) until `key` is gone.
+async fn key_gone(admin: &mut etcd_client::Client, key: &str, what: &str) {
+    let deadline = Instant::now() + T;
+    while admin.get(key, None).await.unwrap().count() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{what} is still there after {T:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
