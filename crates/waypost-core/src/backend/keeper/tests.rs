@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::backend::{BackoffOptions, Keeper, Presence, RegistryStore, Session};
+use crate::backend::{BackoffOptions, Keeper, Presence, RegistryStore, Session, SessionDriver};
 use crate::memory::backend::{Driver, Store};
 use crate::memory::MemoryRegistry;
 use crate::{Instance, Registrar, Result, ServiceName};
@@ -616,6 +616,11 @@ async fn reading_back_every_third_round_reads_a_third_as_often_and_still_heals()
     };
     let batches = batches.lock().unwrap().len();
     assert!(asked >= 28, "only {asked} rounds in thirty intervals");
+    assert_eq!(
+        keeper.rounds(),
+        asked as u64,
+        "the keeper counts its rounds"
+    );
     assert!(
         batches + 1 >= reads && batches <= reads,
         "{batches} read-backs for {reads} reading rounds of {asked}"
@@ -676,25 +681,31 @@ impl RegistryStore for Arc<Late> {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_write_that_lands_after_it_was_found_absent_is_removed_within_the_window() {
-    let registry = MemoryRegistry::new("late");
-    let svc: ServiceName = "svc".parse().unwrap();
-    let ttl = Duration::from_secs(4);
+/// A keeper over `driver` whose store can hold a write back.
+fn late_keeper<D: SessionDriver<Handle = u64>>(
+    registry: &MemoryRegistry,
+    driver: D,
+) -> (Keeper<D, Arc<Late>>, Arc<Late>) {
     let store = Arc::new(Late {
         inner: Some(Store {
             registry: registry.clone(),
         }),
         ..Late::default()
     });
-    let session = Session::new(
-        Driver {
-            registry: registry.clone(),
-            ttl,
-        },
-        BackoffOptions::default(),
-    );
-    let keeper = Keeper::new("memory", session, store.clone());
+    let session = Session::new(driver, BackoffOptions::default());
+    (Keeper::new("memory", session, store.clone()), store)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_that_lands_after_it_was_found_absent_is_removed_within_the_window() {
+    let registry = MemoryRegistry::new("late");
+    let svc: ServiceName = "svc".parse().unwrap();
+    let ttl = Duration::from_secs(4);
+    let driver = Driver {
+        registry: registry.clone(),
+        ttl,
+    };
+    let (keeper, store) = late_keeper(&registry, driver);
     let _a = keeper.register(inst("a")).await.unwrap();
     *store.hold_next.lock().unwrap() = true;
     let failed_at = tokio::time::Instant::now();
@@ -726,5 +737,51 @@ async fn a_write_that_lands_after_it_was_found_absent_is_removed_within_the_wind
     assert!(
         after >= window && after < window + ttl,
         "forgotten after {after:?}: the window is {window:?}"
+    );
+}
+
+/// The memory driver with no session bound: the keeper counts in keep-alive intervals.
+#[derive(Clone, Debug)]
+struct Unbounded(Driver);
+
+#[async_trait]
+impl SessionDriver for Unbounded {
+    type Handle = u64;
+
+    async fn open(&self) -> Result<u64> {
+        self.0.open().await
+    }
+
+    async fn keep_alive(&self, h: &u64) -> Result<()> {
+        self.0.keep_alive(h).await
+    }
+
+    async fn close(&self, h: &u64) -> Result<()> {
+        self.0.close(h).await
+    }
+
+    fn interval(&self) -> Duration {
+        self.0.interval()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_session_bound_an_unknown_write_is_looked_for_nine_intervals() {
+    let registry = MemoryRegistry::new("late-unbounded");
+    let driver = Unbounded(Driver {
+        registry: registry.clone(),
+        ttl: Duration::from_secs(4),
+    });
+    let interval = driver.interval();
+    let (keeper, store) = late_keeper(&registry, driver);
+    let _a = keeper.register(inst("a")).await.unwrap();
+    *store.hold_next.lock().unwrap() = true;
+    let failed_at = tokio::time::Instant::now();
+    assert!(keeper.register(inst("b")).await.is_err());
+    wait_until("`b` forgotten", || keeper.pending_removals() == 0).await;
+    let after = failed_at.elapsed();
+    assert!(
+        after >= interval * 9 && after < interval * 11,
+        "forgotten after {after:?}: the window is 9 intervals of {interval:?}"
     );
 }
