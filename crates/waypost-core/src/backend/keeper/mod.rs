@@ -15,7 +15,8 @@
 //!   afterwards. A registry that was paused or slow can still apply such a write after it
 //!   answered that it holds nothing (the request waited in its socket), and the entry would
 //!   then live as long as the session: the keeper keeps looking for it, every round, for
-//!   [`UNCERTAIN_FOR`] session bounds after the failure. A failed deregistration is
+//!   [`UNCERTAIN_FOR`] session bounds after the failure (one applied later still, under
+//!   a session that stayed alive all along, is not caught). A failed deregistration is
 //!   retried the same way (until confirmed absent: a delete applied late does no harm);
 //! - drop-time deregistration in the background.
 
