@@ -17,14 +17,14 @@
 //! instance has an alias check of it), passed once per keep-alive round: the interval is a
 //! third of the TTL.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use waypost_core::backend::{SessionDriver, UNCERTAIN_FOR};
+use waypost_core::backend::SessionDriver;
 use waypost_core::{Error, Result};
 
 use crate::client::Agent;
@@ -36,82 +36,27 @@ use crate::heartbeat::Heartbeat;
 pub(crate) struct AgentEpoch(u64);
 
 /// The agent services (IDs) a client wrote and has not deleted: what closing its session
-/// deregisters. Shared by the driver and the store.
-///
-/// It also remembers the writes that failed with their outcome unknown (a timeout, a lost
-/// reply): an agent that was paused or slow may still apply such a write after the keeper
-/// deleted its leftover. With per-client heartbeats that entry's alias check would pass for
-/// as long as the client lives, so every keep-alive round looks for these IDs on the agent
-/// and deregisters what it finds, for [`UNCERTAIN_FOR`] × the TTL after the failure. Core's
-/// keeper looks for such writes too, but only under the session they were written in; an
-/// agent's services outlive the client's epochs (a paused agent fails the keep-alive, and
-/// the next epoch begins), so this sweep spans them.
+/// deregisters. Shared by the driver and the store. (Writes whose outcome is unknown are
+/// core's keeper's: the store says agent services outlive the client's epochs, so its
+/// pending removals carry from one epoch to the next.)
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Written(Arc<Mutex<WrittenIds>>);
-
-#[derive(Debug, Default)]
-pub(crate) struct WrittenIds {
-    ids: HashSet<String>,
-    /// Service ID → when its write failed with the outcome unknown.
-    uncertain: HashMap<String, Instant>,
-}
+pub(crate) struct Written(Arc<Mutex<HashSet<String>>>);
 
 impl Written {
     pub(crate) fn insert(&self, service_id: &str) {
-        let mut w = self.lock();
-        w.ids.insert(service_id.to_string());
-        // Written on purpose now: whatever an earlier failed write left is this write's.
-        w.uncertain.remove(service_id);
+        self.lock().insert(service_id.to_string());
     }
 
     pub(crate) fn remove(&self, service_id: &str) {
-        self.lock().ids.remove(service_id);
-    }
-
-    /// The write of `service_id` failed with its outcome unknown.
-    pub(crate) fn uncertain(&self, service_id: &str) {
-        self.lock()
-            .uncertain
-            .insert(service_id.to_string(), Instant::now());
-    }
-
-    /// The IDs still looked for (those older than `window` are forgotten).
-    fn uncertain_within(&self, window: Duration) -> Vec<String> {
-        let mut w = self.lock();
-        w.uncertain.retain(|_, at| at.elapsed() <= window);
-        w.uncertain.keys().cloned().collect()
-    }
-
-    /// Whether `service_id` is still an unknown outcome (not written again since).
-    fn is_uncertain(&self, service_id: &str) -> bool {
-        self.lock().uncertain.contains_key(service_id)
+        self.lock().remove(service_id);
     }
 
     fn take(&self) -> Vec<String> {
-        self.lock().ids.drain().collect()
+        self.lock().drain().collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, WrittenIds> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl AgentDriver {
-    /// Deregisters the entries that writes with an unknown outcome left on the agent
-    /// (see [`Written`]). Errors are left for the next round.
-    async fn sweep_uncertain(&self) {
-        for service_id in self.written.uncertain_within(self.ttl * UNCERTAIN_FOR) {
-            match self.agent.service(&service_id).await {
-                Ok(Some(_)) if self.written.is_uncertain(&service_id) => {
-                    tracing::info!(%service_id, "consul: removing what a write with an unknown outcome left behind");
-                    if let Err(e) = self.agent.deregister(&service_id).await {
-                        tracing::debug!(%service_id, "consul: leftover not removed yet: {e}");
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => tracing::debug!(%service_id, "consul: leftover not checked yet: {e}"),
-            }
-        }
     }
 }
 
@@ -161,13 +106,7 @@ impl SessionDriver for AgentDriver {
     }
 
     async fn keep_alive(&self, _epoch: &AgentEpoch) -> Result<()> {
-        self.heartbeat.pass().await?;
-        if !self.written.lock().uncertain.is_empty() {
-            // Apart from the keep-alive, whose round trip is the session's liveness.
-            let driver = self.clone();
-            tokio::spawn(async move { driver.sweep_uncertain().await });
-        }
-        Ok(())
+        Ok(self.heartbeat.pass().await?)
     }
 
     async fn close(&self, _epoch: &AgentEpoch) -> Result<()> {

@@ -77,22 +77,18 @@ impl RegistryStore for AgentStore {
         let reg = codec::encode(instance, &self.config, start, self.heartbeat.service_id());
         // Recorded first: a write whose outcome is unknown is released at close too.
         self.written.insert(&reg.id);
-        match self.agent.register(&reg).await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let e: Error = e.into();
-                if e.is_temporary() {
-                    // It may still land after the keeper deleted the leftover.
-                    self.written.uncertain(&reg.id);
-                }
-                Err(e)
-            }
-        }
+        Ok(self.agent.register(&reg).await?)
     }
 
     async fn inspect(&self, _epoch: &AgentEpoch, instance: &Instance) -> Result<Presence> {
         let service_id = codec::service_id(&instance.service, &instance.id);
         Ok(presence(self.agent.service(&service_id).await?, instance))
+    }
+
+    /// Agent services stay when the client's epoch ends (a failed keep-alive): core's
+    /// keeper carries its pending removals into the next epoch.
+    fn entries_outlive_session(&self) -> bool {
+        true
     }
 
     /// Every `read_back_every`th round, and the next one after the heartbeat was noted

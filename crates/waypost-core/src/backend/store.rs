@@ -54,6 +54,15 @@ pub trait RegistryStore: Debug + Send + Sync + 'static {
     /// party's. Absent is success.
     async fn delete(&self, session: &Self::Handle, instance: &Instance) -> Result<()>;
 
+    /// Whether the registry keeps what a client wrote when the client's session ends:
+    /// `false` by default (a lease, an ephemeral node: the entries go with it). A store
+    /// whose entries outlive the session (Consul's agent services outlive the client's
+    /// connection epochs) answers `true`, and the keeper carries pending removals into
+    /// the next session instead of dropping them.
+    fn entries_outlive_session(&self) -> bool {
+        false
+    }
+
     /// How many registrations one keep-alive round reads back at most (in rotation, so
     /// each is read within `ceil(n / this)` rounds); all of them by default. A store that
     /// reads entry by entry (ZooKeeper) bounds it, so a process with many registrations

@@ -111,12 +111,14 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
         let pending = std::mem::take(&mut self.lock().pending);
         let mut keep = Vec::new();
         let mut error = None;
+        let outlive = self.store.entries_outlive_session();
         for p in pending {
-            // Entries of an earlier session went with it.
-            if p.session != *session || error.is_some() {
-                if p.session == *session {
-                    keep.push(p);
-                }
+            // Entries of an earlier session went with it, unless the registry keeps them.
+            if p.session != *session && !outlive {
+                continue;
+            }
+            if error.is_some() {
+                keep.push(p);
                 continue;
             }
             let key = key_of(&p.instance);
@@ -229,7 +231,10 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
                 );
                 Err(e)
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                self.note_unknown(key, session, &e);
+                Err(e)
+            }
         }
     }
 

@@ -16,8 +16,10 @@
 //!   answered that it holds nothing (the request waited in its socket), and the entry would
 //!   then live as long as the session: the keeper keeps looking for it, every round, for
 //!   [`UNCERTAIN_FOR`] session bounds after the failure (one applied later still, under
-//!   a session that stayed alive all along, is not caught). A failed deregistration is
-//!   retried the same way (until confirmed absent: a delete applied late does no harm);
+//!   a session that stayed alive all along, is not caught). A re-registration or update
+//!   that fails so is remembered the same while the registration lives: deregistered
+//!   within that window, the entry is looked for afterwards too. A failed deregistration
+//!   is retried the same way (until confirmed absent: a delete applied late does no harm);
 //! - drop-time deregistration in the background.
 
 use std::collections::HashMap;
@@ -72,6 +74,11 @@ struct Table<H> {
     /// deletes. Dropped once the registry says it does not hold them (or their session
     /// ended).
     pending: Vec<Pending<H>>,
+    /// Registrations whose last failed write (a re-registration, an update) had an
+    /// unknown outcome: the session it was sent under and the end of its window. A
+    /// deregistration within that window leaves a watched pending removal, as the write
+    /// may land after the delete.
+    unknown: HashMap<Key, (H, Instant)>,
     /// One lock per key: register, update, deregister and the keeper's round never
     /// interleave on one entry.
     locks: HashMap<Key, Arc<tokio::sync::Mutex<()>>>,
@@ -146,6 +153,7 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Keeper<D, S> {
                 table: Mutex::new(Table {
                     regs: HashMap::new(),
                     pending: Vec::new(),
+                    unknown: HashMap::new(),
                     locks: HashMap::new(),
                 }),
                 kick: Arc::new(Notify::new()),
@@ -257,13 +265,40 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
 
     /// A write whose outcome is unknown: it may be there, or land later.
     fn add_unknown(&self, session: D::Handle, instance: Instance) {
+        let until = self.uncertain_until();
+        self.push_pending(session, instance, Some(until));
+    }
+
+    /// Until when a write whose outcome is unknown now may still land.
+    fn uncertain_until(&self) -> Instant {
         let driver = self.session.driver();
         let bound = driver.bound().unwrap_or(driver.interval() * 3);
-        self.push_pending(
-            session,
-            instance,
-            Some(Instant::now() + bound * UNCERTAIN_FOR),
-        );
+        Instant::now() + bound * UNCERTAIN_FOR
+    }
+
+    /// A write of a held registration failed with its outcome unknown (see
+    /// [`Table::unknown`]); a refusal wrote nothing.
+    pub(super) fn note_unknown(&self, key: &Key, session: &D::Handle, e: &Error) {
+        if !is_refusal(e) && !matches!(e, Error::SessionExpired) {
+            let until = self.uncertain_until();
+            self.lock()
+                .unknown
+                .insert(key.clone(), (session.clone(), until));
+        }
+    }
+
+    /// A registration leaves the table: if a write of it had an unknown outcome within
+    /// its window, that write may still land, so it becomes a watched pending removal.
+    fn forget(t: &mut Table<D::Handle>, key: &Key, instance: &Instance) {
+        let now = Instant::now();
+        t.unknown.retain(|_, (_, until)| *until > now);
+        if let Some((session, until)) = t.unknown.remove(key) {
+            t.pending.push(Pending {
+                session,
+                instance: instance.clone(),
+                watch_until: Some(until),
+            });
+        }
     }
 
     fn push_pending(&self, session: D::Handle, instance: Instance, watch_until: Option<Instant>) {
@@ -380,6 +415,7 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
             Err(e) => {
                 // The registry may hold either version: the next round checks it and
                 // writes back the one the guard holds.
+                self.note_unknown(key, &session, &e);
                 self.kick.notify_one();
                 Err(e)
             }
@@ -398,6 +434,10 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
             return Ok(());
         };
         set_deregistered(&reg.status);
+        {
+            let mut t = self.lock();
+            Self::forget(&mut t, key, &reg.instance);
+        }
         if self.session.is_closed() {
             return Ok(());
         }
@@ -418,6 +458,7 @@ impl<D: SessionDriver, S: RegistryStore<Handle = D::Handle>> Inner<D, S> {
         let mut t = self.lock();
         if let Some(reg) = t.regs.remove(key) {
             set_deregistered(&reg.status);
+            Self::forget(&mut t, key, &reg.instance);
             if let Some(session) = reg.written {
                 t.pending.push(Pending {
                     session,

@@ -649,6 +649,8 @@ struct Late {
     held: Mutex<Option<(u64, Instance)>>,
     /// Inspections of a held write's id.
     looked: Mutex<usize>,
+    /// What [`RegistryStore::entries_outlive_session`] answers.
+    outlive: bool,
 }
 
 #[async_trait]
@@ -679,6 +681,10 @@ impl RegistryStore for Arc<Late> {
     async fn delete(&self, s: &u64, i: &Instance) -> Result<()> {
         self.inner.as_ref().unwrap().delete(s, i).await
     }
+
+    fn entries_outlive_session(&self) -> bool {
+        self.outlive
+    }
 }
 
 /// A keeper over `driver` whose store can hold a write back.
@@ -686,10 +692,19 @@ fn late_keeper<D: SessionDriver<Handle = u64>>(
     registry: &MemoryRegistry,
     driver: D,
 ) -> (Keeper<D, Arc<Late>>, Arc<Late>) {
+    late_keeper_with(registry, driver, false)
+}
+
+fn late_keeper_with<D: SessionDriver<Handle = u64>>(
+    registry: &MemoryRegistry,
+    driver: D,
+    outlive: bool,
+) -> (Keeper<D, Arc<Late>>, Arc<Late>) {
     let store = Arc::new(Late {
         inner: Some(Store {
             registry: registry.clone(),
         }),
+        outlive,
         ..Late::default()
     });
     let session = Session::new(driver, BackoffOptions::default());
@@ -784,4 +799,95 @@ async fn without_a_session_bound_an_unknown_write_is_looked_for_nine_intervals()
         after >= interval * 9 && after < interval * 11,
         "forgotten after {after:?}: the window is 9 intervals of {interval:?}"
     );
+}
+
+fn memory_driver(registry: &MemoryRegistry) -> Driver {
+    Driver {
+        registry: registry.clone(),
+        ttl: Duration::from_secs(4),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_update_with_an_unknown_outcome_then_a_deregistration_is_still_looked_for() {
+    let registry = MemoryRegistry::new("late-update");
+    let svc: ServiceName = "svc".parse().unwrap();
+    let (keeper, store) = late_keeper(&registry, memory_driver(&registry));
+    let _anchor = keeper.register(inst("anchor")).await.unwrap();
+    let mut a = keeper.register(inst("a")).await.unwrap();
+    *store.hold_next.lock().unwrap() = true;
+    let moved = Instance::parse("svc", "a", "h", 2).unwrap();
+    assert!(
+        a.update(moved).await.is_err(),
+        "the update's reply never came"
+    );
+    a.deregister().await.unwrap();
+    assert!(registry.peek(&svc).get(&"a".parse().unwrap()).is_none());
+    // Looked for after the deregistration...
+    *store.looked.lock().unwrap() = 0;
+    wait_until("`a` looked for twice after its deregistration", || {
+        *store.looked.lock().unwrap() >= 2
+    })
+    .await;
+    // ...so the update landing late is removed.
+    let (s, late) = store.held.lock().unwrap().clone().unwrap();
+    store
+        .inner
+        .as_ref()
+        .unwrap()
+        .write(&s, &late, false)
+        .await
+        .unwrap();
+    wait_until("the late update removed", || {
+        registry.peek(&svc).get(&late.id).is_none()
+    })
+    .await;
+    assert!(registry
+        .peek(&svc)
+        .get(&"anchor".parse().unwrap())
+        .is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn where_entries_outlive_the_session_a_leftover_is_looked_for_in_the_next_one() {
+    let registry = MemoryRegistry::new("late-outlive");
+    let svc: ServiceName = "svc".parse().unwrap();
+    let (keeper, store) = late_keeper_with(&registry, memory_driver(&registry), true);
+    let _anchor = keeper.register(inst("anchor")).await.unwrap();
+    let first = keeper.session().current_state().handle().unwrap();
+    *store.hold_next.lock().unwrap() = true;
+    assert!(keeper.register(inst("b")).await.is_err());
+    // The session ends (as a Consul client's epoch does on a failed keep-alive) ...
+    registry.expire_session(first);
+    wait_until("a new session", || {
+        keeper
+            .session()
+            .current_state()
+            .handle()
+            .is_some_and(|h| h != first)
+    })
+    .await;
+    let next = keeper.session().current_state().handle().unwrap();
+    *store.looked.lock().unwrap() = 0;
+    wait_until("`b` looked for under the new session", || {
+        *store.looked.lock().unwrap() >= 2
+    })
+    .await;
+    // ... and the registry, which keeps entries across sessions, applies the write late.
+    let (_, b) = store.held.lock().unwrap().clone().unwrap();
+    store
+        .inner
+        .as_ref()
+        .unwrap()
+        .write(&next, &b, false)
+        .await
+        .unwrap();
+    wait_until("the late write removed", || {
+        registry.peek(&svc).get(&b.id).is_none()
+    })
+    .await;
+    assert!(registry
+        .peek(&svc)
+        .get(&"anchor".parse().unwrap())
+        .is_some());
 }
