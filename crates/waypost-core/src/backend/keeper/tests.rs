@@ -832,41 +832,19 @@ async fn an_update_with_an_unknown_outcome_then_a_deregistration_is_still_looked
     );
     a.deregister().await.unwrap();
     assert!(registry.peek(&svc).get(&"a".parse().unwrap()).is_none());
-    // Looked for after the deregistration...
-    *store.looked.lock().unwrap() = 0;
-    wait_until("`a` looked for twice after its deregistration", || {
-        *store.looked.lock().unwrap() >= 2
-    })
-    .await;
-    // ...so the update landing late is removed.
-    let (s, late) = store.held.lock().unwrap().clone().unwrap();
-    store
-        .inner
-        .as_ref()
-        .unwrap()
-        .write(&s, &late, false)
-        .await
-        .unwrap();
-    wait_until("the late update removed", || {
-        registry.peek(&svc).get(&late.id).is_none()
-    })
-    .await;
-    assert!(registry
-        .peek(&svc)
-        .get(&"anchor".parse().unwrap())
-        .is_some());
+    // Looked for after the deregistration, so the update landing late is removed.
+    play_late_and_see_it_removed(&registry, &store, None).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn where_entries_outlive_the_session_a_leftover_is_looked_for_in_the_next_one() {
     let registry = MemoryRegistry::new("late-outlive");
-    let svc: ServiceName = "svc".parse().unwrap();
     let (keeper, store) = late_keeper_with(&registry, memory_driver(&registry), true);
     let _anchor = keeper.register(inst("anchor")).await.unwrap();
     let first = keeper.session().current_state().handle().unwrap();
     *store.hold_next.lock().unwrap() = true;
     assert!(keeper.register(inst("b")).await.is_err());
-    // The session ends (as a Consul client's epoch does on a failed keep-alive) ...
+    // The session ends (as a Consul client's epoch does when the agent lost its heartbeat) ...
     registry.expire_session(first);
     wait_until("a new session", || {
         keeper
@@ -876,27 +854,38 @@ async fn where_entries_outlive_the_session_a_leftover_is_looked_for_in_the_next_
             .is_some_and(|h| h != first)
     })
     .await;
+    // ... and the registry, which keeps entries across sessions, applies the write late.
     let next = keeper.session().current_state().handle().unwrap();
+    play_late_and_see_it_removed(&registry, &store, Some(next)).await;
+}
+
+/// Waits until the keeper looked for the held write twice (counted from now), applies it
+/// under `session` (the one it was sent under if `None`), and waits until the keeper
+/// removed it; `anchor` stays.
+async fn play_late_and_see_it_removed(
+    registry: &MemoryRegistry,
+    store: &Late,
+    session: Option<u64>,
+) {
+    let svc: ServiceName = "svc".parse().unwrap();
     *store.looked.lock().unwrap() = 0;
-    wait_until("`b` looked for under the new session", || {
+    wait_until("the held write looked for twice", || {
         *store.looked.lock().unwrap() >= 2
     })
     .await;
-    // ... and the registry, which keeps entries across sessions, applies the write late.
-    let (_, b) = store.held.lock().unwrap().clone().unwrap();
-    store
-        .inner
-        .as_ref()
-        .unwrap()
-        .write(&next, &b, false)
+    let (sent, late) = store.held.lock().unwrap().clone().unwrap();
+    let inner = store.inner.as_ref().unwrap();
+    inner
+        .write(&session.unwrap_or(sent), &late, false)
         .await
         .unwrap();
     wait_until("the late write removed", || {
-        registry.peek(&svc).get(&b.id).is_none()
+        registry.peek(&svc).get(&late.id).is_none()
     })
     .await;
-    assert!(registry
-        .peek(&svc)
-        .get(&"anchor".parse().unwrap())
-        .is_some());
+    let anchor = "anchor".parse().unwrap();
+    assert!(
+        registry.peek(&svc).get(&anchor).is_some(),
+        "the anchor went missing"
+    );
 }
