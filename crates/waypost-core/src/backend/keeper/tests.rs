@@ -574,14 +574,7 @@ async fn a_leftover_of_an_expired_session_is_dropped_with_it() {
     // session, has nothing left to remove under the next one.
     registry.expire_session(first);
     *fail.lock().unwrap() = None;
-    wait_until("a new session", || {
-        keeper
-            .session()
-            .current_state()
-            .handle()
-            .is_some_and(|h| h != first)
-    })
-    .await;
+    next_session(&keeper, first).await;
     // Dropped at the next round, not looked for through its window (12 s from the failure):
     // its entry went with its session.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -846,16 +839,8 @@ async fn where_entries_outlive_the_session_a_leftover_is_looked_for_in_the_next_
     assert!(keeper.register(inst("b")).await.is_err());
     // The session ends (as a Consul client's epoch does when the agent lost its heartbeat) ...
     registry.expire_session(first);
-    wait_until("a new session", || {
-        keeper
-            .session()
-            .current_state()
-            .handle()
-            .is_some_and(|h| h != first)
-    })
-    .await;
+    let next = next_session(&keeper, first).await;
     // ... and the registry, which keeps entries across sessions, applies the write late.
-    let next = keeper.session().current_state().handle().unwrap();
     play_late_and_see_it_removed(&registry, &store, Some(next)).await;
 }
 
@@ -888,4 +873,14 @@ async fn play_late_and_see_it_removed(
         registry.peek(&svc).get(&anchor).is_some(),
         "the anchor went missing"
     );
+}
+
+/// Waits until the keeper's session is another than `first`; returns it.
+async fn next_session<S: RegistryStore<Handle = u64>>(
+    keeper: &Keeper<Driver, S>,
+    first: u64,
+) -> u64 {
+    let handle = || keeper.session().current_state().handle();
+    wait_until("a new session", || handle().is_some_and(|h| h != first)).await;
+    handle().unwrap()
 }
