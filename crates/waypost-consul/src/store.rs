@@ -85,8 +85,9 @@ impl RegistryStore for AgentStore {
         Ok(presence(self.agent.service(&service_id).await?, instance))
     }
 
-    /// Agent services stay when the client's epoch ends (a failed keep-alive): core's
-    /// keeper carries its pending removals into the next epoch.
+    /// Agent services are not bound to the client's epoch: should one end (the driver
+    /// reports no expiry today, so an epoch lasts the client's life), core's keeper
+    /// carries its pending removals into the next.
     fn entries_outlive_session(&self) -> bool {
         true
     }

@@ -349,14 +349,12 @@ async fn dropping_the_last_session_handle_closes_it_at_once() {
     assert_eq!(registry.sessions(), vec![h]);
     drop(session);
     // Closed by the drop, not by its 60 s timeout.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-    while !registry.sessions().is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the dropped session was left to time out"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_within(
+        "the dropped session closed, not left to time out",
+        Duration::from_secs(1),
+        || registry.sessions().is_empty(),
+    )
+    .await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -512,8 +510,13 @@ fn flaky_keeper(registry: &MemoryRegistry) -> (Keeper<Driver, Flaky>, Failure) {
     (keeper, fail)
 }
 
-async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+async fn wait_until(what: &str, f: impl FnMut() -> bool) {
+    wait_within(what, Duration::from_secs(30), f).await
+}
+
+/// Waits (on the paused clock, at most `limit`) until `f` holds.
+async fn wait_within(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
     while !f() {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -577,14 +580,12 @@ async fn a_leftover_of_an_expired_session_is_dropped_with_it() {
     next_session(&keeper, first).await;
     // Dropped at the next round, not looked for through its window (12 s from the failure):
     // its entry went with its session.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    while keeper.pending_removals() != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the leftover of an ended session is still looked for"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_within(
+        "the leftover of an ended session dropped",
+        Duration::from_secs(2),
+        || keeper.pending_removals() == 0,
+    )
+    .await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -837,7 +838,7 @@ async fn where_entries_outlive_the_session_a_leftover_is_looked_for_in_the_next_
     let first = keeper.session().current_state().handle().unwrap();
     *store.hold_next.lock().unwrap() = true;
     assert!(keeper.register(inst("b")).await.is_err());
-    // The session ends (as a Consul client's epoch does when the agent lost its heartbeat) ...
+    // The session ends ...
     registry.expire_session(first);
     let next = next_session(&keeper, first).await;
     // ... and the registry, which keeps entries across sessions, applies the write late.
